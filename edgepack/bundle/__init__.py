@@ -1,0 +1,1 @@
+"""The bundle format 1.0: manifest, atomic writer, reader, archive and verification."""

@@ -1,0 +1,418 @@
+"""The ``edgepack`` command line: parse, call the library, print.
+
+Exit codes: 0 success; 1 a verification or smoke failure; 2 bad usage or bad input;
+3 no plan fits the budget. Errors are one sentence on standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgepack import __version__
+from edgepack.errors import EdgepackError, UsageError
+
+_STARTED = time.monotonic()
+
+
+def _progress(message: str) -> None:
+    elapsed = time.monotonic() - _STARTED
+    click.echo(f"[{int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {message}", err=True)
+
+
+def _emit_json(data: Any) -> None:
+    """Print one JSON object as the last line of standard output."""
+    click.echo(json.dumps(data, sort_keys=True, default=str))
+
+
+class EdgepackGroup(click.Group):
+    """A click group that turns EdgepackError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgepackError as exc:
+            click.echo(f"edgepack: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from edgepack.memory import parse_size
+
+    try:
+        return parse_size(value, "--budget")
+    except UsageError as exc:
+        raise click.BadParameter(str(exc).replace("--budget ", ""), ctx=ctx, param=param) from None
+
+
+@click.group(cls=EdgepackGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgepack")
+def cli() -> None:
+    """Package a PyTorch / Hugging Face model for one device under a memory budget.
+
+    \b
+    Typical use:
+      edgepack plan   ./all-MiniLM-L6-v2 --target cpu --budget 30MB
+      edgepack pack   ./all-MiniLM-L6-v2 --target cpu --budget 100MB \\
+                      --apply precision:dtype=bf16 --out dist/
+      edgepack verify dist/all-minilm-l6-v2-0.1.0-cpu
+      edgepack run    dist/all-minilm-l6-v2-0.1.0-cpu "An edge device has little memory."
+
+    Exit codes: 0 ok, 1 verification failed, 2 bad input, 3 no plan fits the budget.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def targets(as_json: bool) -> None:
+    """List hardware targets and what each finds on this machine.
+
+    \b
+    Example:
+      edgepack targets --json
+    """
+    from edgepack.host import load_registry
+    from edgepack.memory import format_size
+
+    registry = load_registry()
+    rows = []
+    for name, entry in sorted(registry.targets.items()):
+        target = entry.cls()
+        probe = target.probe()
+        rows.append({
+            "name": name, "version": target.version, "distribution": entry.distribution,
+            "description": target.description, "present": probe.present,
+            "capacity_bytes": target.capacity(probe) if probe.present else None,
+            "probe": probe.to_json(),
+        })
+    if as_json:
+        _emit_json({"targets": rows})
+        return
+    for row in rows:
+        state = f"present, capacity {format_size(row['capacity_bytes'])} per device" if row["present"] else "not present here"
+        click.echo(f"{row['name']:<10} {state}")
+        click.echo(f"{'':<10} {row['description']} [{row['distribution']}]")
+        click.echo(f"{'':<10} capabilities: {', '.join(row['probe']['capabilities']) or '-'}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plugins(as_json: bool) -> None:
+    """List compression plugins with their kind, version, options and distribution.
+
+    \b
+    Example:
+      edgepack plugins
+    """
+    from edgepack.host import load_registry
+
+    registry = load_registry()
+    rows = []
+    for name, entry in sorted(registry.compressors.items()):
+        cls = entry.cls
+        rows.append({
+            "name": name, "kind": cls.kind, "version": cls.version, "distribution": entry.distribution,
+            "description": cls.description, "requires": sorted(cls.requires),
+            "options": [{"name": o.name, "type": o.type.__name__, "choices": list(o.choices),
+                         "default": o.default, "help": o.help} for o in cls.options],
+        })
+    if as_json:
+        _emit_json({"plugins": rows})
+        return
+    for row, (_, entry) in zip(rows, sorted(registry.compressors.items())):
+        click.echo(f"{row['name']:<10} {row['kind']:<10} {row['version']:<8} {row['distribution']}")
+        click.echo(f"{'':<10} {row['description']}")
+        for opt in entry.cls.options:
+            click.echo(f"{'':<12}{opt.describe()}  {opt.help}")
+
+
+# ---------------------------------------------------------------------------------------------
+# plan and pack
+
+_model_arg = click.argument("model", type=str)
+_target_opt = click.option("--target", "-t", default=None, help="Target name (see `edgepack targets`).  [default: cpu]")
+_budget_opt = click.option("--budget", callback=_size_option, help="Memory per device: bytes or 30MB, 512MiB, 1.5GiB.")
+_batch_opt = click.option("--batch", "batch_size", type=click.IntRange(min=1), default=None, help="Declared batch size.  [default: 1]")
+_seq_opt = click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Declared sequence length in tokens.  [default: 128]")
+_fid_opt = click.option("--min-fidelity", type=click.FloatRange(0, 1), default=None,
+                        help="Fidelity floor (mean cosine for encoders, top-1 agreement for decoders).")
+_json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+
+
+@cli.command()
+@_model_arg
+@_target_opt
+@_budget_opt
+@_batch_opt
+@_seq_opt
+@_fid_opt
+@click.option("--cache-len", type=click.IntRange(min=1), default=None, help="Decoders: KV-cache length.")
+@_json_opt
+def plan(model: str, target: str | None, budget: int | None, batch_size: int | None, seq_len: int | None,
+         min_fidelity: float | None, cache_len: int | None, as_json: bool) -> None:
+    """Show the candidate plans for MODEL on a target, without loading weights.
+
+    Estimates every composition of the installed compressors' options that the target
+    supports, and ranks those that fit the budget by quality cost, then size.
+
+    \b
+    Example:
+      edgepack plan ./all-MiniLM-L6-v2 --target cpu --budget 30MB
+    """
+    from edgepack.planner import explain, plan_model
+
+    budget_obj, candidates = plan_model(
+        model, target=target or "cpu", budget=budget, batch_size=batch_size or 1,
+        seq_len=seq_len or 128, cache_len=cache_len,
+    )
+    if as_json:
+        _emit_json({"budget": budget_obj.to_json(), "candidates": [c.to_json() for c in candidates]})
+    else:
+        click.echo(explain(candidates, budget_obj))
+
+
+def _load_recipe(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    from edgepack.recipe import read_recipe
+
+    return read_recipe(path)
+
+
+@cli.command()
+@_model_arg
+@_target_opt
+@_budget_opt
+@click.option("--apply", "apply_", multiple=True, metavar="PLUGIN[:KEY=VALUE,...]",
+              help="Fix the plan instead of letting the planner choose; repeat, in order.")
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="An edgepack.toml whose keys mirror these flags (flags win).")
+@_batch_opt
+@_seq_opt
+@_fid_opt
+@click.option("--version", "bundle_version", default=None, help="Semantic version of this bundle.  [default: 0.1.0]")
+@click.option("--samples", type=click.Path(dir_okay=False), default=None, help="Smoke sample texts: a JSON list or one per line.")
+@click.option("--devices", type=click.IntRange(min=1), default=None, help="How many devices a multi-device target has.")
+@click.option("--name", default=None, help="Bundle name.  [default: the model directory's name]")
+@click.option("--archive", is_flag=True, default=None, help="Also write a deterministic .tar.gz of the bundle.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle of the same name.")
+@click.option("--out", "-o", default=None, help="Directory to write the bundle into.  [required, or set in the recipe]")
+@_json_opt
+def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, ...], recipe: str | None,
+         batch_size: int | None, seq_len: int | None, min_fidelity: float | None, bundle_version: str | None,
+         samples: str | None, devices: int | None, name: str | None, archive: bool | None, force: bool,
+         out: str | None, as_json: bool) -> None:
+    """Pack MODEL for a target under a memory budget into a verified bundle.
+
+    MODEL is a local Hugging Face model directory (or a hub id already in the local cache;
+    nothing is downloaded). Without --apply the planner picks the plan that fits the budget
+    with the least loss of quality; the packed model is loaded in a fresh process, its peak
+    memory measured and its outputs compared with the original's before the bundle is written.
+
+    \b
+    Examples:
+      edgepack pack ./all-MiniLM-L6-v2 --target cpu --budget 100MB \\
+          --apply precision:dtype=bf16 --out dist/
+      edgepack pack ./all-MiniLM-L6-v2 --target cpu --budget 30MB --out dist/
+    """
+    from edgepack import pipeline
+
+    settings = _load_recipe(recipe)
+    given = {
+        "target": target, "budget": budget, "apply": list(apply_) or None, "batch_size": batch_size,
+        "seq_len": seq_len, "min_fidelity": min_fidelity, "version": bundle_version, "samples": samples,
+        "devices": devices, "name": name, "archive": archive, "out": out,
+    }
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if not settings.get("out"):
+        raise click.UsageError("Missing option '--out' (or 'out' in the recipe).")
+    settings.setdefault("target", "cpu")
+    result = pipeline.pack(model, force=force, progress=_progress, **settings)
+    from edgepack.memory import format_size
+
+    mem = result.manifest["memory"]
+    fid = result.manifest["fidelity"]
+    lines = [
+        f"bundle    {result.bundle}",
+        f"plan      {' + '.join(s['plugin'] + ':' + ','.join(f'{k}={v}' for k, v in sorted(s['options'].items())) for s in result.manifest['plan']) or '(none)'}",
+        f"size      {format_size(result.size_bytes)}",
+        f"memory    predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_size(mem['measured_peak_bytes'])}, budget {format_size(mem['budget_bytes'])}",
+        f"fidelity  {fid['metric']} {fid['value']} (floor {fid['floor']})",
+    ]
+    if result.archive:
+        lines.append(f"archive   {result.archive}")
+    click.echo("\n".join(lines))
+    if as_json:
+        _emit_json(result.to_json())
+
+
+# ---------------------------------------------------------------------------------------------
+# bundles
+
+
+@cli.command()
+@click.argument("bundle", type=str)
+@_json_opt
+def verify(bundle: str, as_json: bool) -> None:
+    """Verify BUNDLE on this machine before release.
+
+    Checks the format version and schema, every file's size and sha256 (changed, missing and
+    unlisted files are named), loads the model on the bundle's target in a fresh process,
+    compares the smoke outputs with the golden outputs, and checks peak memory against the
+    budget. Exit 0 when all hold, 1 otherwise.
+
+    \b
+    Example:
+      edgepack verify dist/all-minilm-l6-v2-0.1.0-cpu --json
+    """
+    from edgepack.bundle.verify import verify as run_verify
+    from edgepack.memory import format_size
+
+    report = run_verify(bundle, progress=_progress)
+    if report.ok:
+        click.echo(f"ok: {report.bundle}")
+        if report.fidelity:
+            click.echo(f"  fidelity {report.fidelity['metric']} {report.fidelity['value']}")
+        if report.measured_peak_bytes is not None:
+            click.echo(f"  peak memory {format_size(report.measured_peak_bytes)} of {format_size(report.budget_bytes)} budget")
+    else:
+        click.echo(f"FAILED: {report.bundle}")
+        for failure in report.failures:
+            click.echo(f"  [{failure.check}] {failure.path}: {failure.detail}")
+    if as_json:
+        _emit_json(report.to_json())
+    sys.exit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.argument("bundle", type=str)
+@_json_opt
+def inspect(bundle: str, as_json: bool) -> None:
+    """Summarise BUNDLE's manifest: source, plan, memory, fidelity, files.
+
+    \b
+    Example:
+      edgepack inspect dist/all-minilm-l6-v2-0.1.0-cpu
+    """
+    from edgepack.bundle.reader import open_path, read_manifest
+    from edgepack.memory import format_size
+
+    root = open_path(bundle)
+    manifest, failures = read_manifest(root)
+    if manifest is None:
+        raise UsageError(f"{root}: {failures[0].path}: {failures[0].detail}")
+    if as_json:
+        _emit_json(manifest)
+        return
+    b, mem, fid = manifest["bundle"], manifest["memory"], manifest["fidelity"]
+    plan_text = " + ".join(
+        s["plugin"] + (":" + ",".join(f"{k}={v}" for k, v in sorted(s["options"].items())) if s["options"] else "")
+        for s in manifest["plan"]) or "(none)"
+    total = sum(f["size"] for f in manifest["files"])
+    click.echo(f"{b['name']} {b['version']} for {manifest['target']['name']}  (format {manifest['format_version']}, created {b['created']})")
+    click.echo(f"  source     {manifest['source']['model']}")
+    click.echo(f"  model      {manifest['model'].get('architecture')} ({manifest['model']['task']}), "
+               f"loads with {'stock transformers' if manifest['model']['loader'] is None else 'edgepack.load (' + manifest['model']['loader'] + ')'}")
+    click.echo(f"  plan       {plan_text}")
+    click.echo(f"  workload   " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["workload"].items())))
+    click.echo(f"  budget     {format_size(mem['budget_bytes'])} per device ({manifest['budget']['source']})")
+    click.echo(f"  memory     predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_size(mem['measured_peak_bytes'])}")
+    click.echo(f"  fidelity   {fid['metric']} {fid['value']} (floor {fid['floor']})")
+    click.echo(f"  files      {len(manifest['files'])} files, {format_size(total)}")
+    for f in manifest["files"]:
+        click.echo(f"               {f['path']:<40} {format_size(f['size']):>10}  {f['sha256'][:12]}")
+    click.echo(f"  candidates {len(manifest['candidates'])} considered")
+
+
+@cli.command()
+@click.argument("bundle", type=str)
+@click.argument("inputs", nargs=-1)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, help="Decoders: tokens to generate.")
+@_json_opt
+def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, as_json: bool) -> None:
+    """Load BUNDLE and run it on INPUT texts (or lines of standard input).
+
+    Encoders print sentence embeddings (mean-pooled, normalised); decoders print greedy
+    continuations.
+
+    \b
+    Example:
+      edgepack run dist/all-minilm-l6-v2-0.1.0-cpu "An edge device has little memory."
+    """
+    from edgepack.runtime import open_bundle
+
+    texts = list(inputs)
+    if not texts and not sys.stdin.isatty():
+        texts = [line.strip() for line in sys.stdin if line.strip()]
+    if not texts:
+        raise UsageError("give at least one INPUT text (or pipe lines on standard input)")
+    session = open_bundle(bundle)
+    if session.task == "text-generation":
+        outputs = session.generate(texts, max_new_tokens=max_new_tokens)
+        if as_json:
+            _emit_json({"task": session.task, "outputs": [{"input": t, "output": o} for t, o in zip(texts, outputs)]})
+        else:
+            for text, output in zip(texts, outputs):
+                click.echo(f"{text}{output}")
+        return
+    vectors = session.embed(texts)
+    if as_json:
+        _emit_json({"task": session.task, "dim": int(vectors.shape[1]),
+                    "embeddings": [[round(float(x), 6) for x in row] for row in vectors]})
+        return
+    for text, row in zip(texts, vectors):
+        head = ", ".join(f"{float(x):+.4f}" for x in row[:6])
+        click.echo(f"{text!r}\n  dim {row.shape[0]}, norm {float(row.norm()):.4f}: [{head}, ...]")
+    if len(texts) > 1:
+        sims = vectors @ vectors.T
+        click.echo("cosine similarities:")
+        for i in range(len(texts)):
+            click.echo("  " + " ".join(f"{float(sims[i, j]):.3f}" for j in range(len(texts))))
+
+
+@cli.command()
+@click.argument("bundle", type=str)
+@click.option("--repeats", type=click.IntRange(min=1), default=10, help="Timed runs after one warm-up.")
+@_json_opt
+def bench(bundle: str, repeats: int, as_json: bool) -> None:
+    """Time BUNDLE on this machine at its declared workload (batch, sequence length).
+
+    \b
+    Example:
+      edgepack bench dist/all-minilm-l6-v2-0.1.0-cpu --repeats 20
+    """
+    from edgepack.runtime import benchmark
+
+    result = benchmark(bundle, repeats=repeats)
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(f"{result['bundle']}: batch {result['batch_size']} x {result['seq_len']} tokens, "
+                   f"median {result['median_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms over {repeats} runs "
+                   f"on {result['device']}")
+
+
+def main() -> None:
+    """Console-script entry point: adds plugin commands, then runs the group."""
+    try:
+        from edgepack.host import make_plugin_manager
+
+        make_plugin_manager().hook.edgepack_register_commands(cli=cli)
+    except EdgepackError as exc:
+        click.echo(f"edgepack: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    cli(prog_name="edgepack")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

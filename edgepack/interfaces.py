@@ -1,0 +1,389 @@
+"""The two plugin interfaces, Compressor and Target, and the small dataclasses they exchange.
+
+Nothing here imports torch: a plugin's class must be cheap to register, so that
+``edgepack plugins`` and ``edgepack --help`` stay fast. Heavy imports happen inside methods.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+from edgepack.errors import UsageError
+
+COMPRESSOR_KINDS = ("prune", "quantize", "sparsify", "precision", "parallel", "other")
+
+# Module kinds that weights are grouped by in a Footprint.
+WEIGHT_KINDS = ("embedding", "linear", "norm", "other")
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a compressor accepts on ``--apply NAME:KEY=VALUE``.
+
+    :param name: the key as users spell it.
+    :param type: ``str``, ``int``, ``float`` or ``bool``; raw strings are converted to it.
+    :param choices: allowed values (after conversion); empty means any value of ``type``.
+    :param default: value used when the option is not given; ``None`` means "not set".
+    :param minimum: lower bound for numbers (inclusive).
+    :param maximum: upper bound for numbers (inclusive).
+    :param help: one line shown by ``edgepack plugins``.
+    """
+
+    name: str
+    type: type = str
+    choices: tuple[Any, ...] = ()
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    help: str = ""
+
+    def parse(self, raw: Any, where: str) -> Any:
+        """Convert and check one raw value; ``where`` names the plugin for the error message."""
+        value: Any = raw
+        try:
+            if self.type is bool and isinstance(raw, str):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                value = raw.lower() in ("1", "true", "yes")
+            elif not isinstance(raw, self.type):
+                value = self.type(raw)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"option {where}:{self.name}={raw} is not a valid {self.type.__name__}"
+            ) from None
+        if self.choices and value not in self.choices:
+            allowed = "|".join(str(c) for c in self.choices)
+            raise UsageError(f"option {where}:{self.name}={raw} is not one of {allowed}")
+        if self.minimum is not None and value < self.minimum:
+            raise UsageError(f"option {where}:{self.name}={raw} is below its minimum {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise UsageError(f"option {where}:{self.name}={raw} is above its maximum {self.maximum}")
+        return value
+
+    def describe(self) -> str:
+        """A short human description: ``scheme=int8|int4 (default int8)``."""
+        values = "|".join(str(c) for c in self.choices) if self.choices else self.type.__name__.upper()
+        text = f"{self.name}={values}"
+        if self.default is not None:
+            text += f" (default {self.default})"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts, workload, footprint
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the planner knows about a model without touching its weights.
+
+    Architecture numbers come from ``optimum.utils.NormalizedConfigManager`` where it knows the
+    model type, else from the config's own attribute names.
+    """
+
+    model_type: str
+    architecture: str
+    task: str  # "feature-extraction" (encoders) or "text-generation" (decoders)
+    num_parameters: int
+    parameters_by_kind: Mapping[str, int]
+    dtype: str
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+    linear_shapes: tuple[tuple[int, int], ...] = ()  # (out, in) of every Linear, for estimates
+
+    @property
+    def is_decoder(self) -> bool:
+        """Whether the model generates tokens (and so keeps a KV cache)."""
+        return self.task == "text-generation"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form for the manifest."""
+        data = dataclasses.asdict(self)
+        data.pop("linear_shapes")
+        data["parameters_by_kind"] = dict(self.parameters_by_kind)
+        return data
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the deployed model will be asked to do: batch size and sequence length.
+
+    :param cache_len: for decoders, the KV-cache length (prompt plus generated tokens).
+    """
+
+    batch_size: int = 1
+    seq_len: int = 128
+    cache_len: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form for the manifest."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """Weights of one module kind as they will be stored.
+
+    :param kind: one of :data:`WEIGHT_KINDS`.
+    :param params: number of weight elements kept.
+    :param bits: storage bits per element, scales and zero points included.
+    """
+
+    kind: str
+    params: int
+    bits: float
+
+    @property
+    def bytes(self) -> int:
+        """Stored bytes of the group."""
+        return int(round(self.params * self.bits / 8))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The memory a plan needs, by component; built by :mod:`edgepack.memory`.
+
+    Compressors transform a footprint in ``estimate`` (pure arithmetic). The peak is computed
+    from it by :func:`edgepack.memory.estimate_peak_bytes`.
+
+    :param weights: stored weights by module kind.
+    :param activation_bits: bits per activation element at run time (32 for fp32, 16 for bf16).
+    :param linear_scale: fraction of the original Linear width kept (pruning shrinks it).
+    :param notes: one line per compressor that changed the footprint.
+    """
+
+    weights: tuple[WeightGroup, ...]
+    activation_bits: int = 32
+    ffn_scale: float = 1.0
+    heads_scale: float = 1.0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def weights_bytes(self) -> int:
+        """All stored weight bytes."""
+        return sum(g.bytes for g in self.weights)
+
+    def with_groups(self, kinds: Sequence[str], bits: float, note: str) -> "Footprint":
+        """A copy whose groups of the given kinds are stored at ``bits`` bits per element."""
+        groups = tuple(
+            dataclasses.replace(g, bits=bits) if g.kind in kinds else g for g in self.weights
+        )
+        return dataclasses.replace(self, weights=groups, notes=self.notes + (note,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One device a target can use: memory in bytes."""
+
+    index: int
+    name: str
+    total_bytes: int
+    available_bytes: int
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a target found on this machine.
+
+    :param present: whether the target can run here at all.
+    :param capabilities: names such as ``bf16``, ``fp16``, ``int8``, ``int4-kernel``, ``2:4``.
+    :param detail: free-form facts for humans (core count, CPU flags, driver version).
+    """
+
+    target: str
+    present: bool
+    devices: tuple[DeviceInfo, ...]
+    capabilities: frozenset[str]
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form for ``edgepack targets --json``."""
+        return {
+            "target": self.target,
+            "present": self.present,
+            "devices": [dataclasses.asdict(d) for d in self.devices],
+            "capabilities": sorted(self.capabilities),
+            "detail": dict(self.detail),
+        }
+
+
+class MemoryMeter(abc.ABC):
+    """Measures peak memory of one process over a window; see ``Target.memory_meter``."""
+
+    scope: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Mark the baseline: what is in use now does not count."""
+
+    @abc.abstractmethod
+    def peak_bytes(self) -> int:
+        """Peak bytes in use above the baseline since :meth:`start`."""
+
+
+class Target(abc.ABC):
+    """A kind of hardware a bundle can be packed for.
+
+    Subclasses set ``name`` and implement :meth:`probe`. A target that is not present on this
+    machine can still be packed for; ``verify`` on the target is what proves it runs there.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    #: torch device type that :meth:`place` moves models to.
+    device_type: ClassVar[str] = "cpu"
+    #: fraction of available memory kept back for the OS and other processes.
+    reserve_fraction: ClassVar[float] = 0.1
+
+    @abc.abstractmethod
+    def probe(self) -> Probe:
+        """Describe what is present on this machine: devices, memory, capabilities."""
+
+    def capacity(self, probe: Probe) -> int:
+        """Usable bytes per device after the safety reserve (0 when the target is absent)."""
+        if not probe.devices:
+            return 0
+        available = min(d.available_bytes for d in probe.devices)
+        return int(available * (1.0 - self.reserve_fraction))
+
+    def place(self, model: Any, probe: Probe) -> Any:
+        """Move a loaded model onto this target's device(s) at load time."""
+        return model.to(self.device_type)
+
+    @abc.abstractmethod
+    def memory_meter(self) -> MemoryMeter:
+        """A meter for the peak memory a bundle uses on this target (see DESIGN section 5)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressors
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One compressor with its parsed options, in the order it is applied."""
+
+    plugin: str
+    version: str
+    options: Mapping[str, Any]
+
+    def spec(self) -> str:
+        """The ``--apply`` spelling of this step: ``quantize:scheme=int8``."""
+        if not self.options:
+            return self.plugin
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.plugin}:{opts}"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form for the manifest's ``plan``."""
+        return {"plugin": self.plugin, "version": self.version, "options": dict(self.options)}
+
+
+@dataclass
+class ApplyContext:
+    """What a compressor may use while applying: the target, calibration inputs, progress.
+
+    :param calibration: a list of model input dicts (tensors) for importance or statistics.
+    :param progress: ``progress(message)`` prints one line for the user.
+    """
+
+    target: Target
+    probe: Probe
+    facts: ModelFacts
+    calibration: list[dict[str, Any]]
+    progress: Callable[[str], None] = lambda message: None
+
+
+class Compressor(abc.ABC):
+    """A compression method. Subclasses set the class attributes and implement the methods.
+
+    The planner calls :meth:`estimate` and :meth:`quality_cost` (no weights touched); ``pack``
+    calls :meth:`apply`. A compressor whose result stock ``transformers`` cannot save and load
+    implements :meth:`save` and :meth:`restore`, which write and read only safetensors and JSON.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "other"
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: target capabilities every use of this compressor needs.
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    # -- options ---------------------------------------------------------------------------
+
+    def parse_options(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """Check option names and values and fill defaults; raises UsageError naming the key."""
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            valid = ", ".join(o.describe() for o in self.options) or "none"
+            raise UsageError(
+                f"plugin {self.name!r} has no option {unknown[0]!r}; valid options: {valid}"
+            )
+        parsed: dict[str, Any] = {}
+        for opt in self.options:
+            if opt.name in raw:
+                parsed[opt.name] = opt.parse(raw[opt.name], self.name)
+            elif opt.default is not None:
+                parsed[opt.name] = opt.default
+        return parsed
+
+    def check(self, options: Mapping[str, Any], probe: Probe, previous: Sequence[PlanStep]) -> str | None:
+        """Why this step cannot run on ``probe`` after ``previous`` steps, or None if it can."""
+        missing = sorted(self.requires - probe.capabilities)
+        if missing:
+            return f"{self.name} needs {', '.join(missing)}, which target {probe.target} lacks"
+        return None
+
+    def candidates(self, facts: ModelFacts, probe: Probe) -> list[dict[str, Any]]:
+        """Option sets the planner may try for this model and target (raw, unparsed)."""
+        return [{}]
+
+    # -- planning --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def estimate(self, footprint: Footprint, options: Mapping[str, Any], target: Probe) -> Footprint:
+        """The footprint after this step: pure arithmetic, no weights touched."""
+
+    @abc.abstractmethod
+    def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:
+        """A prior on the loss of quality (0 = lossless), used to rank plans before measuring."""
+
+    # -- transformation --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def apply(self, model: Any, options: Mapping[str, Any], context: ApplyContext) -> Any:
+        """Transform ``model`` (in place or not) and return the result."""
+
+    def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
+        """Write the model's weights into ``model_dir`` when stock saving cannot.
+
+        Return True when weights were written (the compressor then owns loading through
+        :meth:`restore`); the default returns False and the stock ``save_pretrained`` is used.
+        Only safetensors and JSON may be written.
+        """
+        return False
+
+    def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
+        """Rebuild the model that :meth:`save` wrote. Only called when save returned True."""
+        raise NotImplementedError(f"{self.name} wrote no weights of its own")

@@ -1,0 +1,158 @@
+"""Footprint estimation: pure arithmetic on model facts, no weights touched.
+
+The estimate counts the same thing the meters measure (DESIGN section 5, ``memory.scope``): the
+peak memory of a fresh process while it loads the bundle and runs the smoke inputs, above the
+baseline after importing the runtime. It has four terms:
+
+* weights in their stored format (scales and zero points included);
+* activations at the declared batch size and sequence length;
+* the KV cache of decoders at the declared cache length (grouped-query attention counted);
+* a runtime workspace: what loading and running cost beyond the three above (allocator slack,
+  transient copies while loading). Its coefficients were fitted to measurements, see
+  :data:`WORKSPACE_FIXED_BYTES` and :data:`WORKSPACE_WEIGHT_FRACTION`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from edgepack.errors import UsageError
+from edgepack.interfaces import WEIGHT_KINDS, Footprint, ModelFacts, WeightGroup, Workload
+
+# Fitted with `python examples/benchmark_memory.py` on the CPU target (see the README).
+WORKSPACE_FIXED_BYTES = 12 * 2**20
+WORKSPACE_WEIGHT_FRACTION = 0.10
+
+_DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 10**3, "m": 10**6, "g": 10**9,
+}
+
+
+def parse_size(text: str | int, what: str = "SIZE") -> int:
+    """Bytes from ``30MB``, ``1.5GiB``, ``512kb`` or a plain number of bytes.
+
+    Decimal units (kB, MB, GB) are powers of 1000, binary units (KiB, MiB, GiB) powers of 1024.
+    """
+    if isinstance(text, int):
+        if text <= 0:
+            raise UsageError(f"{what} must be positive, got {text}")
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise UsageError(
+            f"{what} {text!r} is not a size; use bytes or a unit, e.g. 30MB, 512MiB, 1.5GiB"
+        )
+    value = float(match.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise UsageError(f"{what} {text!r} must be at least one byte")
+    return int(value)
+
+
+def format_size(n: int | float | None) -> str:
+    """Human-readable bytes in decimal units: ``22.7 MB``."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def initial_footprint(facts: ModelFacts) -> Footprint:
+    """The footprint of the model as it is: every weight at its current dtype."""
+    bits = _DTYPE_BITS.get(facts.dtype, 32)
+    groups = tuple(WeightGroup(kind, int(facts.parameters_by_kind.get(kind, 0)), bits) for kind in WEIGHT_KINDS)
+    return Footprint(weights=groups, activation_bits=bits)
+
+
+@dataclass(frozen=True)
+class PeakEstimate:
+    """The estimated peak memory of one plan, by component (bytes)."""
+
+    weights_bytes: int
+    activation_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """The total: what must fit in the budget."""
+        return self.weights_bytes + self.activation_bytes + self.kv_cache_bytes + self.workspace_bytes
+
+    def to_json(self) -> dict[str, int]:
+        """Plain-JSON form, total included."""
+        return {
+            "weights_bytes": self.weights_bytes,
+            "activation_bytes": self.activation_bytes,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "workspace_bytes": self.workspace_bytes,
+            "peak_bytes": self.peak_bytes,
+        }
+
+
+def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint) -> int:
+    """Peak live activations of one forward pass at the declared batch and sequence length.
+
+    Inference frees each layer's tensors before the next, so the peak is one layer's working
+    set on top of the residual stream: the residual and a normalised copy, q/k/v and the
+    attention output, the attention scores and their softmax, and the FFN's expanded hidden
+    state and its activation. Decoders also hold the fp32 logits of the last position.
+    """
+    b, s = workload.batch_size, workload.seq_len
+    elem = footprint.activation_bits / 8
+    hidden = facts.hidden_size
+    heads = max(1, round(facts.num_attention_heads * footprint.heads_scale))
+    kv_heads = max(1, min(heads, round(facts.num_key_value_heads * footprint.heads_scale)))
+    head_dim = facts.head_dim
+    ffn = int(facts.intermediate_size * footprint.ffn_scale)
+    residual = 3 * b * s * hidden  # input, output, normalised copy
+    attention = b * s * (heads + 2 * kv_heads) * head_dim + b * s * heads * head_dim
+    scores = 2 * b * heads * s * s
+    mlp = 2 * b * s * ffn
+    if facts.is_decoder:
+        mlp += b * s * ffn  # gated MLPs keep gate and up projections side by side
+    per_layer = residual + max(attention + scores, mlp)
+    total = per_layer * elem
+    if facts.is_decoder:
+        total += b * facts.vocab_size * 4  # logits of the last position, fp32
+    return int(total)
+
+
+def kv_cache_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint) -> int:
+    """Keys and values of every layer at the declared cache length (0 for encoders)."""
+    if not facts.is_decoder:
+        return 0
+    cache_len = workload.cache_len or workload.seq_len
+    kv_heads = max(1, round(facts.num_key_value_heads * footprint.heads_scale))
+    elem = footprint.activation_bits / 8
+    return int(2 * facts.num_layers * workload.batch_size * kv_heads * facts.head_dim * cache_len * elem)
+
+
+def estimate_peak(footprint: Footprint, facts: ModelFacts, workload: Workload) -> PeakEstimate:
+    """The peak memory of a plan: weights + activations + KV cache + workspace."""
+    weights = footprint.weights_bytes
+    workspace = int(WORKSPACE_FIXED_BYTES + WORKSPACE_WEIGHT_FRACTION * weights)
+    return PeakEstimate(
+        weights_bytes=weights,
+        activation_bytes=activation_bytes(facts, workload, footprint),
+        kv_cache_bytes=kv_cache_bytes(facts, workload, footprint),
+        workspace_bytes=workspace,
+    )
+
+
+def estimate_plan(facts: ModelFacts, workload: Workload, steps: list[tuple[Any, dict]], probe: Any) -> tuple[Footprint, PeakEstimate]:
+    """Footprint and peak estimate after applying ``steps`` ((compressor, options) pairs)."""
+    footprint = initial_footprint(facts)
+    for compressor, options in steps:
+        footprint = compressor.estimate(footprint, options, probe)
+    return footprint, estimate_peak(footprint, facts, workload)

@@ -1,0 +1,241 @@
+"""ModelSource: a local Hugging Face model directory, its facts, and loading it offline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import UsageError
+from edgepack.interfaces import ModelFacts
+
+# Files copied next to the weights so that the bundle's model/ is a complete model directory.
+_SIDE_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "generation_config.json",
+)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve(model: str | os.PathLike) -> Path:
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    text = str(model)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, local_files_only=True))
+        except Exception:
+            raise UsageError(
+                f"model {text!r} is neither a directory nor a hub id in the local Hugging Face cache"
+            ) from None
+    raise UsageError(f"model path {text} does not exist")
+
+
+def task_of(config: Any) -> str:
+    """``text-generation`` for causal-LM architectures, else ``feature-extraction``."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "text-generation"
+    return "feature-extraction"
+
+
+def auto_class(task: str) -> Any:
+    """The transformers Auto class that loads models of ``task``."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM if task == "text-generation" else transformers.AutoModel
+
+
+def module_kind(module: Any) -> str:
+    """Weight kind of a module: embedding, linear, norm or other."""
+    import torch
+
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+        return "linear"
+    if "Norm" in type(module).__name__:
+        return "norm"
+    return "other"
+
+
+def count_parameters(model: Any) -> tuple[dict[str, int], list[tuple[int, int]]]:
+    """Parameters by module kind (tied weights counted once) and the (out, in) of each Linear."""
+    by_kind = {"embedding": 0, "linear": 0, "norm": 0, "other": 0}
+    seen: set[int] = set()
+    shapes: list[tuple[int, int]] = []
+    for _, module in model.named_modules():
+        kind = module_kind(module)
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            by_kind[kind] += param.numel()
+            if kind == "linear" and param.dim() == 2:
+                out_f, in_f = param.shape
+                if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+                    in_f, out_f = param.shape
+                shapes.append((int(out_f), int(in_f)))
+    return by_kind, shapes
+
+
+def _architecture_numbers(config: Any, config_path: Path) -> dict[str, int]:
+    """hidden size, layers, heads, kv heads, head dim, FFN size, vocab, positions."""
+    numbers: dict[str, Any] = {}
+    try:
+        from optimum.utils import NormalizedConfigManager
+
+        normalized = NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
+        for key in ("hidden_size", "num_layers", "num_attention_heads", "vocab_size"):
+            try:
+                numbers[key] = getattr(normalized, key)
+            except AttributeError:
+                pass
+    except (KeyError, ImportError, AttributeError):
+        pass  # optimum does not know this model type: the config's own names follow
+    fallbacks = {
+        "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+        "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+        "vocab_size": ("vocab_size",),
+    }
+    for key, names in fallbacks.items():
+        if numbers.get(key) is None:
+            numbers[key] = next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+    missing = [k for k, v in numbers.items() if v is None]
+    if missing:
+        raise UsageError(f"{config_path} gives no {missing[0]} (looked for {', '.join(fallbacks[missing[0]])})")
+    heads = int(numbers["num_attention_heads"])
+    hidden = int(numbers["hidden_size"])
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    intermediate = (
+        getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    )
+    positions = (
+        getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 0
+    )
+    return {
+        "hidden_size": hidden,
+        "num_layers": int(numbers["num_layers"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(head_dim),
+        "intermediate_size": int(intermediate),
+        "vocab_size": int(numbers["vocab_size"]),
+        "max_positions": int(positions),
+    }
+
+
+@dataclass
+class ModelSource:
+    """A local Hugging Face model directory opened for packing (offline, safetensors only)."""
+
+    path: Path
+    config: Any
+    facts: ModelFacts
+    weight_files: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, model: str | os.PathLike) -> "ModelSource":
+        """Open a model directory (or a cached hub id) and read its facts on the meta device.
+
+        Raises UsageError for a missing path, a directory that is not a model, or pickled weights.
+        """
+        path = _resolve(model)
+        if not path.is_dir():
+            raise UsageError(f"model path {path} is not a directory")
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise UsageError(f"{path} is not a Hugging Face model directory: it has no config.json")
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+                raise UsageError(
+                    f"{path} holds only pickled weights (*.bin); edgepack reads safetensors only, "
+                    "never unpickling: convert them with save_pretrained(..., safe_serialization=True)"
+                )
+            raise UsageError(f"{path} is not a Hugging Face model directory: it has no *.safetensors weights")
+        try:
+            json.loads(config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{config_path} is not valid JSON: {exc}") from None
+
+        import torch
+        import transformers
+
+        try:
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        except (ValueError, KeyError, OSError) as exc:
+            raise UsageError(f"{config_path} is not a config transformers can read: {exc}") from None
+        task = task_of(config)
+        try:
+            with torch.device("meta"):
+                skeleton = auto_class(task).from_config(config)
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"{config_path}: transformers cannot build this model: {exc}") from None
+        by_kind, shapes = count_parameters(skeleton)
+        dtype = next((str(p.dtype).replace("torch.", "") for p in skeleton.parameters()), "float32")
+        archs = getattr(config, "architectures", None) or [type(skeleton).__name__]
+        facts = ModelFacts(
+            model_type=config.model_type,
+            architecture=archs[0],
+            task=task,
+            num_parameters=sum(by_kind.values()),
+            parameters_by_kind=by_kind,
+            dtype=dtype,
+            linear_shapes=tuple(shapes),
+            **_architecture_numbers(config, config_path),
+        )
+        return cls(path=path, config=config, facts=facts, weight_files=weights)
+
+    @property
+    def slug(self) -> str:
+        """A bundle-name-friendly name of the model: its directory name, lower case."""
+        name = self.path.name
+        if name in ("model", "snapshots") or len(name) == 40:  # package or hub-cache layouts
+            name = self.path.parent.name
+        clean = "".join(c if c.isalnum() or c in "-." else "-" for c in name.lower()).strip("-.")
+        return clean or "model"
+
+    def weights_sha256(self) -> dict[str, str]:
+        """sha256 of every weight file, by file name."""
+        return {p.name: sha256_file(p) for p in self.weight_files}
+
+    def load(self) -> Any:
+        """Load the model in float32 on the CPU, in eval mode, without touching the network."""
+        import torch
+
+        cls = auto_class(self.facts.task)
+        model = cls.from_pretrained(self.path, local_files_only=True, dtype=torch.float32)
+        return model.eval()
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (from the same directory)."""
+        import transformers
+
+        try:
+            return transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{self.path} has no tokenizer transformers can load: {exc}") from None
+
+    def side_files(self) -> list[Path]:
+        """Relative paths of extra files worth copying into the bundle (pooling configs ...)."""
+        return [Path(rel) for rel in _SIDE_FILES if (self.path / rel).is_file()]

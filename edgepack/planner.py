@@ -1,0 +1,260 @@
+"""Budget negotiation and plan search (DESIGN section 4).
+
+Inputs: model facts, the declared workload, the target's probe and capacity, the user's budget.
+Every composition of registered compressors' candidate options that the target supports is
+estimated (no weights touched); plans that fit are ranked by quality cost, then peak size.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from edgepack.errors import UsageError
+from edgepack.interfaces import Compressor, ModelFacts, PlanStep, Probe, Target, Workload
+from edgepack.memory import PeakEstimate, estimate_plan, format_size
+
+#: Order in which kinds of compression compose: shapes first, storage formats last.
+KIND_ORDER = ("prune", "sparsify", "quantize", "precision", "other", "parallel")
+
+#: Default fidelity floor per task, used when --min-fidelity is not given.
+DEFAULT_FLOOR = {"feature-extraction": 0.99, "text-generation": 0.75}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The negotiated memory budget per device.
+
+    :param user_bytes: what the user asked for with ``--budget`` (None when not given).
+    :param capacity_bytes: what the target can offer (None when it is not present here).
+    """
+
+    user_bytes: int | None
+    capacity_bytes: int | None
+
+    @property
+    def bytes_per_device(self) -> int:
+        """The effective budget: the smaller of the user's budget and the capacity."""
+        values = [v for v in (self.user_bytes, self.capacity_bytes) if v is not None]
+        return min(values)
+
+    @property
+    def source(self) -> str:
+        """``user`` when the user's budget binds, else ``target``."""
+        if self.user_bytes is None:
+            return "target"
+        if self.capacity_bytes is None or self.user_bytes <= self.capacity_bytes:
+            return "user"
+        return "target"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form for the manifest."""
+        return {
+            "bytes_per_device": self.bytes_per_device,
+            "source": self.source,
+            "user_bytes": self.user_bytes,
+            "capacity_bytes": self.capacity_bytes,
+        }
+
+    def describe(self) -> str:
+        """One line: both numbers and which one binds."""
+        user = format_size(self.user_bytes) if self.user_bytes is not None else "not given"
+        cap = format_size(self.capacity_bytes) if self.capacity_bytes is not None else "unknown (target absent)"
+        return f"budget {format_size(self.bytes_per_device)} per device (user: {user}; target capacity: {cap}; bound by {self.source})"
+
+
+def negotiate(user_bytes: int | None, target: Target, probe: Probe) -> Budget:
+    """The effective budget per device: min(user budget, target capacity)."""
+    capacity = target.capacity(probe) if probe.present else None
+    if user_bytes is None and capacity is None:
+        raise UsageError(
+            f"target {target.name} is not present on this machine, so its capacity is unknown; give --budget"
+        )
+    return Budget(user_bytes, capacity)
+
+
+@dataclass
+class Candidate:
+    """One plan considered: its steps, estimate, rank and (when measured) its result."""
+
+    steps: list[tuple[Compressor, dict[str, Any]]]
+    estimate: PeakEstimate
+    quality_cost: float
+    fits: bool
+    rejected_because: str | None = None
+    measured: dict[str, Any] | None = None
+    chosen: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def plan(self) -> list[PlanStep]:
+        """The steps as PlanStep records."""
+        return [PlanStep(c.name, c.version, opts) for c, opts in self.steps]
+
+    @property
+    def spec(self) -> str:
+        """``prune:ffn=0.25 + quantize:scheme=int8``, or ``(none)`` for the plain model."""
+        return " + ".join(s.spec() for s in self.plan) or "(none)"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form for the manifest's ``candidates`` and ``plan --json``."""
+        data: dict[str, Any] = {
+            "plan": [s.to_json() for s in self.plan],
+            "spec": self.spec,
+            "estimated_peak_bytes": self.estimate.peak_bytes,
+            "estimate": self.estimate.to_json(),
+            "quality_cost": round(self.quality_cost, 6),
+            "fits": self.fits,
+            "chosen": self.chosen,
+        }
+        if self.measured is not None:
+            data["measured"] = self.measured
+        if self.rejected_because:
+            data["rejected_because"] = self.rejected_because
+        return data
+
+
+def parse_apply(spec: str) -> tuple[str, dict[str, str]]:
+    """``quantize:scheme=int4,group_size=64`` → (``quantize``, {scheme: int4, group_size: 64})."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise UsageError(f"--apply {spec!r} names no plugin; use PLUGIN[:KEY=VALUE,...]")
+    options: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--apply {spec!r}: {part!r} is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return name, options
+
+
+def build_candidate(steps: list[tuple[Compressor, dict[str, Any]]], facts: ModelFacts, workload: Workload,
+                    probe: Probe, budget: Budget) -> Candidate:
+    """Estimate one plan and rank it."""
+    footprint, estimate = estimate_plan(facts, workload, steps, probe)
+    cost = sum(c.quality_cost(o, facts) for c, o in steps)
+    fits = estimate.peak_bytes <= budget.bytes_per_device
+    reason = None if fits else (
+        f"estimated peak {format_size(estimate.peak_bytes)} exceeds the budget {format_size(budget.bytes_per_device)}"
+    )
+    return Candidate(list(steps), estimate, cost, fits, reason, notes=footprint.notes)
+
+
+def fixed_plan(registry: Any, specs: Sequence[str], probe: Probe) -> list[tuple[Compressor, dict[str, Any]]]:
+    """The steps named by ``--apply`` flags, options parsed and checked against the target and
+    the steps before them; UsageError names the option or the incompatibility."""
+    steps: list[tuple[Compressor, dict[str, Any]]] = []
+    for spec in specs:
+        name, raw = parse_apply(spec)
+        compressor = registry.compressor(name)
+        options = compressor.parse_options(raw)
+        previous = [PlanStep(c.name, c.version, o) for c, o in steps]
+        reason = compressor.check(options, probe, previous)
+        if reason:
+            raise UsageError(f"--apply {spec}: {reason}")
+        steps.append((compressor, options))
+    return steps
+
+
+def enumerate_plans(registry: Any, facts: ModelFacts, probe: Probe, limit: int = 2000) -> Iterable[list[tuple[Compressor, dict[str, Any]]]]:
+    """Every composition (at most one option set per compressor, in KIND_ORDER) the target
+    supports, the empty plan first. Third-party compressors take part on equal terms."""
+    compressors = sorted(
+        (registry.compressor(name) for name in registry.compressors),
+        key=lambda c: (KIND_ORDER.index(c.kind) if c.kind in KIND_ORDER else len(KIND_ORDER), c.name),
+    )
+    choices = []
+    for compressor in compressors:
+        if compressor.kind == "parallel" and len(probe.devices) < 2:
+            continue
+        option_sets = []
+        for raw in compressor.candidates(facts, probe):
+            try:
+                option_sets.append(compressor.parse_options(raw))
+            except UsageError:
+                continue
+        choices.append([None] + [(compressor, opts) for opts in option_sets])
+    count = 0
+    for combo in itertools.product(*choices):
+        steps: list[tuple[Compressor, dict[str, Any]]] = []
+        ok = True
+        for item in combo:
+            if item is None:
+                continue
+            compressor, options = item
+            previous = [PlanStep(c.name, c.version, o) for c, o in steps]
+            if compressor.check(options, probe, previous):
+                ok = False
+                break
+            steps.append(item)
+        if ok:
+            yield steps
+            count += 1
+            if count >= limit:
+                return
+
+
+def search(registry: Any, facts: ModelFacts, workload: Workload, probe: Probe, budget: Budget) -> list[Candidate]:
+    """All candidate plans, fitting ones first, each group by quality cost then peak."""
+    candidates = [build_candidate(steps, facts, workload, probe, budget)
+                  for steps in enumerate_plans(registry, facts, probe)]
+    candidates.sort(key=lambda c: (not c.fits, c.quality_cost, c.estimate.peak_bytes))
+    return candidates
+
+
+def smallest(candidates: Sequence[Candidate]) -> Candidate:
+    """The candidate with the smallest estimated (or measured, when larger) peak."""
+    def peak(c: Candidate) -> int:
+        measured = (c.measured or {}).get("peak_bytes") or 0
+        return max(c.estimate.peak_bytes, measured)
+
+    return min(candidates, key=peak)
+
+
+def explain(candidates: Sequence[Candidate], budget: Budget) -> str:
+    """The human table of ``edgepack plan``."""
+    rows = [("plan", "est. peak", "weights", "fits", "quality cost", "measured", "chosen")]
+    for c in candidates:
+        measured = "-"
+        if c.measured:
+            measured = f"{format_size(c.measured.get('peak_bytes'))} / {c.measured.get('fidelity', '-')}"
+        rows.append((
+            c.spec, format_size(c.estimate.peak_bytes), format_size(c.estimate.weights_bytes),
+            "yes" if c.fits else "no", f"{c.quality_cost:.4f}", measured, "*" if c.chosen else "",
+        ))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = [budget.describe(), ""]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plan_model(model: str, *, target: str = "cpu", budget: int | str | None = None, batch_size: int = 1,
+               seq_len: int = 128, cache_len: int | None = None, registry: Any = None) -> tuple[Budget, list[Candidate]]:
+    """Steps 1–3 of the negotiation for ``edgepack plan``: budget and ranked candidates, from
+    the model's config alone (meta device, no weights loaded)."""
+    from edgepack.host import load_registry
+    from edgepack.memory import parse_size
+    from edgepack.model import ModelSource
+    from edgepack.smoke import DEFAULT_NEW_TOKENS
+
+    registry = registry or load_registry()
+    tgt = registry.target(target)
+    probe = tgt.probe()
+    source = ModelSource.open(model)
+    facts = source.facts
+    if facts.is_decoder:
+        workload = Workload(batch_size, seq_len, cache_len or seq_len + DEFAULT_NEW_TOKENS)
+    else:
+        workload = Workload(batch_size, seq_len)
+    user = parse_size(budget, "--budget") if budget is not None else None
+    negotiated = negotiate(user, tgt, probe)
+    candidates = search(registry, facts, workload, probe, negotiated)
+    first = next((c for c in candidates if c.fits), None)
+    if first is not None:
+        first.chosen = True  # the plan pack would measure first
+    return negotiated, candidates

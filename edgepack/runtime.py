@@ -1,0 +1,147 @@
+"""Loading a bundle's model onto this machine's device(s).
+
+:func:`load` checks the bundle's integrity first (hashes, schema), then rebuilds the model the
+way the manifest says: stock ``transformers`` where the plan allows, or the ``restore`` hook of
+the plugin that saved the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from edgepack.errors import UsageError, VerificationError
+from edgepack.interfaces import PlanStep
+
+
+def plan_steps(manifest: dict[str, Any]) -> list[PlanStep]:
+    """The manifest's plan as PlanStep objects."""
+    return [PlanStep(s["plugin"], s["version"], s.get("options", {})) for s in manifest["plan"]]
+
+
+def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loader: str | None,
+                   target_name: str, registry: Any = None) -> tuple[Any, Any]:
+    """Load ``model_dir`` as the plan stored it and place it on the target.
+
+    :param loader: name of the plugin whose ``restore`` rebuilds the model, or None for stock
+        ``transformers`` loading.
+    :returns: (model in eval mode on the target's device, the target's probe)
+    """
+    from edgepack.host import load_registry
+    from edgepack.model import auto_class
+
+    registry = registry or load_registry()
+    target = registry.target(target_name)
+    probe = target.probe()
+    if not probe.present:
+        raise UsageError(f"target {target_name!r} is not present on this machine: {probe.detail.get('reason', '')}".rstrip(": "))
+    if loader:
+        step = next((s for s in steps if s.plugin == loader), None)
+        if step is None:
+            raise VerificationError(f"manifest names loader {loader!r}, which is not in its plan")
+        model = registry.compressor(loader).restore(model_dir, step.options, target.device_type)
+    else:
+        model = auto_class(task).from_pretrained(model_dir, dtype="auto", local_files_only=True)
+    model = target.place(model, probe)
+    return model.eval(), probe
+
+
+@dataclass
+class Session:
+    """A loaded bundle: its manifest, model and tokenizer, ready to run inputs."""
+
+    path: Path
+    manifest: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    device: str
+
+    @property
+    def task(self) -> str:
+        """``feature-extraction`` or ``text-generation``."""
+        return self.manifest["model"]["task"]
+
+    def embed(self, texts: list[str]) -> Any:
+        """Mean-pooled, L2-normalised embeddings of ``texts`` (encoders)."""
+        import torch
+
+        from edgepack.smoke import mean_pool
+
+        encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        encoded = {k: v.to(self.device) for k, v in encoded.items()
+                   if k in ("input_ids", "attention_mask", "token_type_ids")}
+        with torch.inference_mode():
+            hidden = self.model(**encoded).last_hidden_state
+        return mean_pool(hidden, encoded["attention_mask"]).cpu()
+
+    def generate(self, texts: list[str], max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of ``texts`` (decoders)."""
+        import torch
+
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        encoded = tok(texts, padding=True, return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def open_bundle(bundle: str | Path) -> Session:
+    """Check a bundle's integrity, then load its model and tokenizer on this machine."""
+    import transformers
+
+    from edgepack.bundle.reader import read_verified
+
+    path, manifest = read_verified(bundle)
+    model, probe = load_model_dir(
+        path / "model",
+        task=manifest["model"]["task"],
+        steps=plan_steps(manifest),
+        loader=manifest["model"].get("loader"),
+        target_name=manifest["target"]["name"],
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path / "model", local_files_only=True)
+    device = str(next(model.parameters()).device)
+    return Session(path, manifest, model, tokenizer, device)
+
+
+def load(bundle: str | Path) -> Any:
+    """The bundle's model, integrity checked first, in eval mode on this machine's device."""
+    return open_bundle(bundle).model
+
+
+def benchmark(bundle: str | Path, *, repeats: int = 10) -> dict[str, Any]:
+    """Latency of the bundle at its declared workload: one warm-up, then ``repeats`` timed runs
+    over the smoke inputs' first batch."""
+    import statistics
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    session = open_bundle(bundle)
+    workload = session.manifest["workload"]
+    inputs = load_file(session.path / session.manifest["smoke"]["inputs"])
+    batch_size = int(workload["batch_size"])
+    rows = next(iter(inputs.values())).shape[0]
+    index = torch.arange(batch_size) % rows  # repeat samples if the batch exceeds them
+    batch = {k: v[index].to(session.device) for k, v in inputs.items()}
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            session.model(**batch)
+            if session.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i:
+                times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return {
+        "bundle": str(session.path), "device": session.device, "batch_size": batch_size,
+        "seq_len": int(workload["seq_len"]), "repeats": repeats,
+        "median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+    }

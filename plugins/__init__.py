@@ -1,0 +1,1 @@
+"""Built-in compression plugins, installed as ``edgepack.plugins``."""

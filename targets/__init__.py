@@ -1,0 +1,1 @@
+"""Built-in hardware targets, installed as ``edgepack.targets``."""

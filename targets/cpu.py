@@ -1,0 +1,150 @@
+"""The ``cpu`` target: this machine's processor and main memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from pathlib import Path
+
+import edgepack
+from edgepack.interfaces import DeviceInfo, MemoryMeter, Probe, Target
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_bytes(key: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes, or None off Linux."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _meminfo() -> tuple[int, int]:
+    """(total, available) bytes of main memory."""
+    try:
+        fields = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, value = line.split(":", 1)
+            fields[key] = int(value.split()[0]) * 1024
+        return fields["MemTotal"], fields.get("MemAvailable", fields["MemFree"])
+    except (OSError, KeyError, ValueError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages, pages
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+class RssMeter(MemoryMeter):
+    """Peak resident memory of this process above the resident memory at :meth:`start`.
+
+    On Linux the kernel's high-water mark (VmHWM) is reset at start by writing ``5`` to
+    ``/proc/self/clear_refs``, so the peak covers exactly the measured window. Elsewhere the
+    lifetime ``ru_maxrss`` is used, which can only over-count.
+    """
+
+    scope = (
+        "peak resident set size (VmHWM) of a fresh process above its resident size after "
+        "importing torch, transformers, edgepack and the model's code (a meta-device skeleton), "
+        "while loading the bundle and running the smoke inputs at the declared batch size"
+    )
+
+    def __init__(self) -> None:
+        self._baseline = 0
+        self._reset = False
+
+    def start(self) -> None:
+        """Reset the high-water mark and record the baseline resident size."""
+        try:
+            _CLEAR_REFS.write_text("5")
+            self._reset = True
+        except OSError:
+            self._reset = False
+        current = _status_bytes("VmRSS")
+        self._baseline = current if current is not None else self._maxrss()
+
+    @staticmethod
+    def _maxrss() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak_bytes(self) -> int:
+        """Peak resident bytes since start, above the baseline."""
+        peak = _status_bytes("VmHWM") if self._reset else None
+        if peak is None:
+            peak = self._maxrss()
+        return max(0, peak - self._baseline)
+
+
+class CpuTarget(Target):
+    """This machine's CPU and main memory; one device."""
+
+    name = "cpu"
+    version = edgepack.__version__
+    description = "the host CPU and its main memory"
+    device_type = "cpu"
+    reserve_fraction = 0.1
+
+    def probe(self) -> Probe:
+        """Memory total and available, core count, and which dtypes compute correctly here."""
+        total, available = _meminfo()
+        flags = _cpu_flags()
+        capabilities = {"fp32", "int8"}
+        detail: dict[str, object] = {
+            "cores": os.cpu_count() or 1,
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+        }
+        for dtype_name in ("bf16", "fp16"):
+            if _computes(dtype_name):
+                capabilities.add(dtype_name)
+        # Native kernels make reduced precision fast, not just possible.
+        native = {
+            "bf16-native": {"avx512_bf16", "amx_bf16", "bf16"},
+            "fp16-native": {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"},
+            "int8-vnni": {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"},
+        }
+        for cap, needs in native.items():
+            if flags & needs:
+                capabilities.add(cap)
+        detail["flags_seen"] = sorted(flags & set().union(*native.values()))
+        device = DeviceInfo(0, detail["processor"] or "cpu", total, available)
+        return Probe(self.name, True, (device,), frozenset(capabilities), detail)
+
+    def memory_meter(self) -> MemoryMeter:
+        """Resident-memory meter (see :class:`RssMeter`)."""
+        return RssMeter()
+
+
+def _computes(dtype_name: str) -> bool:
+    """Whether a small matmul and layer norm in this dtype run and agree with fp32."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(8, 16, generator=gen)
+        b = torch.randn(16, 8, generator=gen)
+        ref = torch.nn.functional.layer_norm(a @ b, (8,))
+        got = torch.nn.functional.layer_norm(a.to(dtype) @ b.to(dtype), (8,)).float()
+        return bool(torch.allclose(ref, got, atol=0.1, rtol=0.05))
+    except (RuntimeError, TypeError):
+        return False
+
+
+@edgepack.hookimpl
+def edgepack_register_targets(register):
+    """Register the built-in ``cpu`` target."""
+    register(CpuTarget)
