@@ -162,12 +162,15 @@ class Footprint:
 
     :param weights: stored weights by module kind.
     :param activation_bits: bits per activation element at run time (32 for fp32, 16 for bf16).
-    :param linear_scale: fraction of the original Linear width kept (pruning shrinks it).
+    :param row_width: typical input width of a weight row (the hidden size), for per-row scales.
+    :param ffn_scale: fraction of FFN neurons kept (structured pruning shrinks it).
+    :param heads_scale: fraction of attention heads kept.
     :param notes: one line per compressor that changed the footprint.
     """
 
     weights: tuple[WeightGroup, ...]
     activation_bits: int = 32
+    row_width: int = 1024
     ffn_scale: float = 1.0
     heads_scale: float = 1.0
     notes: tuple[str, ...] = ()
@@ -387,3 +390,8 @@ class Compressor(abc.ABC):
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild the model that :meth:`save` wrote. Only called when save returned True."""
         raise NotImplementedError(f"{self.name} wrote no weights of its own")
+
+    def prepare(self, model: Any, options: Mapping[str, Any], device: str) -> Any:
+        """Adjust a freshly loaded model for fast execution here (swap kernels, never weights'
+        values). Called for every plan step at load time; the default changes nothing."""
+        return model

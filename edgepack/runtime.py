@@ -43,6 +43,9 @@ def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loa
         model = registry.compressor(loader).restore(model_dir, step.options, target.device_type)
     else:
         model = auto_class(task).from_pretrained(model_dir, dtype="auto", local_files_only=True)
+    for step in steps:
+        if step.plugin in registry.compressors:
+            model = registry.compressor(step.plugin).prepare(model, step.options, target.device_type)
     model = target.place(model, probe)
     return model.eval(), probe
 

@@ -31,6 +31,8 @@ class Precision(Compressor):
             return f"target {probe.target} cannot compute in {dtype} on this machine"
         if any(step.plugin == self.name for step in previous):
             return "precision is already in the plan"
+        if any(step.plugin == "quantize" for step in previous):
+            return "apply precision before quantize: casting would change the quantized weights' dtype"
         return super().check(options, probe, previous)
 
     def candidates(self, facts: ModelFacts, probe: Probe) -> list[dict[str, Any]]:

@@ -1,0 +1,405 @@
+"""``quantize``: store Linear and Embedding weights as int8 or int4.
+
+Schemes:
+
+``int8``
+    weight-only, symmetric, one scale per output channel (per token for embeddings), through
+    torchao's ``Int8WeightOnlyConfig``. The word embeddings are quantized too: in MiniLM they
+    are half of all parameters. Saved by stock transformers (``TorchAoConfig``), so
+    ``AutoModel.from_pretrained(model/)`` loads it where torchao is installed.
+``int8-dynamic``
+    int8 weights and int8 activations quantized per token at run time (torchao's
+    ``Int8DynamicActivationInt8WeightConfig``) for Linear layers; embeddings int8 weight-only.
+    Also saved by stock transformers.
+``int4``
+    weight-only, asymmetric, group-wise (``group_size`` columns share a scale and an offset),
+    with the clipping range searched per group to minimise the squared error. torchao 0.18
+    has no int4 CPU kernel that saves memory, so edgepack stores the packed nibbles itself in
+    ``model.int4.safetensors`` and rebuilds the model with :meth:`Quantize.restore`; the
+    manifest names this plugin as the loader.
+
+``keep=`` lists module-name fragments kept in higher precision (for example ``keep=word_embeddings``
+or ``keep=layer.0.,layer.5.``).
+
+At run time int8 and int4 weights stay packed in memory and are dequantized per call to the
+activations' dtype (:class:`QuantLinear`, :class:`QuantEmbedding`; embeddings dequantize only
+the rows looked up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import edgepack
+from edgepack.errors import UsageError
+from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts, Option, PlanStep, Probe
+
+INT4_FILE = "model.int4.safetensors"
+INT4_FORMAT = "edgepack.int4/1"
+
+try:  # torch is optional at import: the class must register without it
+    import torch
+    from torch import nn
+
+    _Module = nn.Module
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore[assignment]
+    _Module = object  # type: ignore[misc,assignment]
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization arithmetic
+
+
+def quantize_int8_rows(weight: Any) -> tuple[Any, Any]:
+    """Symmetric int8 with one fp32 scale per row: (qdata int8 [R, C], scale fp32 [R, 1])."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127.5).clamp(min=1e-12)
+    q = torch.clamp(torch.round(w / scale), -128, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4_groups(weight: Any, group_size: int, grid: int = 20) -> tuple[Any, Any, Any]:
+    """Asymmetric int4 per group of ``group_size`` columns, clipping range searched per group.
+
+    For each group the range [min, max] is shrunk by factors 1.0, 0.97, ... and the factor with
+    the least squared error is kept (the search HQQ and AWQ-style clipping use, without data).
+
+    :returns: (packed uint8 [R, C/2], scale fp16 [R, C/g], offset fp16 [R, C/g]) with
+        ``w ≈ q * scale + offset``, q in 0..15.
+    """
+    w = weight.detach().float()
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group_size, group_size)
+    lo_full, hi_full = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best_err = torch.full_like(lo_full, float("inf"))
+    best_scale = torch.zeros_like(lo_full)
+    best_lo = torch.zeros_like(lo_full)
+    for step in range(grid):
+        shrink = 1.0 - 0.015 * step
+        lo, hi = lo_full * shrink, hi_full * shrink
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        # fp16 storage of scale and offset is part of the error being minimised
+        scale = scale.half().float()
+        lo = lo.half().float()
+        q = torch.clamp(torch.round((g - lo) / scale), 0, 15)
+        err = ((q * scale + lo - g) ** 2).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_lo = torch.where(better, lo, best_lo)
+    q = torch.clamp(torch.round((g - best_lo) / best_scale), 0, 15).to(torch.uint8).reshape(rows, cols)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed.contiguous(), best_scale.squeeze(-1).half(), best_lo.squeeze(-1).half()
+
+
+def unpack_int4(packed: Any) -> Any:
+    """uint8 [..., C/2] → uint8 [..., C] with values 0..15 (low nibble first)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def dequantize(qdata: Any, scale: Any, offset: Any | None, bits: int, dtype: Any) -> Any:
+    """Rows of weights back in ``dtype`` from int8 (per-row scale) or packed int4 (groups)."""
+    if bits == 8:
+        return qdata.to(dtype) * scale.to(dtype)
+    q = unpack_int4(qdata)
+    groups = scale.shape[-1]
+    q = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).to(dtype)
+    w = q * scale.to(dtype).unsqueeze(-1) + offset.to(dtype).unsqueeze(-1)
+    return w.reshape(*w.shape[:-2], -1)
+
+
+class QuantLinear(_Module):
+    """A Linear whose weight stays int8 or packed int4; dequantized per call."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, qdata: Any, scale: Any,
+                 offset: Any | None = None, bias: Any | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: Any) -> Any:
+        weight = dequantize(self.qdata, self.scale, self.offset, self.bits, x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class QuantEmbedding(_Module):
+    """An Embedding whose table stays int8 or packed int4; only looked-up rows are dequantized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, qdata: Any, scale: Any,
+                 offset: Any | None = None, padding_idx: int | None = None, dtype: Any = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        self.padding_idx = padding_idx
+        self.out_dtype = dtype or torch.float32
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
+
+    @property
+    def weight(self) -> Any:
+        """The dequantized table (for code that reads ``embedding.weight``, e.g. tied heads)."""
+        return dequantize(self.qdata, self.scale, self.offset, self.bits, self.out_dtype)
+
+    def forward(self, ids: Any) -> Any:
+        rows = nn.functional.embedding(ids, self.qdata)
+        scale = nn.functional.embedding(ids, self.scale)
+        offset = nn.functional.embedding(ids, self.offset) if self.offset is not None else None
+        return dequantize(rows, scale, offset, self.bits, self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Module selection
+
+
+def _targets(model: Any, embeddings: bool, keep: Sequence[str]) -> list[tuple[str, Any]]:
+    """(name, module) of every Linear (and Embedding) to quantize, skipping kept ones and the
+    output head tied to the input embeddings."""
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        if head is not None:
+            tied.add(id(head))
+    chosen = []
+    for name, module in model.named_modules():
+        if any(fragment in name for fragment in keep) or id(module) in tied:
+            continue
+        if isinstance(module, nn.Linear) or (embeddings and isinstance(module, nn.Embedding)):
+            chosen.append((name, module))
+    return chosen
+
+
+def _set_module(model: Any, name: str, module: Any) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin
+
+
+def _group_size(options: Mapping[str, Any]) -> int:
+    return options.get("group_size") or 32
+
+
+def _embeddings(options: Mapping[str, Any]) -> bool:
+    return options.get("embeddings") is not False
+
+
+class Quantize(Compressor):
+    """int8 / int8-dynamic / int4 quantization of Linear and Embedding weights."""
+
+    name = "quantize"
+    kind = "quantize"
+    version = edgepack.__version__
+    description = "int8 (torchao, stock-loadable), int8-dynamic, or group-wise int4 weights"
+    options = (
+        Option("scheme", str, ("int8", "int8-dynamic", "int4"), "int8", help="storage scheme"),
+        Option("group_size", int, (16, 32, 64, 128), None, help="int4: columns sharing a scale (default 32)"),
+        Option("embeddings", bool, (), None, help="quantize embedding tables too (default true)"),
+        Option("keep", str, (), None, help="comma-separated module-name fragments kept unquantized"),
+    )
+
+    # -- checks and planning ---------------------------------------------------------------
+
+    def check(self, options: Mapping[str, Any], probe: Probe, previous: Sequence[PlanStep]) -> str | None:
+        """One quantize step; int8-dynamic needs int8 compute; precision must come first."""
+        if any(step.plugin == self.name for step in previous):
+            return "quantize is already in the plan"
+        if options["scheme"] == "int8-dynamic" and "int8" not in probe.capabilities:
+            return f"int8-dynamic needs int8 compute, which target {probe.target} lacks"
+        return super().check(options, probe, previous)
+
+    def candidates(self, facts: ModelFacts, probe: Probe) -> list[dict[str, Any]]:
+        """int8; int4 at group sizes 32 and 128; int8-dynamic where int8 compute exists."""
+        sets: list[dict[str, Any]] = [{"scheme": "int8"}]
+        if "int8" in probe.capabilities:
+            sets.append({"scheme": "int8-dynamic"})
+        sets += [{"scheme": "int4", "group_size": 32}, {"scheme": "int4", "group_size": 128}]
+        return sets
+
+    def _kinds(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("linear", "embedding") if _embeddings(options) else ("linear",)
+
+    @staticmethod
+    def bits_per_weight(options: Mapping[str, Any], row_width: int) -> float:
+        """Stored bits per weight, scales and offsets included, for rows of ``row_width``."""
+        if options["scheme"] == "int4":
+            return 4 + 32 / _group_size(options)  # fp16 scale + fp16 offset per group
+        return 8 + (32 + 8) / row_width  # fp32 scale and int8 zero point per row
+
+    def estimate(self, footprint: Footprint, options: Mapping[str, Any], target: Probe) -> Footprint:
+        """Linear (and embedding) groups at the scheme's bits; kept modules are not modelled."""
+        bits = self.bits_per_weight(options, footprint.row_width)
+        return footprint.with_groups(self._kinds(options), bits, f"{options['scheme']} weights ({bits:.2f} bits)")
+
+    def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:
+        """Priors from MiniLM measurements: int8 ~5e-4 cosine loss, int8-dynamic ~3e-3, int4 ~1-2e-2."""
+        scheme = options["scheme"]
+        if scheme == "int8":
+            return 0.0005
+        if scheme == "int8-dynamic":
+            return 0.003
+        return 0.012 * (_group_size(options) / 32) ** 0.5
+
+    # -- apply, save, restore --------------------------------------------------------------
+
+    def apply(self, model: Any, options: Mapping[str, Any], context: ApplyContext) -> Any:
+        """Quantize the selected modules in place."""
+        keep = [k.strip() for k in (options.get("keep") or "").split(",") if k.strip()]
+        chosen = _targets(model, _embeddings(options), keep)
+        if not chosen:
+            raise UsageError("quantize found no Linear or Embedding modules to quantize (check keep=)")
+        if options["scheme"] == "int4":
+            return self._apply_int4(model, chosen, options)
+        return self._apply_torchao(model, chosen, options)
+
+    def _apply_torchao(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any]) -> Any:
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_,
+        )
+        from transformers import TorchAoConfig
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        ids = {id(m) for _, m in chosen}
+        # set_inductor_config=False: quantizing must not change torch.compile's global settings
+        weight_only = Int8WeightOnlyConfig(set_inductor_config=False)
+        linear_cfg = (Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+                      if options["scheme"] == "int8-dynamic" else weight_only)
+        quantize_(model, linear_cfg, filter_fn=lambda m, fqn: id(m) in ids and isinstance(m, nn.Linear))
+        quantize_(model, weight_only, filter_fn=lambda m, fqn: id(m) in ids and isinstance(m, nn.Embedding))
+        # Stock save_pretrained serialises torchao tensors only with a quantizer attached.
+        qconfig = TorchAoConfig(linear_cfg, include_input_output_embeddings=_embeddings(options))
+        model.config.quantization_config = qconfig
+        model.hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
+        return model
+
+    def _apply_int4(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any]) -> Any:
+        group = _group_size(options)
+        for name, module in chosen:
+            weight = module.weight
+            cols = weight.shape[1]
+            if cols % group:
+                continue  # a width the group does not divide stays in its precision
+            packed, scale, offset = quantize_int4_groups(weight, group)
+            if isinstance(module, nn.Embedding):
+                new = QuantEmbedding(module.num_embeddings, module.embedding_dim, 4, packed, scale, offset,
+                                     module.padding_idx, weight.dtype)
+            else:
+                bias = module.bias.detach() if module.bias is not None else None
+                new = QuantLinear(module.in_features, module.out_features, 4, packed, scale, offset, bias)
+            _set_module(model, name, new)
+        model._edgepack_int4 = {"group_size": group, "modules": [n for n, _ in chosen]}
+        return model
+
+    def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
+        """int4: write config.json and ``model.int4.safetensors`` (packed nibbles, fp16 scales
+        and offsets, other tensors as they are). int8 schemes: stock saving (returns False)."""
+        if options["scheme"] != "int4":
+            return False
+        from safetensors.torch import save_file
+
+        model_dir.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(model_dir)
+        tensors, quantized = {}, {}
+        seen: set[int] = set()
+        for name, module in model.named_modules():
+            if isinstance(module, (QuantLinear, QuantEmbedding)):
+                quantized[name] = {"kind": "embedding" if isinstance(module, QuantEmbedding) else "linear",
+                                   "shape": [module.num_embeddings, module.embedding_dim] if isinstance(module, QuantEmbedding)
+                                   else [module.out_features, module.in_features],
+                                   "padding_idx": getattr(module, "padding_idx", None)}
+        for key, tensor in model.state_dict(keep_vars=False).items():
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            tensors[key] = tensor.detach().contiguous()
+        metadata = {
+            "format": INT4_FORMAT,
+            "group_size": str(_group_size(options)),
+            "quantized": json.dumps(quantized, sort_keys=True),
+            "dtype": str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", ""),
+        }
+        save_file(tensors, model_dir / INT4_FILE, metadata=metadata)
+        return True
+
+    def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
+        """Rebuild an int4 bundle's model: skeleton without weights, then packed tensors."""
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        from edgepack.model import auto_class, task_of
+
+        file = model_dir / INT4_FILE
+        with safe_open(file, "pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get("format") != INT4_FORMAT:
+            raise UsageError(f"{file} is not in format {INT4_FORMAT}")
+        quantized = json.loads(meta["quantized"])
+        dtype = getattr(torch, meta.get("dtype", "float32"))
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            model = auto_class(task_of(config)).from_config(config, dtype=dtype)
+        tensors = load_file(file, device=device)
+        for name, info in quantized.items():
+            p = f"{name}." if name else ""
+            q, s, o = tensors.pop(p + "qdata"), tensors.pop(p + "scale"), tensors.pop(p + "offset")
+            if info["kind"] == "embedding":
+                new = QuantEmbedding(info["shape"][0], info["shape"][1], 4, q, s, o, info["padding_idx"], dtype)
+            else:
+                new = QuantLinear(info["shape"][1], info["shape"][0], 4, q, s, o, tensors.pop(p + "bias", None))
+            _set_module(model, name, new)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        if unexpected:
+            raise UsageError(f"{file} has tensors the model does not: {unexpected[:3]}")
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if still_meta:
+            raise UsageError(f"{file} lacks weights for {still_meta[:3]}")
+        return model.eval()
+
+    def prepare(self, model: Any, options: Mapping[str, Any], device: str) -> Any:
+        """After stock loading of an int8 bundle: swap torchao's int8 weight-only modules for
+        :class:`QuantLinear` / :class:`QuantEmbedding`, which dequantize per call (and only
+        the rows looked up), sharing the same int8 data. int8-dynamic keeps torchao's kernels."""
+        if options["scheme"] != "int8":
+            return model
+        try:
+            from torchao.quantization import Int8Tensor
+        except ImportError:
+            return model
+        for name, module in list(model.named_modules()):
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, Int8Tensor) or not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            qdata, scale = weight.qdata, weight.scale.reshape(-1, 1).float()
+            if isinstance(module, nn.Embedding):
+                new = QuantEmbedding(module.num_embeddings, module.embedding_dim, 8, qdata, scale, None,
+                                     module.padding_idx, weight.dtype)
+            else:
+                bias = module.bias.detach() if module.bias is not None else None
+                new = QuantLinear(module.in_features, module.out_features, 8, qdata, scale, None, bias)
+            _set_module(model, name, new)
+        return model
+
+
+@edgepack.hookimpl
+def edgepack_register_compressors(register):
+    """Register the built-in ``quantize`` compressor."""
+    register(Quantize)
