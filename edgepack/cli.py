@@ -46,10 +46,7 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) 
         return None
     from edgepack.memory import parse_size
 
-    try:
-        return parse_size(value, "--budget")
-    except UsageError as exc:
-        raise click.BadParameter(str(exc).replace("--budget ", ""), ctx=ctx, param=param) from None
+    return parse_size(value, "--budget")  # UsageError: one line, exit 2 (EdgepackGroup)
 
 
 @click.group(cls=EdgepackGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +55,7 @@ def cli() -> None:
     """Package a PyTorch / Hugging Face model for one device under a memory budget.
 
     \b
-    Typical use:
+    Examples:
       edgepack plan   ./all-MiniLM-L6-v2 --target cpu --budget 30MB
       edgepack pack   ./all-MiniLM-L6-v2 --target cpu --budget 100MB \\
                       --apply precision:dtype=bf16 --out dist/
@@ -402,8 +399,23 @@ def bench(bundle: str, repeats: int, as_json: bool) -> None:
                    f"on {result['device']}")
 
 
+def quiet_libraries() -> None:
+    """Keep third-party import chatter (torchao's optional kernels, torch's deprecation notes,
+    transformers' progress bars) off the user's terminal; edgepack prints its own progress.
+    Also make sure nothing reaches for the Hugging Face hub."""
+    import logging
+    import os
+
+    for name in ("torch.utils._pytree", "torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main() -> None:
     """Console-script entry point: adds plugin commands, then runs the group."""
+    quiet_libraries()
     try:
         from edgepack.host import make_plugin_manager
 

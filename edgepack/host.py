@@ -43,9 +43,16 @@ class EdgepackPluginManager(pluggy.PluginManager):
 
         for dist in distributions():
             for ep in dist.entry_points:
-                if ep.group != PROJECT or self.get_plugin(ep.name) or self.is_blocked(ep.name):
+                if ep.group != PROJECT or self.is_blocked(ep.name):
                     continue
                 label = f"{dist.metadata['name']} {dist.version}"
+                if self.get_plugin(ep.name) is not None:
+                    if self.distributions.get(ep.name) == label:
+                        continue  # the same distribution seen twice on sys.path
+                    raise PluginError(
+                        f"plugin name {ep.name!r} is registered twice: by "
+                        f"{self.distributions.get(ep.name, 'an earlier plugin')} and by {label}"
+                    )
                 try:
                     plugin = ep.load()
                 except Exception as exc:  # a broken third-party plugin must not look like our bug

@@ -59,6 +59,8 @@ class Option:
             raise UsageError(
                 f"option {where}:{self.name}={raw} is not a valid {self.type.__name__}"
             ) from None
+        if isinstance(value, float) and value != value:  # NaN passes every comparison
+            raise UsageError(f"option {where}:{self.name}={raw} is not a number")
         if self.choices and value not in self.choices:
             allowed = "|".join(str(c) for c in self.choices)
             raise UsageError(f"option {where}:{self.name}={raw} is not one of {allowed}")
@@ -166,6 +168,7 @@ class Footprint:
     :param ffn_scale: fraction of FFN neurons kept (structured pruning shrinks it).
     :param heads_scale: fraction of attention heads kept.
     :param notes: one line per compressor that changed the footprint.
+    :param facts: the model's facts, for estimates that depend on its architecture.
     """
 
     weights: tuple[WeightGroup, ...]
@@ -174,6 +177,7 @@ class Footprint:
     ffn_scale: float = 1.0
     heads_scale: float = 1.0
     notes: tuple[str, ...] = ()
+    facts: ModelFacts | None = field(default=None, compare=False, repr=False)
 
     @property
     def weights_bytes(self) -> int:

@@ -72,7 +72,7 @@ def initial_footprint(facts: ModelFacts) -> Footprint:
     """The footprint of the model as it is: every weight at its current dtype."""
     bits = _DTYPE_BITS.get(facts.dtype, 32)
     groups = tuple(WeightGroup(kind, int(facts.parameters_by_kind.get(kind, 0)), bits) for kind in WEIGHT_KINDS)
-    return Footprint(weights=groups, activation_bits=bits, row_width=facts.hidden_size)
+    return Footprint(weights=groups, activation_bits=bits, row_width=facts.hidden_size, facts=facts)
 
 
 @dataclass(frozen=True)

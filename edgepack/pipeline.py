@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import edgepack
-from edgepack.errors import NoPlanFits, UsageError, VerificationError
+from edgepack.errors import EdgepackError, NoPlanFits, UsageError, VerificationError
 from edgepack.interfaces import ApplyContext, Compressor, Workload
 from edgepack.memory import format_size, parse_size
 from edgepack.planner import (
@@ -108,6 +108,92 @@ def _progress_default(message: str) -> None:
     pass
 
 
+@dataclass
+class SourceSession:
+    """A model opened once for packing: facts now; weights, tokenizer, smoke inputs, golden
+    outputs and calibration inputs on first use, shared by every target packed from it."""
+
+    source: Any
+    samples: list[str]
+    batch_size: int
+    seq_len: int
+    cache_len: int | None
+    progress: Callable[[str], None] = _progress_default
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def facts(self) -> Any:
+        """The model's facts (no weights loaded)."""
+        return self.source.facts
+
+    @property
+    def workload(self) -> Workload:
+        """The declared workload; decoders get a KV-cache length covering the smoke generation."""
+        if not self.facts.is_decoder:
+            return Workload(self.batch_size, self.seq_len)
+        from edgepack.smoke import DEFAULT_NEW_TOKENS
+
+        return Workload(self.batch_size, self.seq_len, self.cache_len or self.seq_len + DEFAULT_NEW_TOKENS)
+
+    def _get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def original(self) -> Any:
+        """The original model in fp32 (loaded once)."""
+        def load() -> Any:
+            self.progress(f"loading weights of {self.source.path}")
+            return self.source.load()
+        return self._get("original", load)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer."""
+        return self._get("tokenizer", self.source.tokenizer)
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """Smoke inputs, padded to the declared sequence length."""
+        from edgepack.smoke import tokenize
+
+        return self._get("inputs", lambda: tokenize(self.tokenizer, self.samples, self.seq_len, self.facts.task))
+
+    @property
+    def expected(self) -> dict[str, Any]:
+        """Golden outputs of the original model on the smoke inputs."""
+        from edgepack.smoke import run_outputs
+
+        def make() -> dict[str, Any]:
+            self.progress(f"computing golden outputs of the original model on {len(self.samples)} smoke inputs")
+            return run_outputs(self.original, self.inputs, self.facts.task, self.batch_size)
+        return self._get("expected", make)
+
+    @property
+    def calibration(self) -> list[dict[str, Any]]:
+        """Calibration batches (a text set of their own, never the smoke inputs)."""
+        return self._get("calibration", lambda: _calibration_batches(self.tokenizer, self.seq_len, self.facts.task))
+
+
+def open_source(model: str | Path, *, samples: str | Path | None = None, batch_size: int = 1, seq_len: int = 128,
+                cache_len: int | None = None, progress: Callable[[str], None] = _progress_default) -> SourceSession:
+    """Open a model for packing and check the workload against it (UsageError on bad input)."""
+    from edgepack.model import ModelSource
+    from edgepack.smoke import DEFAULT_SAMPLES, read_samples
+
+    for flag, value in (("--batch", batch_size), ("--seq-len", seq_len), ("--cache-len", cache_len or 1)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    sample_texts = read_samples(samples) if samples is not None else list(DEFAULT_SAMPLES)
+    progress(f"reading {model}")
+    source = ModelSource.open(model)
+    facts = source.facts
+    if facts.max_positions and seq_len > facts.max_positions:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {facts.max_positions}")
+    return SourceSession(source, sample_texts, batch_size, seq_len, cache_len, progress)
+
+
 def pack(
     model: str | Path,
     *,
@@ -141,36 +227,84 @@ def pack(
     :raises UsageError: bad input (exit 2); NoPlanFits: nothing fits (exit 3);
         VerificationError: a fixed plan misses the fidelity floor (exit 1).
     """
-    from edgepack.host import load_registry
-    from edgepack.model import ModelSource
-    from edgepack.smoke import DEFAULT_SAMPLES, read_samples
+    _check_settings(version, min_fidelity)
+    session = open_source(model, samples=samples, batch_size=batch_size, seq_len=seq_len,
+                          cache_len=cache_len, progress=progress)
+    return pack_target(session, target=target, out=out, budget=budget, apply=apply, min_fidelity=min_fidelity,
+                       version=version, devices=devices, archive=archive, name=name, force=force,
+                       progress=progress, registry=registry)
 
-    if not _SEMVER.match(version):
+
+def _check_settings(version: str, min_fidelity: float | None) -> None:
+    if not _SEMVER.match(str(version)):
         raise UsageError(f"--version {version!r} is not a semantic version such as 0.1.0")
-    for flag, value in (("--batch", batch_size), ("--seq-len", seq_len)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
     if min_fidelity is not None and not 0.0 <= min_fidelity <= 1.0:
         raise UsageError(f"--min-fidelity must be between 0 and 1, got {min_fidelity}")
-    user_budget = parse_size(budget, "--budget") if budget is not None else None
-    sample_texts = read_samples(samples) if samples is not None else list(DEFAULT_SAMPLES)
+
+
+@dataclass
+class TargetOutcome:
+    """One target of a multi-target recipe: its bundle, or the error that stopped it."""
+
+    target: str
+    result: PackResult | None = None
+    error: EdgepackError | None = None
+
+
+def pack_many(model: str | Path, targets: Sequence[dict[str, Any]], *, batch_size: int = 1, seq_len: int = 128,
+              cache_len: int | None = None, samples: str | Path | None = None, progress: Callable[[str], None] = _progress_default,
+              registry: Any = None, **shared: Any) -> list[TargetOutcome]:
+    """Pack one model for several targets in one run: the model, its golden outputs and the
+    calibration inputs are loaded and computed once. Each entry of ``targets`` holds ``target``
+    and optionally ``budget``, ``apply``, ``min_fidelity``, ``devices``; ``shared`` holds the
+    other pack() settings. A target that cannot be packed fails alone, with its reason."""
+    from edgepack.host import load_registry
+
+    for spec in targets:
+        _check_settings(spec.get("version", shared.get("version", "0.1.0")), spec.get("min_fidelity", shared.get("min_fidelity")))
+    registry = registry or load_registry()
+    session = open_source(model, samples=samples, batch_size=batch_size, seq_len=seq_len,
+                          cache_len=cache_len, progress=progress)
+    outcomes = []
+    for spec in targets:
+        settings = dict(shared, **spec)
+        name = settings.pop("target")
+        progress(f"— target {name} —")
+        try:
+            result = pack_target(session, target=name, progress=progress, registry=registry, **settings)
+            outcomes.append(TargetOutcome(name, result=result))
+        except EdgepackError as exc:
+            progress(f"target {name} failed: {exc}")
+            outcomes.append(TargetOutcome(name, error=exc))
+    return outcomes
+
+
+def pack_target(
+    session: SourceSession,
+    *,
+    target: str,
+    out: str | Path = "dist",
+    budget: str | int | None = None,
+    apply: Sequence[str] = (),
+    min_fidelity: float | None = None,
+    version: str = "0.1.0",
+    devices: int | None = None,
+    archive: bool = False,
+    name: str | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] = _progress_default,
+    registry: Any = None,
+) -> PackResult:
+    """Pack an opened model for one target: negotiate, plan, apply, measure, write."""
+    from edgepack.host import load_registry
 
     registry = registry or load_registry()
     tgt = registry.target(target)
     probe = tgt.probe()
-    if devices is not None and devices != max(1, len(probe.devices)) and probe.present:
+    if devices is not None and probe.present and devices != max(1, len(probe.devices)):
         raise UsageError(f"--devices {devices}: target {target} has {len(probe.devices)} device(s) here")
-
-    progress(f"reading {model}")
-    source = ModelSource.open(model)
-    facts = source.facts
-    if facts.max_positions and seq_len > facts.max_positions:
-        raise UsageError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {facts.max_positions}")
-    workload = Workload(batch_size, seq_len, cache_len if facts.is_decoder else None)
-    if facts.is_decoder and workload.cache_len is None:
-        from edgepack.smoke import DEFAULT_NEW_TOKENS
-
-        workload = Workload(batch_size, seq_len, seq_len + DEFAULT_NEW_TOKENS)
+    user_budget = parse_size(budget, "--budget") if budget is not None else None
+    source, facts, workload = session.source, session.facts, session.workload
     floor = DEFAULT_FLOOR[facts.task] if min_fidelity is None else min_fidelity
     negotiated = negotiate(user_budget, tgt, probe)
     progress(negotiated.describe())
@@ -189,18 +323,15 @@ def pack(
         )
 
     bundle_name = f"{name or source.slug}-{version}-{target}"
-    progress(f"loading weights of {source.path}")
-    original = source.load()
-    tokenizer = source.tokenizer()
+    original, tokenizer, inputs, expected = session.original, session.tokenizer, session.inputs, session.expected
+    calibration = session.calibration
 
     from edgepack.bundle.writer import BundleWriter
-    from edgepack.smoke import EXPECTED_FILE, INPUTS_FILE, TOLERANCES_FILE, compare, run_outputs, tokenize, tolerances
+    from edgepack.smoke import EXPECTED_FILE, INPUTS_FILE, TOLERANCES_FILE, compare, measure_in_fresh_process, tolerances
 
-    inputs = tokenize(tokenizer, sample_texts, seq_len, facts.task)
-    progress(f"computing golden outputs of the original model on {len(sample_texts)} smoke inputs")
-    expected = run_outputs(original, inputs, facts.task, batch_size)
-    calibration = [dict(b) for b in _calibration_batches(tokenizer, seq_len, facts.task)]
-
+    # An absent target (a CUDA bundle built on a CPU box) is measured for fidelity on this
+    # machine's CPU; its memory is measured by verify on the target itself.
+    probe_target = target if probe.present else "cpu"
     with BundleWriter(out, bundle_name, overwrite=force) as writer:
         staging = writer.staging
         assert staging is not None
@@ -211,58 +342,57 @@ def pack(
         save_file({k: v.contiguous() for k, v in expected.items()}, staging / EXPECTED_FILE)
 
         chosen: Candidate | None = None
-        chosen_tol: dict[str, Any] = {}
         measured_result = None
         for index, candidate in enumerate(fitting[:MAX_MEASURED]):
             progress(f"applying plan {candidate.spec} (candidate {index + 1} of {min(len(fitting), MAX_MEASURED)})")
             model = copy.deepcopy(original)
             context = ApplyContext(tgt, probe, facts, calibration, progress)
-            for compressor, options in candidate.steps:
-                progress(f"  {compressor.name}: {', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'}")
-                model = compressor.apply(model, options, context)
             model_dir = staging / "model"
             if model_dir.exists():
                 shutil.rmtree(model_dir)
-            progress("writing model weights")
-            loader = _save_model(model, candidate.steps, model_dir)
-            del model
+            try:
+                for compressor, options in candidate.steps:
+                    progress(f"  {compressor.name}: {', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'}")
+                    model = compressor.apply(model, options, context)
+                progress("writing model weights")
+                loader = _save_model(model, candidate.steps, model_dir)
+            except UsageError as exc:
+                if apply:  # the user's own plan: their mistake to hear about
+                    raise
+                candidate.rejected_because = f"could not be applied: {exc}"
+                continue
+            finally:
+                del model
             tokenizer.save_pretrained(model_dir)
             for rel in source.side_files():
                 (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source.path / rel, model_dir / rel)
-            progress(f"loading the packed model in a fresh process and running the smoke inputs on {target}")
+            progress(f"loading the packed model in a fresh process and running the smoke inputs on {probe_target}")
             try:
-                from edgepack.smoke import measure_in_fresh_process
-
                 measured_result = measure_in_fresh_process(
-                    staging, task=facts.task, steps=candidate.plan, loader=loader, target=target,
-                    batch_size=batch_size,
-                ) if probe.present else None
+                    staging, task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
+                    batch_size=session.batch_size,
+                )
             except VerificationError as exc:
                 candidate.rejected_because = str(exc)
                 continue
-            if measured_result is None:
-                raise UsageError(f"target {target} is not present on this machine; pack on a machine that has it")
+            peak = measured_result.peak_bytes if probe.present else None
             fidelity = compare(expected, measured_result.outputs, facts.task)
-            candidate.measured = {
-                "peak_bytes": measured_result.peak_bytes,
-                "fidelity": round(fidelity.value, 6),
-                "worst": round(fidelity.worst, 6),
-            }
+            candidate.measured = {"peak_bytes": peak, "fidelity": round(fidelity.value, 6),
+                                  "worst": round(fidelity.worst, 6)}
             progress(
-                f"  measured peak {format_size(measured_result.peak_bytes)} "
-                f"(predicted {format_size(candidate.estimate.peak_bytes)}), {fidelity.metric} {fidelity.value:.5f}"
+                f"  measured peak {format_size(peak)} (predicted {format_size(candidate.estimate.peak_bytes)}), "
+                f"{fidelity.metric} {fidelity.value:.5f}"
             )
-            if measured_result.peak_bytes > negotiated.bytes_per_device:
+            if peak is not None and peak > negotiated.bytes_per_device:
                 candidate.rejected_because = (
-                    f"measured peak {format_size(measured_result.peak_bytes)} exceeds the budget "
-                    f"{format_size(negotiated.bytes_per_device)}"
+                    f"measured peak {format_size(peak)} exceeds the budget {format_size(negotiated.bytes_per_device)}"
                 )
                 continue
             if fidelity.value < floor:
                 candidate.rejected_because = f"{fidelity.metric} {fidelity.value:.5f} is below the floor {floor}"
                 continue
-            chosen, chosen_tol, chosen_fidelity, chosen_loader = candidate, tolerances(fidelity, floor), fidelity, loader
+            chosen, chosen_fidelity, chosen_loader = candidate, fidelity, loader
             candidate.chosen = True
             break
         for candidate in fitting[MAX_MEASURED:]:
@@ -277,18 +407,21 @@ def pack(
             best = smallest(candidates)
             raise NoPlanFits(
                 f"no plan fits the budget of {format_size(negotiated.bytes_per_device)} with fidelity >= {floor}: "
-                f"the smallest footprint is {format_size(max(best.estimate.peak_bytes, (best.measured or {}).get('peak_bytes', 0)))}, "
+                f"the smallest footprint is {format_size(max(best.estimate.peak_bytes, (best.measured or {}).get('peak_bytes') or 0))}, "
                 f"reached by {best.spec} ({reasons})"
             )
 
         import json
 
-        (staging / TOLERANCES_FILE).write_text(json.dumps(chosen_tol, indent=2, sort_keys=True) + "\n")
+        (staging / TOLERANCES_FILE).write_text(json.dumps(tolerances(chosen_fidelity, floor), indent=2, sort_keys=True) + "\n")
+        scope = measured_result.scope if probe.present else (
+            f"not measured: target {target} is not present on the packing machine; verify on the target measures it"
+        )
         manifest = _manifest(
             bundle_name=name or source.slug, version=version, source=source, target=tgt, probe=probe,
             workload=workload, budget=negotiated, candidates=candidates, chosen=chosen,
-            measured=measured_result, fidelity=chosen_fidelity, floor=floor, loader=chosen_loader,
-            samples=len(sample_texts),
+            measured_peak=chosen.measured["peak_bytes"], scope=scope, fidelity=chosen_fidelity, floor=floor,
+            loader=chosen_loader, samples=len(session.samples),
         )
         _write_readme(staging / "README.md", manifest)
         progress("writing manifest")
@@ -313,8 +446,8 @@ def _calibration_batches(tokenizer: Any, seq_len: int, task: str) -> list[dict[s
 
 
 def _manifest(*, bundle_name: str, version: str, source: Any, target: Any, probe: Any, workload: Workload,
-              budget: Budget, candidates: list[Candidate], chosen: Candidate, measured: Any, fidelity: Any,
-              floor: float, loader: str | None, samples: int) -> dict[str, Any]:
+              budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | None, scope: str,
+              fidelity: Any, floor: float, loader: str | None, samples: int) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -362,8 +495,8 @@ def _manifest(*, bundle_name: str, version: str, source: Any, target: Any, probe
             "budget_bytes": budget.bytes_per_device,
             "predicted_peak_bytes": chosen.estimate.peak_bytes,
             "predicted": chosen.estimate.to_json(),
-            "measured_peak_bytes": measured.peak_bytes,
-            "scope": measured.scope,
+            "measured_peak_bytes": measured_peak,
+            "scope": scope,
         },
         "fidelity": {**fidelity.to_json(), "floor": floor},
         "smoke": {

@@ -126,6 +126,8 @@ def parse_apply(spec: str) -> tuple[str, dict[str, str]]:
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise UsageError(f"--apply {spec!r}: {part!r} is not KEY=VALUE")
+        if key.strip() in options:
+            raise UsageError(f"--apply {spec!r} gives option {key.strip()!r} twice")
         options[key.strip()] = value.strip()
     return name, options
 

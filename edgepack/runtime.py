@@ -21,11 +21,12 @@ def plan_steps(manifest: dict[str, Any]) -> list[PlanStep]:
 
 
 def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loader: str | None,
-                   target_name: str, registry: Any = None) -> tuple[Any, Any]:
+                   target_name: str, registry: Any = None, probe: Any = None) -> tuple[Any, Any]:
     """Load ``model_dir`` as the plan stored it and place it on the target.
 
     :param loader: name of the plugin whose ``restore`` rebuilds the model, or None for stock
         ``transformers`` loading.
+    :param probe: the target's probe, when the caller has it already.
     :returns: (model in eval mode on the target's device, the target's probe)
     """
     from edgepack.host import load_registry
@@ -33,7 +34,7 @@ def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loa
 
     registry = registry or load_registry()
     target = registry.target(target_name)
-    probe = target.probe()
+    probe = probe or target.probe()
     if not probe.present:
         raise UsageError(f"target {target_name!r} is not present on this machine: {probe.detail.get('reason', '')}".rstrip(": "))
     if loader:

@@ -75,7 +75,8 @@ def tokenize(tokenizer: Any, samples: list[str], seq_len: int, task: str) -> dic
     encoded = tokenizer(
         samples, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt"
     )
-    return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    keys = ("input_ids", "attention_mask") if task == "text-generation" else ("input_ids", "attention_mask", "token_type_ids")
+    return {k: v for k, v in encoded.items() if k in keys}
 
 
 def batches(inputs: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:
@@ -104,7 +105,10 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
         for batch in batches(inputs, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
             if task == "text-generation":
-                out = model(**batch)
+                try:  # only the last position's logits: a full [batch, seq, vocab] is not needed
+                    out = model(**batch, logits_to_keep=1)
+                except TypeError:
+                    out = model(**batch)
                 logits = out.logits[:, -1, :].float().cpu()
                 generated = model.generate(
                     **batch, max_new_tokens=new_tokens, do_sample=False,
@@ -254,12 +258,13 @@ def _probe_main(spec_path: str) -> None:
     config = transformers.AutoConfig.from_pretrained(bundle_dir / "model", local_files_only=True)
     with torch.device("meta"):
         auto_class(spec["task"]).from_config(config)
+    probe = target.probe()  # describing the machine is not part of loading the bundle
     meter = target.memory_meter()
     gc.collect()
     started = time.perf_counter()
     meter.start()
-    model, _ = load_model_dir(bundle_dir / "model", task=spec["task"], steps=steps,
-                              loader=spec["loader"], target_name=spec["target"], registry=registry)
+    model, _ = load_model_dir(bundle_dir / "model", task=spec["task"], steps=steps, loader=spec["loader"],
+                              target_name=spec["target"], registry=registry, probe=probe)
     outputs = run_outputs(model, inputs, spec["task"], spec["batch_size"], spec["new_tokens"],
                           device=target.device_type)
     peak = meter.peak_bytes()
@@ -271,6 +276,9 @@ def _probe_main(spec_path: str) -> None:
 if __name__ == "__main__":
     import sys
 
+    from edgepack.cli import quiet_libraries
+
+    quiet_libraries()
     _probe_main(sys.argv[1])
 
 #: Calibration texts for compressors that score importance or gather statistics; kept apart

@@ -219,6 +219,13 @@ class Quantize(Compressor):
         """One quantize step; int8-dynamic needs int8 compute; precision must come first."""
         if any(step.plugin == self.name for step in previous):
             return "quantize is already in the plan"
+        for step in previous:
+            if step.plugin == "prune" and float(step.options.get("heads") or 0) > 0 and options["scheme"] != "int4":
+                # BERT-style head pruning cannot be written into a stock config, so prune owns the
+                # weight file; the torchao schemes need stock saving.
+                return "int8 schemes cannot follow prune:heads (both would own the weight file); use scheme=int4"
+            if step.plugin == "sparsify":
+                return "quantize cannot follow sparsify: no storage format combines both yet"
         if options["scheme"] == "int8-dynamic" and "int8" not in probe.capabilities:
             return f"int8-dynamic needs int8 compute, which target {probe.target} lacks"
         return super().check(options, probe, previous)
@@ -375,10 +382,11 @@ class Quantize(Compressor):
         return model.eval()
 
     def prepare(self, model: Any, options: Mapping[str, Any], device: str) -> Any:
-        """After stock loading of an int8 bundle: swap torchao's int8 weight-only modules for
-        :class:`QuantLinear` / :class:`QuantEmbedding`, which dequantize per call (and only
-        the rows looked up), sharing the same int8 data. int8-dynamic keeps torchao's kernels."""
-        if options["scheme"] != "int8":
+        """After stock loading: swap torchao's int8 weight-only tensors for :class:`QuantEmbedding`
+        (only the rows looked up are dequantized; torchao dequantizes the whole table per call)
+        and, for ``int8``, :class:`QuantLinear` (dequantize per call in the activations' dtype),
+        sharing the same int8 data. int8-dynamic keeps torchao's Linear kernels."""
+        if options["scheme"] == "int4":
             return model
         try:
             from torchao.quantization import Int8Tensor
@@ -386,15 +394,17 @@ class Quantize(Compressor):
             return model
         for name, module in list(model.named_modules()):
             weight = getattr(module, "weight", None)
-            if not isinstance(weight, Int8Tensor) or not isinstance(module, (nn.Linear, nn.Embedding)):
+            if not isinstance(weight, Int8Tensor):
                 continue
             qdata, scale = weight.qdata, weight.scale.reshape(-1, 1).float()
             if isinstance(module, nn.Embedding):
                 new = QuantEmbedding(module.num_embeddings, module.embedding_dim, 8, qdata, scale, None,
                                      module.padding_idx, weight.dtype)
-            else:
+            elif isinstance(module, nn.Linear) and options["scheme"] == "int8":
                 bias = module.bias.detach() if module.bias is not None else None
                 new = QuantLinear(module.in_features, module.out_features, 8, qdata, scale, None, bias)
+            else:
+                continue
             _set_module(model, name, new)
         return model
 

@@ -1,0 +1,509 @@
+"""``sparsify``: store sparse Linear weights compactly, as a bitmask plus the nonzero values.
+
+Formats:
+
+``bitmask``
+    unstructured sparsity. Each Linear weight (embeddings are left dense) is stored as a packed
+    bitmask (uint8, one bit per element, row by row, low bit first) and only its nonzero values,
+    in the weight's dtype (fp32, or bf16/fp16 when ``precision`` came first). At density ``d``
+    a weight of ``b``-bit values costs ``d*b + 1`` bits per element: 17 bits instead of 32 at
+    50% sparsity in fp32.
+``2:4``
+    semi-structured sparsity: in every group of 4 consecutive input weights only the 2 largest
+    magnitudes are kept. Needs the target capability ``2:4`` (NVIDIA compute capability 8.0 or
+    later), where :meth:`Sparsify.prepare` hands the weights to
+    ``torch.sparse.to_sparse_semi_structured`` for the sparse tensor-core kernels. It is stored
+    in the same bitmask format (2:4 is 50% sparse).
+
+Where the zeros come from: with ``sparsity=RATIO`` sparsify zeroes that fraction of each Linear
+weight by magnitude itself, so it is useful alone. Without it, the zeros already in the weights
+are stored (``prune:sparsity=...,method=...`` before it chose them); weights that hold no zeros
+(no unstructured prune step before) are made 50% sparse by magnitude (:data:`DEFAULT_SPARSITY`).
+
+Bundles: :meth:`Sparsify.save` writes config.json and ``model.sparse.safetensors`` (bitmasks,
+values, and every other tensor as it is; JSON metadata in the header), and the manifest names
+this plugin as the loader. At run time (``runtime=compressed``, the default) each Linear keeps
+the compressed form and expands its weight per call (:class:`SparseLinear`): the weights use
+about the stored bytes in memory too, at a latency cost of roughly 15-25% on a CPU.
+``runtime=dense`` expands once at load instead: dense speed and dense memory, smaller bundle only.
+
+Composition: ``precision`` before sparsify is fine (values are stored in the cast dtype).
+``quantize`` writes its own weight format, which cannot hold the bitmask: ``check`` refuses
+sparsify after quantize, and quantize after sparsify needs a combined format that does not exist
+yet (quantize's own check should refuse it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import edgepack
+from edgepack.errors import UsageError
+from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts, Option, PlanStep, Probe
+
+SPARSE_FILE = "model.sparse.safetensors"
+SPARSE_FORMAT = "edgepack.sparse/1"
+
+#: Fraction zeroed by magnitude when neither ``sparsity=`` nor an earlier prune says otherwise.
+DEFAULT_SPARSITY = 0.5
+#: Below this fraction of exact zeros the Linear weights count as dense (no prune before).
+ALREADY_SPARSE = 0.05
+
+try:  # torch is optional at import: the class must register without it
+    import torch
+    from torch import nn
+
+    _Module = nn.Module
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore[assignment]
+    _Module = object  # type: ignore[misc,assignment]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bitmask arithmetic
+
+_TABLES: dict[str, tuple[Any, Any, Any]] = {}
+
+
+def _tables(device: Any) -> tuple[Any, Any, Any]:
+    """Per-byte lookup tables on ``device``: shifts 0..7 (uint8), the population count of each
+    byte value (int32 [256]), and the 1-based rank of each set bit among the set bits of its
+    byte, with a large negative number for clear bits (int32 [256, 8])."""
+    key = str(device)
+    if key not in _TABLES:
+        shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        bits = ((torch.arange(256, dtype=torch.int32, device=device).unsqueeze(-1) >> shifts.int()) & 1).bool()
+        rank = torch.where(bits, torch.cumsum(bits.int(), 1, dtype=torch.int32),
+                           torch.tensor(-(2**30), dtype=torch.int32, device=device))
+        _TABLES[key] = (shifts, bits.sum(1, dtype=torch.int32), rank.to(torch.int32).contiguous())
+    return _TABLES[key]
+
+
+def pack_bitmask(mask: Any) -> Any:
+    """bool [R, C] → uint8 [R, ceil(C/8)]: bit ``j`` of byte ``k`` is column ``8k + j``; the
+    padding bits of the last byte of a row are 0."""
+    rows, cols = mask.shape
+    pad = (-cols) % 8
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(rows, pad)], dim=1)
+    shifts = _tables(mask.device)[0]
+    return (mask.reshape(rows, -1, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bitmask(packed: Any, cols: int) -> Any:
+    """uint8 [R, ceil(C/8)] → bool [R, C]; the inverse of :func:`pack_bitmask`."""
+    shifts = _tables(packed.device)[0]
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).bool()
+    return bits.reshape(packed.shape[0], -1)[:, :cols]
+
+
+def compress(weight: Any) -> tuple[Any, Any]:
+    """A 2-D weight as (packed bitmask of its nonzeros, the nonzero values in row-major order)."""
+    w = weight.detach()
+    mask = w != 0
+    return pack_bitmask(mask), w[mask].contiguous()
+
+
+def expand(bitmask: Any, values: Any, cols: int) -> Any:
+    """The dense [R, C] weight from its bitmask and nonzero values.
+
+    Vectorised without a serial scan over elements: the position of each set bit among the
+    values is the number of set bits in the bytes before it (a cumulative sum over bytes, 8x
+    shorter than the weight) plus its rank within its byte (a lookup table); clear bits index
+    a zero put in front of the values (a copy of the nonzeros only, cheap next to the rest).
+    """
+    rows = bitmask.shape[0]
+    padded_values = torch.cat([values.new_zeros(1), values])
+    _, popcount, rank = _tables(bitmask.device)
+    flat = bitmask.reshape(-1).to(torch.int32)
+    pop = popcount.index_select(0, flat)
+    start = pop.cumsum(0, dtype=torch.int32).sub_(pop)
+    index = rank.index_select(0, flat).add_(start.unsqueeze(1)).clamp_(min=0)
+    dense = padded_values.index_select(0, index.reshape(-1)).reshape(rows, -1)
+    return dense if dense.shape[1] == cols else dense[:, :cols].contiguous()
+
+
+def magnitude_mask(weight: Any, sparsity: float) -> Any:
+    """bool mask keeping all but the ``round(sparsity * numel)`` smallest magnitudes (exactly
+    that many are dropped, ties broken by position; existing zeros go first)."""
+    flat = weight.detach().abs().reshape(-1)
+    drop = int(round(sparsity * flat.numel()))
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=weight.device)
+    if drop > 0:
+        keep[torch.topk(flat.float(), drop, largest=False, sorted=False).indices] = False
+    return keep.reshape(weight.shape)
+
+
+def two_four_mask(weight: Any) -> Any:
+    """bool mask keeping, in every group of 4 consecutive input weights, the 2 largest magnitudes."""
+    rows, cols = weight.shape
+    groups = weight.detach().abs().float().reshape(rows, cols // 4, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    return keep.reshape(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run-time module
+
+
+class SparseLinear(_Module):
+    """A Linear whose weight stays compressed (bitmask + nonzero values); expanded per call.
+
+    The expanded weight has the same bits as the dense weight it came from, so outputs equal a
+    dense Linear's with that weight exactly. The buffers are the tensors as loaded (no copy is
+    kept), so a memory-mapped bundle stays memory-mapped.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bitmask: Any, values: Any,
+                 bias: Any | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bitmask", bitmask)
+        self.register_buffer("values", values)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @property
+    def weight(self) -> Any:
+        """The dense weight (for code that reads ``linear.weight``); built on each access."""
+        return expand(self.bitmask, self.values, self.in_features)
+
+    @property
+    def density(self) -> float:
+        """Fraction of weight elements stored."""
+        return self.values.numel() / (self.in_features * self.out_features)
+
+    def forward(self, x: Any) -> Any:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, density={self.density:.3f}"
+
+    @classmethod
+    def from_linear(cls, linear: Any) -> "SparseLinear":
+        """The compressed form of a dense Linear (its zeros become clear bits)."""
+        bitmask, values = compress(linear.weight)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, bitmask, values, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module selection
+
+
+def _targets(model: Any, two_four: bool) -> list[tuple[str, Any]]:
+    """(name, Linear) of every Linear to sparsify: not an output head tied to the input
+    embeddings, and for 2:4 only widths that groups of 4 divide."""
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        if head is not None:
+            tied.add(id(head))
+    return [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module) not in tied
+        and not (two_four and module.in_features % 4)
+    ]
+
+
+def _set_module(model: Any, name: str, module: Any) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+_SAFETENSORS_DTYPES = {"U8": "uint8", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _read_tensors(file: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """Tensors of a safetensors file read with plain reads into private memory, not through a
+    memory map: pages read this way do not stay in the process's resident set after the tensors
+    are freed (a map's touched pages do, as long as any tensor of the file is alive)."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        base = 8 + size
+        out = {}
+        for key in keys:
+            info = header[key]
+            start, end = info["data_offsets"]
+            handle.seek(base + start)
+            data = bytearray(end - start)
+            handle.readinto(data)
+            dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+            out[key] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
+    return out
+
+
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc's malloc_trim), where there is glibc: the
+    compressed tensors freed after expanding at load leave holes between the dense weights."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _prune_sparsity(previous: Sequence[PlanStep]) -> float | None:
+    """The unstructured sparsity an earlier ``prune`` step set, if any."""
+    for step in previous:
+        if step.plugin == "prune" and step.options.get("sparsity") is not None:
+            return float(step.options["sparsity"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin
+
+
+class Sparsify(Compressor):
+    """Store sparse Linear weights as a bitmask plus nonzero values (unstructured or 2:4)."""
+
+    name = "sparsify"
+    kind = "sparsify"
+    version = edgepack.__version__
+    description = "store sparse Linear weights as bitmask + nonzero values; 2:4 uses sparse GPU kernels"
+    options = (
+        Option("format", str, ("bitmask", "2:4"), "bitmask", help="unstructured bitmask, or 2:4 semi-structured"),
+        Option("sparsity", float, (), None, minimum=0.0, maximum=0.99,
+               help="fraction of each Linear weight zeroed by magnitude (alone: default 0.5; "
+                    "after prune:sparsity= leave it unset)"),
+        Option("runtime", str, ("compressed", "dense"), "compressed",
+               help="keep weights compressed and expand per call, or expand once at load"),
+    )
+
+    # -- checks and planning ---------------------------------------------------------------
+
+    def check(self, options: Mapping[str, Any], probe: Probe, previous: Sequence[PlanStep]) -> str | None:
+        """Refuse 2:4 without the kernels, a second sparsify, sparsify after quantize, and a
+        sparsity ratio that contradicts 2:4 or an earlier prune."""
+        if any(step.plugin == self.name for step in previous):
+            return "sparsify is already in the plan"
+        if any(step.plugin == "quantize" for step in previous):
+            return ("sparsify must come before quantize; quantize stores its own weight format, which "
+                    "cannot hold sparsify's bitmask (apply prune/sparsify first, then quantize)")
+        fmt, sparsity = options.get("format", "bitmask"), options.get("sparsity")
+        if fmt == "2:4":
+            if "2:4" not in probe.capabilities:
+                return (f"format=2:4 needs semi-structured 2:4 sparse kernels (capability 2:4: NVIDIA "
+                        f"compute capability 8.0 or later), which target {probe.target} lacks; use format=bitmask")
+            if sparsity is not None and sparsity != 0.5:
+                return f"format=2:4 keeps exactly 2 of every 4 weights (sparsity 0.5), not sparsity={sparsity}"
+        if sparsity is not None and _prune_sparsity(previous) is not None:
+            return ("sparsity= is for sparsify alone: the prune step before it already chose the zeros, "
+                    "which sparsify stores; drop sparsify's sparsity=")
+        return super().check(options, probe, previous)
+
+    def candidates(self, facts: ModelFacts, probe: Probe) -> list[dict[str, Any]]:
+        """Bitmask at the default (50%, or prune's zeros), at 10% and 30%; 2:4 where the target has it."""
+        sets: list[dict[str, Any]] = [
+            {"format": "bitmask"}, {"format": "bitmask", "sparsity": 0.1}, {"format": "bitmask", "sparsity": 0.3},
+        ]
+        if "2:4" in probe.capabilities:
+            sets.append({"format": "2:4"})
+        return sets
+
+    @staticmethod
+    def density(options: Mapping[str, Any], footprint: Footprint | None = None) -> tuple[float, str]:
+        """Fraction of Linear weights stored, and where that figure comes from."""
+        if options.get("format") == "2:4":
+            return 0.5, "2:4"
+        if options.get("sparsity") is not None:
+            return 1.0 - float(options["sparsity"]), f"sparsity={options['sparsity']}"
+        # An earlier prune may say how sparse it left the weights (WeightGroup.density, if the
+        # interface carries it); else the default applies, which is also 50%.
+        group = next((g for g in (footprint.weights if footprint else ()) if g.kind == "linear"), None)
+        density = getattr(group, "density", None)
+        if density is not None and density < 1.0:
+            return float(density), "prune's zeros"
+        return 1.0 - DEFAULT_SPARSITY, "assumed 50% sparse (alone: the default; after prune the footprint does not say)"
+
+    def estimate(self, footprint: Footprint, options: Mapping[str, Any], target: Probe) -> Footprint:
+        """Linear weights at ``density * value_bits + 1`` bits (values plus the bitmask); with
+        ``runtime=dense`` the bundle shrinks but memory does not, so the footprint is unchanged."""
+        density, source = self.density(options, footprint)
+        group = next((g for g in footprint.weights if g.kind == "linear"), None)
+        if group is None:
+            return footprint
+        bits = density * group.bits + 1
+        if options.get("runtime") == "dense":
+            return footprint.with_groups((), 0, f"sparsify {options.get('format')}: dense at run time "
+                                                  f"(stored {bits:.2f} bits per Linear weight, {source})")
+        return footprint.with_groups(("linear",), bits, f"sparse Linear weights, {options.get('format')} "
+                                                        f"at density {density:.2f} ({bits:.2f} bits; {source})")
+
+    def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:
+        """A prior growing with sparsity, fitted to MiniLM (1 - mean cosine of embeddings after
+        per-layer magnitude pruning: 0.004 at 10%, 0.024 at 20%, 0.065 at 30%, 0.14 at 40%,
+        0.25 at 50%; 2:4 0.37). Without ``sparsity=`` the 50% default is assumed, so after a
+        prune step (whose zeros sparsify only stores, losslessly) this over-counts: the
+        interface gives quality_cost no view of the earlier steps."""
+        density, _ = self.density(options)
+        cost = 1.45 * (1.0 - density) ** 2.5
+        return cost * 1.45 if options.get("format") == "2:4" else cost
+
+    # -- apply, save, restore --------------------------------------------------------------
+
+    def apply(self, model: Any, options: Mapping[str, Any], context: ApplyContext) -> Any:
+        """Zero Linear weights (by magnitude, or the 2:4 pattern) in place; modules stay
+        ``nn.Linear``, so later steps such as ``precision`` see an ordinary model."""
+        two_four = options.get("format") == "2:4"
+        chosen = _targets(model, two_four)
+        if not chosen:
+            raise UsageError("sparsify found no Linear modules to sparsify")
+        sparsity = options.get("sparsity")
+        if sparsity is None and not two_four:
+            zeros = sum(int((m.weight == 0).sum()) for _, m in chosen)
+            total = sum(m.weight.numel() for _, m in chosen)
+            if zeros / total >= ALREADY_SPARSE:
+                context.progress(f"  sparsify: storing the zeros already there ({zeros / total:.1%} of Linear weights)")
+            else:
+                sparsity = DEFAULT_SPARSITY
+                context.progress(f"  sparsify: Linear weights hold no zeros; zeroing {sparsity:.0%} by magnitude")
+        with torch.no_grad():
+            for _, module in chosen:
+                weight = module.weight
+                if two_four:
+                    keep = two_four_mask(weight)
+                elif sparsity:
+                    keep = magnitude_mask(weight, sparsity)
+                else:
+                    keep = weight != 0
+                # multiplying would leave -0.0; a zero fill gives +0.0, which the bitmask restores
+                weight.masked_fill_(~keep | (weight == 0), 0)
+        model._edgepack_sparse = {"format": options.get("format", "bitmask"), "modules": [n for n, _ in chosen]}
+        return model
+
+    def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
+        """Write config.json and ``model.sparse.safetensors``: for each sparsified Linear its
+        ``bitmask`` (uint8 [out, ceil(in/8)]) and ``values`` (nonzeros, the weight's dtype),
+        every other tensor as it is. Always returns True (this plugin owns loading)."""
+        from safetensors.torch import save_file
+
+        info = getattr(model, "_edgepack_sparse", None)
+        if info is None:
+            raise UsageError("sparsify.save needs a model that sparsify.apply transformed")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(model_dir)
+        names = set(info["modules"])
+        tensors: dict[str, Any] = {}
+        sparse: dict[str, Any] = {}
+        for name, module in model.named_modules():
+            if name not in names:
+                continue
+            if isinstance(module, SparseLinear):
+                bitmask, values = module.bitmask, module.values
+            else:
+                bitmask, values = compress(module.weight)
+            prefix = f"{name}." if name else ""
+            tensors[prefix + "bitmask"] = bitmask.contiguous()
+            tensors[prefix + "values"] = values.contiguous()
+            sparse[name] = {"shape": [module.out_features, module.in_features], "nnz": int(values.numel())}
+        skip = {f"{n}.weight" if n else "weight" for n in names}
+        seen: set[int] = set()
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if key in skip or key in tensors or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))  # tied weights are stored once; restore re-ties them
+            tensors[key] = tensor.detach().contiguous()
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        metadata = {
+            "format": SPARSE_FORMAT,
+            "sparse_format": info["format"],
+            "sparse": json.dumps(sparse, sort_keys=True),
+            "dtype": str(dtype).replace("torch.", ""),
+        }
+        save_file(tensors, model_dir / SPARSE_FILE, metadata=metadata)
+        return True
+
+    def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
+        """Rebuild the model: a skeleton without weights, :class:`SparseLinear` modules from the
+        bitmasks (or dense Linears with ``runtime=dense``), the other tensors assigned."""
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        from edgepack.model import auto_class, task_of
+
+        file = model_dir / SPARSE_FILE
+        try:
+            with safe_open(file, "pt") as handle:
+                meta = handle.metadata() or {}
+        except Exception as exc:  # safetensors raises its own error types, OSError when missing
+            raise UsageError(f"{file} cannot be read as safetensors: {exc}") from None
+        if meta.get("format") != SPARSE_FORMAT:
+            raise UsageError(f"{file} is not in format {SPARSE_FORMAT}")
+        sparse = json.loads(meta["sparse"])
+        dtype = getattr(torch, meta.get("dtype", "float32"))
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            model = auto_class(task_of(config)).from_config(config, dtype=dtype)
+        tensors = load_file(file, device=device)  # memory-mapped: pages count once touched
+        dense = options.get("runtime") == "dense"
+        if dense:  # expanded once: read the compressed form privately so that it can be freed
+            keys = [f"{n}.{part}" if n else part for n in sparse for part in ("bitmask", "values")]
+            tensors.update({k: v.to(device) for k, v in _read_tensors(file, keys).items()})
+        for name, info in sparse.items():
+            prefix = f"{name}." if name else ""
+            out_features, in_features = info["shape"]
+            bitmask, values = tensors.pop(prefix + "bitmask"), tensors.pop(prefix + "values")
+            if bitmask.shape != (out_features, (in_features + 7) // 8) or values.numel() != info["nnz"]:
+                raise UsageError(f"{file}: {name} has a bitmask or values of the wrong size")
+            bias = tensors.pop(prefix + "bias", None)
+            if dense:
+                module = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+                module.weight = nn.Parameter(expand(bitmask, values, in_features), requires_grad=False)
+                if bias is not None:
+                    module.bias = nn.Parameter(bias, requires_grad=False)
+            else:
+                module = SparseLinear(in_features, out_features, bitmask, values, bias)
+            _set_module(model, name, module)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+        if unexpected:
+            raise UsageError(f"{file} has tensors the model does not: {unexpected[:3]}")
+        if dense:
+            _release_free_memory()
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if still_meta:
+            raise UsageError(f"{file} lacks weights for {still_meta[:3]}")
+        model._edgepack_sparse = {"format": meta.get("sparse_format", "bitmask"), "modules": list(sparse)}
+        return model.eval()
+
+    def prepare(self, model: Any, options: Mapping[str, Any], device: str) -> Any:
+        """2:4 on CUDA: swap the sparsified Linears for Linears whose weight is a
+        ``torch.sparse`` semi-structured tensor (sparse tensor-core kernels). Layers the kernels
+        cannot take (dtype, shape) stay as they are. Elsewhere nothing changes."""
+        if options.get("format") != "2:4" or not str(device).startswith("cuda") or not torch.cuda.is_available():
+            return model
+        from torch.sparse import to_sparse_semi_structured
+
+        names = (getattr(model, "_edgepack_sparse", None) or {}).get("modules", [])
+        for name in names:
+            module = model.get_submodule(name)
+            if not isinstance(module, (nn.Linear, SparseLinear)):
+                continue  # a later step (quantize) replaced it
+            weight = module.weight.detach().to("cuda")
+            try:
+                semi = to_sparse_semi_structured(weight)
+            except (RuntimeError, ValueError, TypeError):
+                continue
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(semi, requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().to("cuda"), requires_grad=False)
+            _set_module(model, name, linear)
+        return model
+
+
+@edgepack.hookimpl
+def edgepack_register_compressors(register):
+    """Register the built-in ``sparsify`` compressor."""
+    register(Sparsify)

@@ -1,0 +1,191 @@
+"""The command line: help texts, discovery commands, and error paths (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgepack.cli import cli
+
+from conftest import assert_one_error_line
+
+EDGEPACK = Path(sys.executable).with_name("edgepack")
+COMMANDS = sorted(cli.commands)
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+# ---------------------------------------------------------------------------------------------
+# help
+
+
+def test_top_level_help_has_examples(runner):
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.stdout
+
+
+def test_top_level_help_lists_commands_and_exit_codes(runner):
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in ("targets", "plugins", "plan", "pack", "verify", "inspect", "run", "bench"):
+        assert name in result.stdout
+    assert "3 no plan fits" in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_subcommand_help_has_an_example(runner, command):
+    result = runner.invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.stdout
+    assert f"edgepack {command}" in result.stdout
+
+
+def test_console_script_help_and_version():
+    assert EDGEPACK.is_file(), EDGEPACK
+    result = subprocess.run([str(EDGEPACK), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: edgepack" in result.stdout
+    version = subprocess.run([str(EDGEPACK), "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and "0.1.0" in version.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery commands
+
+
+def test_targets_json(runner):
+    result = runner.invoke(cli, ["targets", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])["targets"]}
+    assert {"cpu", "cuda"} <= set(rows)
+    assert rows["cpu"]["present"] is True and rows["cpu"]["capacity_bytes"] > 0
+    assert "fp32" in rows["cpu"]["probe"]["capabilities"]
+
+
+def test_plugins_json(runner):
+    result = runner.invoke(cli, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])["plugins"]}
+    precision = rows["precision"]
+    assert precision["kind"] == "precision"
+    assert precision["distribution"].startswith("edgepack ")
+    assert precision["options"] == [{"name": "dtype", "type": "str", "choices": ["bf16", "fp16"],
+                                     "default": "bf16", "help": "16-bit dtype to cast to"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# error paths: exit 2, one error line, no traceback
+
+
+def _pack(model: str, tmp_path: Path, *extra: str) -> list[str]:
+    return ["pack", model, "--target", "cpu", "--out", str(tmp_path / "dist"), *extra]
+
+
+def test_missing_model_path(runner, tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = runner.invoke(cli, _pack(str(missing), tmp_path))
+    assert_one_error_line(result, 2, str(missing), "does not exist")
+    assert not (tmp_path / "dist").exists()
+
+
+def test_directory_that_is_not_a_model(runner, tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    result = runner.invoke(cli, _pack(str(empty), tmp_path))
+    assert_one_error_line(result, 2, str(empty), "config.json")
+
+
+def test_model_with_only_pickled_weights_is_refused(runner, tmp_path):
+    model = tmp_path / "pickled"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    result = runner.invoke(cli, _pack(str(model), tmp_path))
+    assert_one_error_line(result, 2, "safetensors")
+
+
+def test_unknown_target_lists_valid_targets(runner, model_dir, tmp_path):
+    result = runner.invoke(cli, ["pack", str(model_dir), "--target", "tpu", "--out", str(tmp_path / "dist")])
+    line = assert_one_error_line(result, 2, "'tpu'", "available targets:")
+    assert "cpu" in line and "cuda" in line
+
+
+def test_unknown_plugin_lists_valid_plugins(runner, model_dir, tmp_path):
+    result = runner.invoke(cli, _pack(str(model_dir), tmp_path, "--apply", "sparkle:level=3"))
+    line = assert_one_error_line(result, 2, "'sparkle'", "available compression plugins:")
+    assert "precision" in line
+
+
+def test_unknown_option_key_lists_valid_options(runner, model_dir, tmp_path):
+    result = runner.invoke(cli, _pack(str(model_dir), tmp_path, "--apply", "precision:dtyp=bf16"))
+    assert_one_error_line(result, 2, "'dtyp'", "valid options:", "dtype=bf16|fp16")
+
+
+def test_bad_option_value(runner, model_dir, tmp_path):
+    result = runner.invoke(cli, _pack(str(model_dir), tmp_path, "--apply", "precision:dtype=int3"))
+    assert_one_error_line(result, 2, "precision:dtype=int3", "bf16|fp16")
+
+
+def test_malformed_apply_spec(runner, model_dir, tmp_path):
+    result = runner.invoke(cli, _pack(str(model_dir), tmp_path, "--apply", "precision:dtype"))
+    assert_one_error_line(result, 2, "'dtype' is not KEY=VALUE")
+
+
+def test_malformed_budget_exits_2_naming_the_value(runner, model_dir, tmp_path):
+    result = runner.invoke(cli, _pack(str(model_dir), tmp_path, "--budget", "30XB"))
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    errors = [l for l in result.stderr.splitlines() if l.startswith(("Error:", "edgepack: error:"))]
+    assert len(errors) == 1 and "--budget" in errors[0] and "'30XB'" in errors[0]
+    assert not (tmp_path / "dist").exists()
+
+
+def test_malformed_budget_is_one_line(runner, model_dir, tmp_path):
+    result = runner.invoke(cli, _pack(str(model_dir), tmp_path, "--budget", "30XB"))
+    assert_one_error_line(result, 2, "'30XB'")
+
+
+@pytest.mark.parametrize("budget", ["-1", "0", "abc"])
+def test_other_bad_budgets_exit_2(runner, model_dir, tmp_path, budget):
+    result = runner.invoke(cli, _pack(str(model_dir), tmp_path, "--budget", budget))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert repr(budget) in result.stderr
+
+
+def test_bad_version(runner, model_dir, tmp_path):
+    result = runner.invoke(cli, _pack(str(model_dir), tmp_path, "--version", "one"))
+    assert_one_error_line(result, 2, "'one'", "semantic version")
+
+
+def test_verify_missing_bundle(runner, tmp_path):
+    result = runner.invoke(cli, ["verify", str(tmp_path / "nope")])
+    assert_one_error_line(result, 2, "does not exist")
+
+
+def test_inspect_directory_that_is_not_a_bundle(runner, tmp_path):
+    result = runner.invoke(cli, ["inspect", str(tmp_path)])
+    assert_one_error_line(result, 2, "manifest.json")
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    """The installed script (not just the click group) turns user errors into one line."""
+    missing = tmp_path / "no-such-model"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([str(EDGEPACK), "pack", str(missing), "--target", "cpu", "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("edgepack: error:")]
+    assert lines == [f"edgepack: error: model path {missing} does not exist"]
+    assert result.stderr.rstrip().splitlines()[-1] == lines[0]
