@@ -232,9 +232,46 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
     }
     settings.update({k: v for k, v in given.items() if v is not None})
     if not settings.get("out"):
-        raise click.UsageError("Missing option '--out' (or 'out' in the recipe).")
+        raise UsageError("missing option --out (or 'out' in the recipe)")
+    targets = settings.pop("targets", None)
+    if targets and target is None:
+        _pack_many(model, targets, settings, force, as_json)
+        return
     settings.setdefault("target", "cpu")
     result = pipeline.pack(model, force=force, progress=_progress, **settings)
+    _print_result(result)
+    if as_json:
+        _emit_json(result.to_json())
+
+
+def _pack_many(model: str, targets: list[dict[str, Any]], settings: dict[str, Any], force: bool, as_json: bool) -> None:
+    """Several targets from one recipe: one bundle each; a failure stops only its target."""
+    from edgepack import pipeline
+
+    for spec in targets:  # flags given on the command line win over each target's entry
+        for key in ("budget", "apply", "min_fidelity", "devices"):
+            if key in settings:
+                spec[key] = settings[key]
+    shared = {k: v for k, v in settings.items() if k not in ("budget", "apply", "min_fidelity", "devices", "target")}
+    workload = {k: shared.pop(k) for k in ("batch_size", "seq_len", "samples") if k in shared}
+    outcomes = pipeline.pack_many(model, targets, force=force, progress=_progress, **workload, **shared)
+    for outcome in outcomes:
+        if outcome.result is not None:
+            _print_result(outcome.result)
+        else:
+            click.echo(f"target    {outcome.target}: FAILED: {outcome.error}")
+        click.echo("")
+    failed = [o for o in outcomes if o.error is not None]
+    if as_json:
+        _emit_json({
+            "bundles": [o.result.to_json() for o in outcomes if o.result is not None],
+            "failures": [{"target": o.target, "exit_code": o.error.exit_code, "detail": str(o.error)} for o in failed],
+        })
+    if failed:
+        sys.exit(failed[0].error.exit_code)
+
+
+def _print_result(result: Any) -> None:
     from edgepack.memory import format_size
 
     mem = result.manifest["memory"]
@@ -249,8 +286,6 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
     if result.archive:
         lines.append(f"archive   {result.archive}")
     click.echo("\n".join(lines))
-    if as_json:
-        _emit_json(result.to_json())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,11 +143,14 @@ class WeightGroup:
     :param kind: one of :data:`WEIGHT_KINDS`.
     :param params: number of weight elements kept.
     :param bits: storage bits per element, scales and zero points included.
+    :param density: fraction of elements that are nonzero (unstructured pruning lowers it;
+        dense storage still stores every element, a sparse format only the nonzeros).
     """
 
     kind: str
     params: int
     bits: float
+    density: float = 1.0
 
     @property
     def bytes(self) -> int:
@@ -168,6 +171,9 @@ class Footprint:
     :param ffn_scale: fraction of FFN neurons kept (structured pruning shrinks it).
     :param heads_scale: fraction of attention heads kept.
     :param notes: one line per compressor that changed the footprint.
+    :param workspace_bytes: fixed extra memory of the kernels the plan runs on.
+    :param weight_scratch: bytes of per-call scratch per element of the weight a matmul uses
+        (a weight dequantized for one call: 4 in fp32); compressors add theirs.
     :param facts: the model's facts, for estimates that depend on its architecture.
     """
 
@@ -177,6 +183,8 @@ class Footprint:
     ffn_scale: float = 1.0
     heads_scale: float = 1.0
     notes: tuple[str, ...] = ()
+    workspace_bytes: int = 0
+    weight_scratch: float = 0.0
     facts: ModelFacts | None = field(default=None, compare=False, repr=False)
 
     @property

@@ -7,9 +7,10 @@ baseline after importing the runtime. It has four terms:
 * weights in their stored format (scales and zero points included);
 * activations at the declared batch size and sequence length;
 * the KV cache of decoders at the declared cache length (grouped-query attention counted);
-* a runtime workspace: what loading and running cost beyond the three above (allocator slack,
-  transient copies while loading). Its coefficients were fitted to measurements, see
-  :data:`WORKSPACE_FIXED_BYTES` and :data:`WORKSPACE_WEIGHT_FRACTION`.
+* a runtime workspace: a fixed term for allocator slack and bookkeeping, a small fraction of
+  the weights, and the per-call scratch memory of the plan's kernels (``Footprint.workspace_bytes``,
+  added by each compressor's ``estimate``, for example a weight dequantized for one matmul).
+  The coefficients were fitted to measurements (``examples/benchmark_memory.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any
 from edgepack.errors import UsageError
 from edgepack.interfaces import WEIGHT_KINDS, Footprint, ModelFacts, WeightGroup, Workload
 
-# Fitted with `python examples/benchmark_memory.py` on the CPU target (see the README).
-WORKSPACE_FIXED_BYTES = 12 * 2**20
-WORKSPACE_WEIGHT_FRACTION = 0.10
+# Fitted with `python examples/benchmark_memory.py` on the CPU target (see the README): with
+# the runtime warmed up, an fp32 MiniLM measures its weights plus its activations plus ~1 MB.
+WORKSPACE_FIXED_BYTES = 2**20 // 2
+WORKSPACE_WEIGHT_FRACTION = 0.01
 
 _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
 
@@ -101,31 +103,36 @@ class PeakEstimate:
 
 
 def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint) -> int:
-    """Peak live activations of one forward pass at the declared batch and sequence length.
+    """Peak live activations of one forward pass at the declared batch and sequence length,
+    with the per-call scratch of the weights in use.
 
-    Inference frees each layer's tensors before the next, so the peak is one layer's working
-    set on top of the residual stream: the residual and a normalised copy, q/k/v and the
-    attention output, the attention scores and their softmax, and the FFN's expanded hidden
-    state and its activation. Decoders also hold the fp32 logits of the last position.
+    Inference frees each layer's tensors before the next, so the peak is one phase of one
+    layer on top of the residual stream: attention (q/k/v and the attention output, scores and
+    their softmax, the scratch of an attention weight) or the MLP (its expanded hidden state
+    and activation, the scratch of an FFN weight); decoders also have the logits phase (the
+    last position's fp32 logits, the scratch of the output head). Elements count 4 bytes even
+    in bf16/fp16 models: CPU kernels keep reductions such as softmax and layer norm in fp32,
+    and half-precision MiniLM measures the same activations as fp32.
     """
     b, s = workload.batch_size, workload.seq_len
-    elem = footprint.activation_bits / 8
+    elem = 4
     hidden = facts.hidden_size
     heads = max(1, round(facts.num_attention_heads * footprint.heads_scale))
     kv_heads = max(1, min(heads, round(facts.num_key_value_heads * footprint.heads_scale)))
     head_dim = facts.head_dim
     ffn = int(facts.intermediate_size * footprint.ffn_scale)
-    residual = 3 * b * s * hidden  # input, output, normalised copy
-    attention = b * s * (heads + 2 * kv_heads) * head_dim + b * s * heads * head_dim
-    scores = 2 * b * heads * s * s
-    mlp = 2 * b * s * ffn
+    scratch = footprint.weight_scratch
+    residual = 3 * b * s * hidden * elem  # input, output, normalised copy
+    attention = (b * s * (heads + 2 * kv_heads) * head_dim + b * s * heads * head_dim) * elem
+    scores = 2 * b * heads * s * s * elem
+    attention_phase = attention + scores + scratch * heads * head_dim * hidden
+    mlp = (3 if facts.is_decoder else 2) * b * s * ffn * elem  # gated MLPs: gate and up side by side
+    mlp_phase = mlp + scratch * ffn * hidden
+    phases = [attention_phase, mlp_phase]
     if facts.is_decoder:
-        mlp += b * s * ffn  # gated MLPs keep gate and up projections side by side
-    per_layer = residual + max(attention + scores, mlp)
-    total = per_layer * elem
-    if facts.is_decoder:
-        total += b * facts.vocab_size * 4  # logits of the last position, fp32
-    return int(total)
+        head_scratch = 0 if getattr(facts, "tied_embeddings", False) else scratch * facts.vocab_size * hidden
+        phases.append(b * facts.vocab_size * 4 + head_scratch)
+    return int(residual + max(phases))
 
 
 def kv_cache_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint) -> int:
@@ -141,7 +148,7 @@ def kv_cache_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint) 
 def estimate_peak(footprint: Footprint, facts: ModelFacts, workload: Workload) -> PeakEstimate:
     """The peak memory of a plan: weights + activations + KV cache + workspace."""
     weights = footprint.weights_bytes
-    workspace = int(WORKSPACE_FIXED_BYTES + WORKSPACE_WEIGHT_FRACTION * weights)
+    workspace = int(WORKSPACE_FIXED_BYTES + WORKSPACE_WEIGHT_FRACTION * weights + footprint.workspace_bytes)
     return PeakEstimate(
         weights_bytes=weights,
         activation_bytes=activation_bytes(facts, workload, footprint),

