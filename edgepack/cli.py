@@ -196,6 +196,8 @@ def _load_recipe(path: str | None) -> dict[str, Any]:
 @click.option("--recipe", type=click.Path(dir_okay=False), default=None, help="An edgepack.toml whose keys mirror these flags (flags win).")
 @_batch_opt
 @_seq_opt
+@click.option("--cache-len", type=click.IntRange(min=1), default=None,
+              help="Decoders: KV-cache length (prompt plus generated tokens).  [default: seq-len + 8]")
 @_fid_opt
 @click.option("--version", "bundle_version", default=None, help="Semantic version of this bundle.  [default: 0.1.0]")
 @click.option("--samples", type=click.Path(dir_okay=False), default=None, help="Smoke sample texts: a JSON list or one per line.")
@@ -206,7 +208,7 @@ def _load_recipe(path: str | None) -> dict[str, Any]:
 @click.option("--out", "-o", default=None, help="Directory to write the bundle into.  [required, or set in the recipe]")
 @_json_opt
 def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, ...], recipe: str | None,
-         batch_size: int | None, seq_len: int | None, min_fidelity: float | None, bundle_version: str | None,
+         batch_size: int | None, seq_len: int | None, cache_len: int | None, min_fidelity: float | None, bundle_version: str | None,
          samples: str | None, devices: int | None, name: str | None, archive: bool | None, force: bool,
          out: str | None, as_json: bool) -> None:
     """Pack MODEL for a target under a memory budget into a verified bundle.
@@ -227,7 +229,7 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
     settings = _load_recipe(recipe)
     given = {
         "target": target, "budget": budget, "apply": list(apply_) or None, "batch_size": batch_size,
-        "seq_len": seq_len, "min_fidelity": min_fidelity, "version": bundle_version, "samples": samples,
+        "seq_len": seq_len, "cache_len": cache_len, "min_fidelity": min_fidelity, "version": bundle_version, "samples": samples,
         "devices": devices, "name": name, "archive": archive, "out": out,
     }
     settings.update({k: v for k, v in given.items() if v is not None})
@@ -253,7 +255,7 @@ def _pack_many(model: str, targets: list[dict[str, Any]], settings: dict[str, An
             if key in settings:
                 spec[key] = settings[key]
     shared = {k: v for k, v in settings.items() if k not in ("budget", "apply", "min_fidelity", "devices", "target")}
-    workload = {k: shared.pop(k) for k in ("batch_size", "seq_len", "samples") if k in shared}
+    workload = {k: shared.pop(k) for k in ("batch_size", "seq_len", "cache_len", "samples") if k in shared}
     outcomes = pipeline.pack_many(model, targets, force=force, progress=_progress, **workload, **shared)
     for outcome in outcomes:
         if outcome.result is not None:
@@ -271,6 +273,13 @@ def _pack_many(model: str, targets: list[dict[str, Any]], settings: dict[str, An
         sys.exit(failed[0].error.exit_code)
 
 
+def _plan_text(plan: list[dict[str, Any]]) -> str:
+    """``prune:ffn=0.25 + quantize:scheme=int8`` from a manifest's plan, ``(none)`` when empty."""
+    from edgepack.interfaces import PlanStep
+
+    return " + ".join(PlanStep(s["plugin"], s["version"], s["options"]).spec() for s in plan) or "(none)"
+
+
 def _print_result(result: Any) -> None:
     from edgepack.memory import format_size
 
@@ -278,7 +287,7 @@ def _print_result(result: Any) -> None:
     fid = result.manifest["fidelity"]
     lines = [
         f"bundle    {result.bundle}",
-        f"plan      {' + '.join(s['plugin'] + ':' + ','.join(f'{k}={v}' for k, v in sorted(s['options'].items())) for s in result.manifest['plan']) or '(none)'}",
+        f"plan      {_plan_text(result.manifest['plan'])}",
         f"size      {format_size(result.size_bytes)}",
         f"memory    predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_size(mem['measured_peak_bytes'])}, budget {format_size(mem['budget_bytes'])}",
         f"fidelity  {fid['metric']} {fid['value']} (floor {fid['floor']})",
@@ -347,9 +356,7 @@ def inspect(bundle: str, as_json: bool) -> None:
         _emit_json(manifest)
         return
     b, mem, fid = manifest["bundle"], manifest["memory"], manifest["fidelity"]
-    plan_text = " + ".join(
-        s["plugin"] + (":" + ",".join(f"{k}={v}" for k, v in sorted(s["options"].items())) if s["options"] else "")
-        for s in manifest["plan"]) or "(none)"
+    plan_text = _plan_text(manifest["plan"])
     total = sum(f["size"] for f in manifest["files"])
     click.echo(f"{b['name']} {b['version']} for {manifest['target']['name']}  (format {manifest['format_version']}, created {b['created']})")
     click.echo(f"  source     {manifest['source']['model']}")

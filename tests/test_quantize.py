@@ -159,7 +159,6 @@ def test_int4_round_trips_to_the_pack_time_smoke_outputs(int4):
     recorded = int4.manifest["fidelity"]
     assert fidelity.value == pytest.approx(recorded["value"], abs=2e-6)
     assert fidelity.worst == pytest.approx(recorded["worst"], abs=2e-6)
-    assert edgepack.verify(int4.bundle).ok
 
 
 def test_stock_transformers_refuses_the_int4_model_dir(int4):
@@ -278,10 +277,6 @@ def test_int4_estimate_counts_scales_and_offsets(model_dir):
         assert after.weights_bytes == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="quantize int4 on a decoder with tied input/output embeddings "
-                   "(GPT-2 style) saves a bundle that restore cannot load: tie_weights() looks for "
-                   "transformer.wte.weight, which QuantEmbedding only has as a property "
-                   "(plugins/quantize.py Quantize.restore, model.tie_weights())")
 def test_int4_round_trips_a_decoder_with_tied_embeddings(tmp_path):
     import transformers
 
