@@ -25,7 +25,7 @@ from edgepack.interfaces import WEIGHT_KINDS, Footprint, ModelFacts, WeightGroup
 # Fitted with `python examples/benchmark_memory.py` on the CPU target (see the README): with
 # the runtime warmed up, an fp32 MiniLM measures its weights plus its activations plus ~1 MB.
 WORKSPACE_FIXED_BYTES = 2**20 // 2
-WORKSPACE_WEIGHT_FRACTION = 0.01
+WORKSPACE_WEIGHT_FRACTION = 0.03
 # generate(): logits processors, the cache object and per-step vocabulary-sized scores
 GENERATION_WORKSPACE_BYTES = 4 * 2**20
 

@@ -339,15 +339,17 @@ class Quantize(Compressor):
         """Linear (and embedding) groups at the scheme's bits; kept modules are not modelled."""
         bits = self.bits_per_weight(options, footprint.row_width)
         result = footprint.with_groups(self._kinds(options), bits, f"{options['scheme']} weights ({bits:.2f} bits)")
-        fixed = 0
+        act_bytes = footprint.activation_bits / 8
         if options["scheme"] == "int8-dynamic":
-            # torchao's CPU path: a dequantized fp32 weight per call, and ~9 MB the first call of
-            # its quantized kernels costs the process (measured on MiniLM and small decoders)
-            scratch, fixed = 4.0, 9 * 2**20
+            # torchao's CPU path: int8 activations, int32 accumulators and a dequantized weight
+            # per call; ~11 bytes per weight element measured on MiniLM
+            scratch = 11.0
+        elif options["scheme"] == "int4":
+            # unpacked codes, the weight dequantized for one matmul and its bf16 copy
+            scratch = act_bytes + 4
         else:
-            scratch = footprint.activation_bits / 8  # the weight dequantized for one matmul
-        return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch),
-                                   workspace_bytes=result.workspace_bytes + fixed)
+            scratch = act_bytes + 2  # the weight dequantized for one matmul, and its bf16 copy
+        return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch))
 
     def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:
         """Priors from MiniLM measurements (1 - mean cosine): int8 6.5e-4, int8-dynamic 3.5e-3,

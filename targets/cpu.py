@@ -58,9 +58,10 @@ class RssMeter(MemoryMeter):
 
     scope = (
         "peak resident set size (VmHWM) of a fresh process above its resident size after "
-        "importing torch, transformers and edgepack and warming the runtime up with a one-layer "
-        "copy of the architecture, while loading the bundle, reading every weight once, and "
-        "running the smoke inputs at the declared batch size and sequence length"
+        "importing torch, transformers and edgepack and warming the runtime up (a one-layer copy "
+        "of the architecture, then one load and batch of the bundle, freed), while loading the "
+        "bundle, reading every weight once, and running the smoke inputs at the declared batch "
+        "size and sequence length"
     )
 
     def __init__(self) -> None:
