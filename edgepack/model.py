@@ -300,3 +300,46 @@ class ModelSource:
     def side_files(self) -> list[Path]:
         """Relative paths of extra files worth copying into the bundle (pooling configs ...)."""
         return [Path(rel) for rel in _SIDE_FILES if (self.path / rel).is_file()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for plugins that store weights in a format of their own (Compressor.restore)
+
+
+def read_format_metadata(file: Path, expected_format: str) -> dict[str, str]:
+    """The JSON-string metadata of a plugin's safetensors file, after checking its format tag."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types, OSError when missing
+        raise UsageError(f"{file} cannot be read as safetensors: {exc}") from None
+    if meta.get("format") != expected_format:
+        raise UsageError(f"{file} is not in format {expected_format}")
+    return meta
+
+
+def empty_model(model_dir: Path, dtype: Any) -> Any:
+    """The model of ``model_dir/config.json`` with parameters on the meta device (no memory)
+    and buffers real, ready for :func:`assign_weights`."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        return auto_class(task_of(config)).from_config(config, dtype=dtype)
+
+
+def assign_weights(model: Any, tensors: dict[str, Any], file: Path) -> Any:
+    """Put ``tensors`` into an :func:`empty_model` (no copies), re-tie shared weights, and
+    refuse a file with tensors the model lacks or without tensors the model needs."""
+    _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise UsageError(f"{file} has tensors the model does not: {unexpected[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise UsageError(f"{file} lacks weights for {still_meta[:3]}")
+    return model.eval()

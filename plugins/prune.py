@@ -617,23 +617,17 @@ class Prune(Compressor):
         Linear layers and head counts from the metadata, then the saved tensors."""
         import torch
         from accelerate import init_empty_weights
-        from safetensors import safe_open
         from safetensors.torch import load_file
-        from transformers import AutoConfig
 
-        from edgepack.model import auto_class, task_of
+        from edgepack.model import assign_weights, empty_model, read_format_metadata
 
         file = model_dir / PRUNED_FILE
-        with safe_open(file, "pt") as handle:
-            meta = handle.metadata() or {}
-        if meta.get("format") != PRUNED_FORMAT:
-            raise UsageError(f"{file} is not in format {PRUNED_FORMAT}")
+        meta = read_format_metadata(file, PRUNED_FORMAT)
         heads = json.loads(meta["heads"])
         shapes = json.loads(meta["linear_shapes"])
         dtype = getattr(torch, meta.get("dtype", "float32"))
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        model = empty_model(model_dir, dtype)
         with init_empty_weights(include_buffers=False):
-            model = auto_class(task_of(config)).from_config(config, dtype=dtype)
             for name, (out_f, in_f) in shapes.items():
                 module = model.get_submodule(name)
                 if (module.out_features, module.in_features) != (out_f, in_f):
@@ -644,17 +638,9 @@ class Prune(Compressor):
             if layer.name in heads and layer.layout == "bert":
                 layer.attention.num_attention_heads = heads[layer.name]
                 layer.attention.all_head_size = heads[layer.name] * layer.attention.attention_head_size
-        tensors = load_file(file, device=device)
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if unexpected:
-            raise UsageError(f"{file} has tensors the model does not: {unexpected[:3]}")
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        if still_meta:
-            raise UsageError(f"{file} lacks weights for {still_meta[:3]}")
+        model = assign_weights(model, load_file(file, device=device), file)
         model._edgepack_pruned_heads = heads
-        return model.eval()
+        return model
 
 
 @edgepack.hookimpl

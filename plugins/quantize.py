@@ -453,23 +453,15 @@ class Quantize(Compressor):
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild an int4 bundle's model: skeleton without weights, then packed tensors."""
-        from accelerate import init_empty_weights
-        from safetensors import safe_open
         from safetensors.torch import load_file
-        from transformers import AutoConfig
 
-        from edgepack.model import auto_class, task_of
+        from edgepack.model import assign_weights, empty_model, read_format_metadata
 
         file = model_dir / INT4_FILE
-        with safe_open(file, "pt") as handle:
-            meta = handle.metadata() or {}
-        if meta.get("format") != INT4_FORMAT:
-            raise UsageError(f"{file} is not in format {INT4_FORMAT}")
+        meta = read_format_metadata(file, INT4_FORMAT)
         quantized = json.loads(meta["quantized"])
         dtype = getattr(torch, meta.get("dtype", "float32"))
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        with init_empty_weights(include_buffers=False):
-            model = auto_class(task_of(config)).from_config(config, dtype=dtype)
+        model = empty_model(model_dir, dtype)
         tensors = load_file(file, device=device)
         for name, info in quantized.items():
             p = f"{name}." if name else ""
@@ -479,15 +471,7 @@ class Quantize(Compressor):
             else:
                 new = QuantLinear(info["shape"][1], info["shape"][0], 4, q, s, o, tensors.pop(p + "bias", None))
             _set_module(model, name, new)
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if unexpected:
-            raise UsageError(f"{file} has tensors the model does not: {unexpected[:3]}")
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        if still_meta:
-            raise UsageError(f"{file} lacks weights for {still_meta[:3]}")
-        return model.eval()
+        return assign_weights(model, tensors, file)
 
     def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
         """After loading: swap torchao's int8 weight-only tensors for :class:`QuantEmbedding`

@@ -432,26 +432,15 @@ class Sparsify(Compressor):
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild the model: a skeleton without weights, :class:`SparseLinear` modules from the
         bitmasks (or dense Linears with ``runtime=dense``), the other tensors assigned."""
-        from accelerate import init_empty_weights
-        from safetensors import safe_open
         from safetensors.torch import load_file
-        from transformers import AutoConfig
 
-        from edgepack.model import auto_class, task_of
+        from edgepack.model import assign_weights, empty_model, read_format_metadata
 
         file = model_dir / SPARSE_FILE
-        try:
-            with safe_open(file, "pt") as handle:
-                meta = handle.metadata() or {}
-        except Exception as exc:  # safetensors raises its own error types, OSError when missing
-            raise UsageError(f"{file} cannot be read as safetensors: {exc}") from None
-        if meta.get("format") != SPARSE_FORMAT:
-            raise UsageError(f"{file} is not in format {SPARSE_FORMAT}")
+        meta = read_format_metadata(file, SPARSE_FORMAT)
         sparse = json.loads(meta["sparse"])
         dtype = getattr(torch, meta.get("dtype", "float32"))
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        with init_empty_weights(include_buffers=False):
-            model = auto_class(task_of(config)).from_config(config, dtype=dtype)
+        model = empty_model(model_dir, dtype)
         tensors = load_file(file, device=device)  # memory-mapped: pages count once touched
         dense = options.get("runtime") == "dense"
         if dense:  # expanded once: read the compressed form privately so that it can be freed
@@ -472,18 +461,11 @@ class Sparsify(Compressor):
             else:
                 module = SparseLinear(in_features, out_features, bitmask, values, bias)
             _set_module(model, name, module)
-        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if unexpected:
-            raise UsageError(f"{file} has tensors the model does not: {unexpected[:3]}")
+        model = assign_weights(model, tensors, file)
         if dense:
             _release_free_memory()
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        if still_meta:
-            raise UsageError(f"{file} lacks weights for {still_meta[:3]}")
         model._edgepack_sparse = {"format": meta.get("sparse_format", "bitmask"), "modules": list(sparse)}
-        return model.eval()
+        return model
 
     def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
         """2:4 on CUDA: swap the sparsified Linears for Linears whose weight is a

@@ -141,36 +141,20 @@ class HalveEmbeddings(Compressor):
         return True
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
-        """Rebuild the model :meth:`save` wrote: a skeleton without weights, then the tensors."""
-        from accelerate import init_empty_weights
-        from safetensors import safe_open
+        """Rebuild the model :meth:`save` wrote: a skeleton without weights, then the tensors
+        (edgepack.model has the helpers that every plugin with its own format needs)."""
         from safetensors.torch import load_file
-        from transformers import AutoConfig
 
-        from edgepack.model import auto_class, task_of
+        from edgepack.model import assign_weights, empty_model, read_format_metadata
 
         file = model_dir / WEIGHTS_FILE
-        with safe_open(file, "pt") as handle:
-            meta = handle.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise UsageError(f"{file} is not in format {FORMAT}")
-        halves = json.loads(meta["embeddings"])
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        with init_empty_weights(include_buffers=False):
-            model = auto_class(task_of(config)).from_config(config)
+        halves = json.loads(read_format_metadata(file, FORMAT)["embeddings"])
+        model = empty_model(model_dir, None)
         tensors = load_file(file, device=device)
         for name, info in halves.items():
             weight = tensors.pop(f"{name}.weight")
             _set_module(model, name, HalfEmbedding(weight, info["padding_idx"], getattr(torch, info["dtype"])))
-        _, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-        if unexpected:
-            raise UsageError(f"{file} has tensors the model does not: {unexpected[:3]}")
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-        if missing:
-            raise UsageError(f"{file} lacks weights for {missing[:3]}")
-        return model.eval()
+        return assign_weights(model, tensors, file)
 
 
 @edgepack.hookimpl
