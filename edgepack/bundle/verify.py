@@ -56,7 +56,7 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     from edgepack.smoke import check, compare, measure_in_fresh_process
 
     root = open_path(bundle)
-    report = VerifyReport(str(root))
+    report = VerifyReport(str(bundle))  # the path the user gave (an archive is extracted to a temp dir)
     progress("checking manifest and file hashes")
     manifest, failures = check_integrity(root)
     report.failures.extend(failures)
