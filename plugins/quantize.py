@@ -40,14 +40,11 @@ from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts,
 INT4_FILE = "model.int4.safetensors"
 INT4_FORMAT = "edgepack.int4/1"
 
-try:  # torch is optional at import: the class must register without it
-    import torch
-    from torch import nn
+from edgepack.lazy import LazyModule
 
-    _Module = nn.Module
-except ImportError:  # pragma: no cover
-    torch = None  # type: ignore[assignment]
-    _Module = object  # type: ignore[misc,assignment]
+# Imported on first use: registering the plugin must not import torch (fast --help).
+torch = LazyModule("torch")
+nn = LazyModule("torch.nn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,56 +183,68 @@ def dequantize(qdata: Any, scale: Any, offset: Any | None, bits: int, dtype: Any
     return w.reshape(*w.shape[:-2], -1)
 
 
-class QuantLinear(_Module):
-    """A Linear whose weight stays int8 or packed int4; dequantized per call."""
+def _define_modules() -> None:
+    """Define QuantLinear, QuantEmbedding on first use (subclassing nn.Module needs torch)."""
+    global QuantLinear, QuantEmbedding
+    if "QuantLinear" in globals():
+        return
 
-    def __init__(self, in_features: int, out_features: int, bits: int, qdata: Any, scale: Any,
-                 offset: Any | None = None, bias: Any | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        self.register_buffer("qdata", qdata)
-        self.register_buffer("scale", scale)
-        self.register_buffer("offset", offset)
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        #: dtype of the matmul; None means the activations' dtype (see Quantize.prepare)
-        self.compute_dtype = None
+    class QuantLinear(nn.Module):
+        """A Linear whose weight stays int8 or packed int4; dequantized per call."""
 
-    def forward(self, x: Any) -> Any:
-        dtype = self.compute_dtype or x.dtype
-        weight = dequantize(self.qdata, self.scale, self.offset, self.bits, dtype)
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        return nn.functional.linear(x.to(dtype), weight, bias).to(x.dtype)
+        def __init__(self, in_features: int, out_features: int, bits: int, qdata: Any, scale: Any,
+                     offset: Any | None = None, bias: Any | None = None) -> None:
+            super().__init__()
+            self.in_features, self.out_features, self.bits = in_features, out_features, bits
+            self.register_buffer("qdata", qdata)
+            self.register_buffer("scale", scale)
+            self.register_buffer("offset", offset)
+            self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+            #: dtype of the matmul; None means the activations' dtype (see Quantize.prepare)
+            self.compute_dtype = None
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+        def forward(self, x: Any) -> Any:
+            dtype = self.compute_dtype or x.dtype
+            weight = dequantize(self.qdata, self.scale, self.offset, self.bits, dtype)
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            return nn.functional.linear(x.to(dtype), weight, bias).to(x.dtype)
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+    class QuantEmbedding(nn.Module):
+        """An Embedding whose table stays int8 or packed int4; only looked-up rows are dequantized."""
+
+        def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, qdata: Any, scale: Any,
+                     offset: Any | None = None, padding_idx: int | None = None, dtype: Any = None) -> None:
+            super().__init__()
+            self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+            self.padding_idx = padding_idx
+            self.out_dtype = dtype or torch.float32
+            self.register_buffer("qdata", qdata)
+            self.register_buffer("scale", scale)
+            self.register_buffer("offset", offset)
+
+        @property
+        def weight(self) -> Any:
+            """The dequantized table (for code that reads ``embedding.weight``, e.g. tied heads)."""
+            return dequantize(self.qdata, self.scale, self.offset, self.bits, self.out_dtype)
+
+        def forward(self, ids: Any) -> Any:
+            rows = nn.functional.embedding(ids, self.qdata)
+            scale = nn.functional.embedding(ids, self.scale)
+            offset = nn.functional.embedding(ids, self.offset) if self.offset is not None else None
+            return dequantize(rows, scale, offset, self.bits, self.out_dtype)
+
+        def extra_repr(self) -> str:
+            return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
 
-class QuantEmbedding(_Module):
-    """An Embedding whose table stays int8 or packed int4; only looked-up rows are dequantized."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, qdata: Any, scale: Any,
-                 offset: Any | None = None, padding_idx: int | None = None, dtype: Any = None) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
-        self.padding_idx = padding_idx
-        self.out_dtype = dtype or torch.float32
-        self.register_buffer("qdata", qdata)
-        self.register_buffer("scale", scale)
-        self.register_buffer("offset", offset)
-
-    @property
-    def weight(self) -> Any:
-        """The dequantized table (for code that reads ``embedding.weight``, e.g. tied heads)."""
-        return dequantize(self.qdata, self.scale, self.offset, self.bits, self.out_dtype)
-
-    def forward(self, ids: Any) -> Any:
-        rows = nn.functional.embedding(ids, self.qdata)
-        scale = nn.functional.embedding(ids, self.scale)
-        offset = nn.functional.embedding(ids, self.offset) if self.offset is not None else None
-        return dequantize(rows, scale, offset, self.bits, self.out_dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+def __getattr__(name: str) -> Any:
+    if name in ('QuantLinear', 'QuantEmbedding'):
+        _define_modules()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +404,7 @@ class Quantize(Compressor):
 
     def _apply_int4(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any],
                     context: ApplyContext | None) -> Any:
+        _define_modules()
         group = _group_size(options)
         chosen = [(n, m) for n, m in chosen if m.weight.shape[1] % group == 0]  # others stay as they are
         hessians: dict[str, Any] = {}
@@ -422,6 +432,7 @@ class Quantize(Compressor):
     def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
         """int4: write config.json and ``model.int4.safetensors`` (packed nibbles, fp16 scales
         and offsets, other tensors as they are). int8 schemes: stock saving (returns False)."""
+        _define_modules()
         if options["scheme"] != "int4":
             return False
         from safetensors.torch import save_file
@@ -453,6 +464,7 @@ class Quantize(Compressor):
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild an int4 bundle's model: skeleton without weights, then packed tensors."""
+        _define_modules()
         from safetensors.torch import load_file
 
         from edgepack.model import assign_weights, empty_model, read_format_metadata
@@ -480,6 +492,7 @@ class Quantize(Compressor):
         torchao's Linear kernels. With ``compute=auto`` on a CPU with native bf16 (AMX,
         avx512_bf16), matmuls run in bf16: dequantizing to bf16 and a bf16 matmul cost less than
         the fp32 matmul the weights came from."""
+        _define_modules()
         if options["scheme"] != "int4":
             model = self._swap_torchao(model, options)
         if (options.get("compute") or "auto") == "auto" and device == "cpu" and probe is not None \

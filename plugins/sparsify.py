@@ -57,14 +57,11 @@ DEFAULT_SPARSITY = 0.5
 #: Below this fraction of exact zeros the Linear weights count as dense (no prune before).
 ALREADY_SPARSE = 0.05
 
-try:  # torch is optional at import: the class must register without it
-    import torch
-    from torch import nn
+from edgepack.lazy import LazyModule
 
-    _Module = nn.Module
-except ImportError:  # pragma: no cover
-    torch = None  # type: ignore[assignment]
-    _Module = object  # type: ignore[misc,assignment]
+# Imported on first use: registering the plugin must not import torch (fast --help).
+torch = LazyModule("torch")
+nn = LazyModule("torch.nn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,37 +156,50 @@ def two_four_mask(weight: Any) -> Any:
 # The run-time module
 
 
-class SparseLinear(_Module):
-    """A Linear whose weight stays compressed (bitmask + nonzero values); expanded per call.
+def _define_modules() -> None:
+    """Define SparseLinear on first use (subclassing nn.Module needs torch)."""
+    global SparseLinear
+    if "SparseLinear" in globals():
+        return
 
-    The expanded weight has the same bits as the dense weight it came from, so outputs equal a
-    dense Linear's with that weight exactly. The buffers are the tensors as loaded (no copy is
-    kept), so a memory-mapped bundle stays memory-mapped.
-    """
+    class SparseLinear(nn.Module):
+        """A Linear whose weight stays compressed (bitmask + nonzero values); expanded per call.
 
-    def __init__(self, in_features: int, out_features: int, bitmask: Any, values: Any,
-                 bias: Any | None = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("bitmask", bitmask)
-        self.register_buffer("values", values)
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        The expanded weight has the same bits as the dense weight it came from, so outputs equal a
+        dense Linear's with that weight exactly. The buffers are the tensors as loaded (no copy is
+        kept), so a memory-mapped bundle stays memory-mapped.
+        """
 
-    @property
-    def weight(self) -> Any:
-        """The dense weight (for code that reads ``linear.weight``); built on each access."""
-        return expand(self.bitmask, self.values, self.in_features)
+        def __init__(self, in_features: int, out_features: int, bitmask: Any, values: Any,
+                     bias: Any | None = None) -> None:
+            super().__init__()
+            self.in_features, self.out_features = in_features, out_features
+            self.register_buffer("bitmask", bitmask)
+            self.register_buffer("values", values)
+            self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
-    @property
-    def density(self) -> float:
-        """Fraction of weight elements stored."""
-        return self.values.numel() / (self.in_features * self.out_features)
+        @property
+        def weight(self) -> Any:
+            """The dense weight (for code that reads ``linear.weight``); built on each access."""
+            return expand(self.bitmask, self.values, self.in_features)
 
-    def forward(self, x: Any) -> Any:
-        return nn.functional.linear(x, self.weight, self.bias)
+        @property
+        def density(self) -> float:
+            """Fraction of weight elements stored."""
+            return self.values.numel() / (self.in_features * self.out_features)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, density={self.density:.3f}"
+        def forward(self, x: Any) -> Any:
+            return nn.functional.linear(x, self.weight, self.bias)
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, density={self.density:.3f}"
+
+
+def __getattr__(name: str) -> Any:
+    if name in ('SparseLinear',):
+        _define_modules()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +370,7 @@ class Sparsify(Compressor):
     def apply(self, model: Any, options: Mapping[str, Any], context: ApplyContext) -> Any:
         """Zero Linear weights (by magnitude, or the 2:4 pattern) in place; modules stay
         ``nn.Linear``, so later steps such as ``precision`` see an ordinary model."""
+        _define_modules()
         two_four = options.get("format") == "2:4"
         chosen = _targets(model, two_four)
         if not chosen:
@@ -391,6 +402,7 @@ class Sparsify(Compressor):
         """Write config.json and ``model.sparse.safetensors``: for each sparsified Linear its
         ``bitmask`` (uint8 [out, ceil(in/8)]) and ``values`` (nonzeros, the weight's dtype),
         every other tensor as it is. Always returns True (this plugin owns loading)."""
+        _define_modules()
         from safetensors.torch import save_file
 
         info = getattr(model, "_edgepack_sparse", None)
@@ -432,6 +444,7 @@ class Sparsify(Compressor):
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild the model: a skeleton without weights, :class:`SparseLinear` modules from the
         bitmasks (or dense Linears with ``runtime=dense``), the other tensors assigned."""
+        _define_modules()
         from safetensors.torch import load_file
 
         from edgepack.model import assign_weights, empty_model, read_format_metadata
@@ -471,6 +484,7 @@ class Sparsify(Compressor):
         """2:4 on CUDA: swap the sparsified Linears for Linears whose weight is a
         ``torch.sparse`` semi-structured tensor (sparse tensor-core kernels). Layers the kernels
         cannot take (dtype, shape) stay as they are. Elsewhere nothing changes."""
+        _define_modules()
         if options.get("format") != "2:4" or not str(device).startswith("cuda") or not torch.cuda.is_available():
             return model
         from torch.sparse import to_sparse_semi_structured

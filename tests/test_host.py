@@ -364,3 +364,18 @@ def test_main_adds_commands_from_installed_plugins(fake_dist, monkeypatch, capsy
         cli_module.cli.commands.pop("acme-hello", None)
     assert info.value.code in (0, None)
     assert "hello from acme" in capsys.readouterr().out
+
+
+def test_loading_every_builtin_plugin_does_not_import_torch():
+    """`edgepack --help` and `edgepack plugins` load every plugin: none may import torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from edgepack.host import load_registry\n"
+        "registry = load_registry()\n"
+        "assert {'precision', 'quantize', 'prune', 'sparsify'} <= set(registry.compressors), registry.compressors\n"
+        "assert 'torch' not in sys.modules, 'a plugin imported torch at registration'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
