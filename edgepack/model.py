@@ -343,3 +343,29 @@ def assign_weights(model: Any, tensors: dict[str, Any], file: Path) -> Any:
     if still_meta:
         raise UsageError(f"{file} lacks weights for {still_meta[:3]}")
     return model.eval()
+
+
+def replace_module(model: Any, name: str, module: Any) -> None:
+    """Put ``module`` at the dotted ``name`` inside ``model``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def unique_tensors(model: Any, skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The model's state dict, contiguous, with tied weights stored once (safetensors refuses
+    shared storage; :func:`assign_weights` re-ties them) and the keys in ``skip`` left out."""
+    tensors: dict[str, Any] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        storage = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in skip or storage in seen:
+            continue
+        seen.add(storage)
+        tensors[key] = tensor.detach().contiguous()
+    return tensors
+
+
+def float_dtype_name(model: Any) -> str:
+    """``float32`` / ``bfloat16`` / ...: the dtype of the model's first floating-point parameter."""
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    return str(dtype).replace("torch.", "")

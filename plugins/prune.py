@@ -54,6 +54,7 @@ from typing import Any, Mapping, Sequence
 
 import edgepack
 from edgepack.errors import UsageError
+from edgepack.model import float_dtype_name, replace_module, unique_tensors
 from edgepack.interfaces import (
     ApplyContext, Compressor, Footprint, ModelFacts, Option, PlanStep, Probe,
 )
@@ -596,18 +597,12 @@ class Prune(Compressor):
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 shapes[name] = [module.out_features, module.in_features]
-        tensors, seen = {}, set()
-        for key, tensor in model.state_dict().items():
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            tensors[key] = tensor.detach().contiguous()
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        tensors = unique_tensors(model)
         metadata = {
             "format": PRUNED_FORMAT,
             "heads": json.dumps(heads, sort_keys=True),
             "linear_shapes": json.dumps(shapes, sort_keys=True),
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtype": float_dtype_name(model),
         }
         save_file(tensors, model_dir / PRUNED_FILE, metadata=metadata)
         return True
@@ -631,9 +626,7 @@ class Prune(Compressor):
             for name, (out_f, in_f) in shapes.items():
                 module = model.get_submodule(name)
                 if (module.out_features, module.in_features) != (out_f, in_f):
-                    parent, _, child = name.rpartition(".")
-                    new = torch.nn.Linear(in_f, out_f, bias=module.bias is not None, dtype=dtype)
-                    setattr(model.get_submodule(parent) if parent else model, child, new)
+                    replace_module(model, name, torch.nn.Linear(in_f, out_f, bias=module.bias is not None, dtype=dtype))
         for layer in _layers(model):
             if layer.name in heads and layer.layout == "bert":
                 layer.attention.num_attention_heads = heads[layer.name]

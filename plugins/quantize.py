@@ -41,6 +41,7 @@ INT4_FILE = "model.int4.safetensors"
 INT4_FORMAT = "edgepack.int4/1"
 
 from edgepack.lazy import LazyModule
+from edgepack.model import float_dtype_name, replace_module, unique_tensors
 
 # Imported on first use: registering the plugin must not import torch (fast --help).
 torch = LazyModule("torch")
@@ -274,11 +275,6 @@ def _targets(model: Any, embeddings: bool, keep: Sequence[str]) -> list[tuple[st
     return chosen
 
 
-def _set_module(model: Any, name: str, module: Any) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 # ---------------------------------------------------------------------------------------------
 # The plugin
 
@@ -425,7 +421,7 @@ class Quantize(Compressor):
             else:
                 bias = module.bias.detach() if module.bias is not None else None
                 new = QuantLinear(module.in_features, module.out_features, 4, packed, scale, offset, bias)
-            _set_module(model, name, new)
+            replace_module(model, name, new)
         model._edgepack_int4 = {"group_size": group, "modules": [n for n, _ in chosen]}
         return model
 
@@ -439,25 +435,19 @@ class Quantize(Compressor):
 
         model_dir.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(model_dir)
-        tensors, quantized = {}, {}
-        seen: set[tuple[int, tuple[int, ...]]] = set()
+        quantized = {}
         for name, module in model.named_modules():
             if isinstance(module, (QuantLinear, QuantEmbedding)):
                 quantized[name] = {"kind": "embedding" if isinstance(module, QuantEmbedding) else "linear",
                                    "shape": [module.num_embeddings, module.embedding_dim] if isinstance(module, QuantEmbedding)
                                    else [module.out_features, module.in_features],
                                    "padding_idx": getattr(module, "padding_idx", None)}
-        for key, tensor in model.state_dict(keep_vars=False).items():
-            storage = (tensor.data_ptr(), tuple(tensor.shape))
-            if storage in seen:  # a tied weight: stored once, tie_weights() shares it on restore
-                continue
-            seen.add(storage)
-            tensors[key] = tensor.detach().contiguous()
+        tensors = unique_tensors(model)
         metadata = {
             "format": INT4_FORMAT,
             "group_size": str(_group_size(options)),
             "quantized": json.dumps(quantized, sort_keys=True),
-            "dtype": str(next(p for p in model.parameters() if p.is_floating_point()).dtype).replace("torch.", ""),
+            "dtype": float_dtype_name(model),
         }
         save_file(tensors, model_dir / INT4_FILE, metadata=metadata)
         return True
@@ -482,7 +472,7 @@ class Quantize(Compressor):
                 new = QuantEmbedding(info["shape"][0], info["shape"][1], 4, q, s, o, info["padding_idx"], dtype)
             else:
                 new = QuantLinear(info["shape"][1], info["shape"][0], 4, q, s, o, tensors.pop(p + "bias", None))
-            _set_module(model, name, new)
+            replace_module(model, name, new)
         return assign_weights(model, tensors, file)
 
     def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
@@ -520,7 +510,7 @@ class Quantize(Compressor):
                 new = QuantLinear(module.in_features, module.out_features, 8, qdata, scale, None, bias)
             else:
                 continue
-            _set_module(model, name, new)
+            replace_module(model, name, new)
         return model
 
 

@@ -58,6 +58,7 @@ DEFAULT_SPARSITY = 0.5
 ALREADY_SPARSE = 0.05
 
 from edgepack.lazy import LazyModule
+from edgepack.model import float_dtype_name, replace_module, unique_tensors
 
 # Imported on first use: registering the plugin must not import torch (fast --help).
 torch = LazyModule("torch")
@@ -220,11 +221,6 @@ def _targets(model: Any, two_four: bool) -> list[tuple[str, Any]]:
         if isinstance(module, nn.Linear) and id(module) not in tied
         and not (two_four and module.in_features % 4)
     ]
-
-
-def _set_module(model: Any, name: str, module: Any) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 _SAFETENSORS_DTYPES = {"U8": "uint8", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -424,19 +420,13 @@ class Sparsify(Compressor):
             tensors[prefix + "bitmask"] = bitmask.contiguous()
             tensors[prefix + "values"] = values.contiguous()
             sparse[name] = {"shape": [module.out_features, module.in_features], "nnz": int(values.numel())}
-        skip = {f"{n}.weight" if n else "weight" for n in names}
-        seen: set[int] = set()
-        for key, tensor in model.state_dict(keep_vars=True).items():
-            if key in skip or key in tensors or id(tensor) in seen:
-                continue
-            seen.add(id(tensor))  # tied weights are stored once; restore re-ties them
-            tensors[key] = tensor.detach().contiguous()
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        skip = {f"{n}.weight" if n else "weight" for n in names} | set(tensors)
+        tensors.update(unique_tensors(model, skip))
         metadata = {
             "format": SPARSE_FORMAT,
             "sparse_format": info["format"],
             "sparse": json.dumps(sparse, sort_keys=True),
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtype": float_dtype_name(model),
         }
         save_file(tensors, model_dir / SPARSE_FILE, metadata=metadata)
         return True
@@ -473,7 +463,7 @@ class Sparsify(Compressor):
                     module.bias = nn.Parameter(bias, requires_grad=False)
             else:
                 module = SparseLinear(in_features, out_features, bitmask, values, bias)
-            _set_module(model, name, module)
+            replace_module(model, name, module)
         model = assign_weights(model, tensors, file)
         if dense:
             _release_free_memory()
@@ -503,7 +493,7 @@ class Sparsify(Compressor):
             linear.weight = nn.Parameter(semi, requires_grad=False)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach().to("cuda"), requires_grad=False)
-            _set_module(model, name, linear)
+            replace_module(model, name, linear)
         return model
 
 

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import edgepack
 from edgepack.errors import UsageError
+from edgepack.model import replace_module, unique_tensors
 from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts, Option, PlanStep, Probe
 
 __version__ = "0.1.0"
@@ -66,11 +67,6 @@ class HalfEmbedding(_Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, stored=float16, out={self.out_dtype}"
-
-
-def _set_module(model: Any, name: str, module: Any) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 class HalveEmbeddings(Compressor):
@@ -119,7 +115,7 @@ class HalveEmbeddings(Compressor):
         if not chosen:
             raise UsageError("halve-embeddings found no embedding tables to store in fp16 (check keep=)")
         for name, module in chosen:
-            _set_module(model, name, HalfEmbedding(module.weight, module.padding_idx, module.weight.dtype))
+            replace_module(model, name, HalfEmbedding(module.weight, module.padding_idx, module.weight.dtype))
         return model
 
     def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
@@ -130,12 +126,7 @@ class HalveEmbeddings(Compressor):
         model.config.save_pretrained(model_dir)
         halves = {name: {"padding_idx": m.padding_idx, "dtype": str(m.out_dtype).replace("torch.", "")}
                   for name, m in model.named_modules() if isinstance(m, HalfEmbedding)}
-        tensors, seen = {}, set()
-        for key, tensor in model.state_dict().items():
-            if tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
-            tensors[key] = tensor.detach().contiguous()
+        tensors = unique_tensors(model)
         save_file(tensors, model_dir / WEIGHTS_FILE,
                   metadata={"format": FORMAT, "embeddings": json.dumps(halves, sort_keys=True)})
         return True
@@ -153,7 +144,7 @@ class HalveEmbeddings(Compressor):
         tensors = load_file(file, device=device)
         for name, info in halves.items():
             weight = tensors.pop(f"{name}.weight")
-            _set_module(model, name, HalfEmbedding(weight, info["padding_idx"], getattr(torch, info["dtype"])))
+            replace_module(model, name, HalfEmbedding(weight, info["padding_idx"], getattr(torch, info["dtype"])))
         return assign_weights(model, tensors, file)
 
 
