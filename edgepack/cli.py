@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from edgepack import __version__
+from edgepack.environment import quiet_libraries
 from edgepack.errors import EdgepackError, UsageError
 
 _STARTED = time.monotonic()
@@ -39,6 +40,10 @@ class EdgepackGroup(click.Group):
         except EdgepackError as exc:
             click.echo(f"edgepack: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # disk full, permission denied, a path that vanished
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"edgepack: error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(2)
 
 
 def _size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -225,38 +230,32 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
       edgepack pack ./all-MiniLM-L6-v2 --target cpu --budget 30MB --out dist/
     """
     from edgepack import pipeline
+    from edgepack.recipe import merge
 
-    settings = _load_recipe(recipe)
-    given = {
+    recipe_settings = _load_recipe(recipe)
+    flags = {
         "target": target, "budget": budget, "apply": list(apply_) or None, "batch_size": batch_size,
-        "seq_len": seq_len, "cache_len": cache_len, "min_fidelity": min_fidelity, "version": bundle_version, "samples": samples,
-        "devices": devices, "name": name, "archive": archive, "out": out,
+        "seq_len": seq_len, "cache_len": cache_len, "min_fidelity": min_fidelity, "version": bundle_version,
+        "samples": samples, "devices": devices, "name": name, "archive": archive, "out": out,
+        "force": force or None,
     }
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if not settings.get("out"):
+    workload, requests = merge(recipe_settings, flags)
+    if not all(r.get("out") for r in requests):
         raise UsageError("missing option --out (or 'out' in the recipe)")
-    targets = settings.pop("targets", None)
-    if targets and target is None:
-        _pack_many(model, targets, settings, force, as_json)
+    if "targets" in recipe_settings:
+        _pack_many(model, workload, requests, as_json)
         return
-    settings.setdefault("target", "cpu")
-    result = pipeline.pack(model, force=force, progress=_progress, **settings)
+    result = pipeline.pack(model, progress=_progress, **workload, **requests[0])
     _print_result(result)
     if as_json:
         _emit_json(result.to_json())
 
 
-def _pack_many(model: str, targets: list[dict[str, Any]], settings: dict[str, Any], force: bool, as_json: bool) -> None:
+def _pack_many(model: str, workload: dict[str, Any], requests: list[dict[str, Any]], as_json: bool) -> None:
     """Several targets from one recipe: one bundle each; a failure stops only its target."""
     from edgepack import pipeline
 
-    for spec in targets:  # flags given on the command line win over each target's entry
-        for key in ("budget", "apply", "min_fidelity", "devices"):
-            if key in settings:
-                spec[key] = settings[key]
-    shared = {k: v for k, v in settings.items() if k not in ("budget", "apply", "min_fidelity", "devices", "target")}
-    workload = {k: shared.pop(k) for k in ("batch_size", "seq_len", "cache_len", "samples") if k in shared}
-    outcomes = pipeline.pack_many(model, targets, force=force, progress=_progress, **workload, **shared)
+    outcomes = pipeline.pack_many(model, requests, progress=_progress, **workload)
     for outcome in outcomes:
         if outcome.result is not None:
             _print_result(outcome.result)
@@ -439,20 +438,6 @@ def bench(bundle: str, repeats: int, as_json: bool) -> None:
         click.echo(f"{result['bundle']}: batch {result['batch_size']} x {result['seq_len']} tokens, "
                    f"median {result['median_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms over {repeats} runs "
                    f"on {result['device']}")
-
-
-def quiet_libraries() -> None:
-    """Keep third-party import chatter (torchao's optional kernels, torch's deprecation notes,
-    transformers' progress bars) off the user's terminal; edgepack prints its own progress.
-    Also make sure nothing reaches for the Hugging Face hub."""
-    import logging
-    import os
-
-    for name in ("torch.utils._pytree", "torchao"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main() -> None:

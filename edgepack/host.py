@@ -56,7 +56,10 @@ class EdgepackPluginManager(pluggy.PluginManager):
                 try:
                     plugin = ep.load()
                 except Exception as exc:  # a broken third-party plugin must not look like our bug
-                    raise PluginError(f"plugin {ep.name!r} from {label} failed to import: {exc}") from exc
+                    raise PluginError(
+                        f"plugin {ep.name!r} from {label} failed to import: {type(exc).__name__}: {exc} "
+                        f"(skip it with {DISABLE_ENV}={ep.name}, or uninstall {dist.metadata['name']})"
+                    ) from exc
                 self.register(plugin, name=ep.name)
                 self.distributions[ep.name] = label
 
@@ -77,7 +80,10 @@ def make_plugin_manager(*, entrypoints: bool = True, disabled: Iterable[str] | N
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from exc
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        raise PluginError(
+            f"plugin {name!r} implements an unknown hook: {exc} (skip it with {DISABLE_ENV}={name})"
+        ) from exc
     return pm
 
 
@@ -152,10 +158,20 @@ def collect(pm: pluggy.PluginManager, *, disabled: Iterable[str] | None = None) 
         return register
 
     # Call each plugin's implementation separately so that each register call knows its origin.
-    for impl in pm.hook.edgepack_register_compressors.get_hookimpls():
-        impl.function(register=make_register(registry.compressors, Compressor, "compressor", impl.plugin))
-    for impl in pm.hook.edgepack_register_targets.get_hookimpls():
-        impl.function(register=make_register(registry.targets, Target, "target", impl.plugin))
+    hooks = ((pm.hook.edgepack_register_compressors, registry.compressors, Compressor, "compressor"),
+             (pm.hook.edgepack_register_targets, registry.targets, Target, "target"))
+    for hook, table, base, what in hooks:
+        for impl in hook.get_hookimpls():
+            name = pm.get_name(impl.plugin) or repr(impl.plugin)
+            try:
+                impl.function(register=make_register(table, base, what, impl.plugin))
+            except PluginError as exc:
+                raise PluginError(f"{exc} (skip plugin {name!r} with {DISABLE_ENV}={name})") from exc
+            except Exception as exc:  # a broken plugin's bug must not look like edgepack's
+                raise PluginError(
+                    f"plugin {name!r} from {_distribution_of(pm, impl.plugin)} failed in {hook.name}: "
+                    f"{type(exc).__name__}: {exc} (skip it with {DISABLE_ENV}={name})"
+                ) from exc
     return registry
 
 

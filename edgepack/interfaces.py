@@ -29,7 +29,8 @@ class Option:
     """One option a compressor accepts on ``--apply NAME:KEY=VALUE``.
 
     :param name: the key as users spell it.
-    :param type: ``str``, ``int``, ``float`` or ``bool``; raw strings are converted to it.
+    :param type: ``str``, ``int``, ``float``, ``bool`` or ``list`` (a list of strings, spelt
+        ``KEY=[a,b]`` in a spec, or a JSON/TOML array); raw strings are converted to it.
     :param choices: allowed values (after conversion); empty means any value of ``type``.
     :param default: value used when the option is not given; ``None`` means "not set".
     :param minimum: lower bound for numbers (inclusive).
@@ -47,6 +48,8 @@ class Option:
 
     def parse(self, raw: Any, where: str) -> Any:
         """Convert and check one raw value; ``where`` names the plugin for the error message."""
+        if self.type is list:
+            return self._parse_list(raw, where)
         value: Any = raw
         try:
             if self.type is bool and isinstance(raw, str):
@@ -70,8 +73,30 @@ class Option:
             raise UsageError(f"option {where}:{self.name}={raw} is above its maximum {self.maximum}")
         return value
 
+    def _parse_list(self, raw: Any, where: str) -> list[str]:
+        """A list of non-empty strings from ``[a,b]``, a bare ``a``, or a list."""
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            items: Any = [item.strip() for item in text.split(",")] if text.strip() else []
+        elif isinstance(raw, (list, tuple)):
+            items = list(raw)
+        else:
+            raise UsageError(f"option {where}:{self.name}={raw} is not a list; spell it {self.name}=[a,b]")
+        if not all(isinstance(item, str) and item for item in items):
+            raise UsageError(f"option {where}:{self.name}={raw} must list non-empty strings, as {self.name}=[a,b]")
+        if self.choices:
+            for item in items:
+                if item not in self.choices:
+                    allowed = "|".join(str(c) for c in self.choices)
+                    raise UsageError(f"option {where}:{self.name} item {item!r} is not one of {allowed}")
+        return items
+
     def describe(self) -> str:
         """A short human description: ``scheme=int8|int4 (default int8)``."""
+        if self.type is list:
+            return f"{self.name}=[NAME,...]"
         values = "|".join(str(c) for c in self.choices) if self.choices else self.type.__name__.upper()
         text = f"{self.name}={values}"
         if self.default is not None:
@@ -293,6 +318,13 @@ class Target(abc.ABC):
 # Compressors
 
 
+def format_option_value(value: Any) -> str:
+    """An option value as ``--apply`` spells it: lists as ``[a,b]``."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
 @dataclass(frozen=True)
 class PlanStep:
     """One compressor with its parsed options, in the order it is applied."""
@@ -305,7 +337,7 @@ class PlanStep:
         """The ``--apply`` spelling of this step: ``quantize:scheme=int8``."""
         if not self.options:
             return self.plugin
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        opts = ",".join(f"{k}={format_option_value(v)}" for k, v in sorted(self.options.items()))
         return f"{self.plugin}:{opts}"
 
     def to_json(self) -> dict[str, Any]:

@@ -39,24 +39,42 @@ _UNITS = {
 }
 
 
+#: Sizes above this are refused: no device has an exabyte, and larger numbers only overflow.
+MAX_SIZE_BYTES = 10**18
+
+
 def parse_size(text: str | int, what: str = "SIZE") -> int:
-    """Bytes from ``30MB``, ``1.5GiB``, ``512kb`` or a plain number of bytes.
+    """Bytes from ``30MB``, ``1.5GiB``, ``512kb`` or a whole number of bytes.
 
     Decimal units (kB, MB, GB) are powers of 1000, binary units (KiB, MiB, GiB) powers of 1024.
+    A fraction needs a unit (``1.5`` alone would be one and a half bytes).
     """
+    from decimal import Decimal
+
+    if isinstance(text, bool):
+        raise UsageError(f"{what} must be a size such as 30MB, got {text!r}")
     if isinstance(text, int):
         if text <= 0:
             raise UsageError(f"{what} must be positive, got {text}")
+        if text > MAX_SIZE_BYTES:
+            raise UsageError(f"{what} {text} is larger than any device ({MAX_SIZE_BYTES} bytes at most)")
         return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    full = str(text)
+    raw = full if len(full) <= 40 else full[:20] + "..." + full[-8:]  # echoed in messages
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", full)
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS:
         raise UsageError(
-            f"{what} {text!r} is not a size; use bytes or a unit, e.g. 30MB, 512MiB, 1.5GiB"
+            f"{what} {raw!r} is not a size; use bytes or a unit, e.g. 30MB, 512MiB, 1.5GiB"
         )
-    value = float(match.group(1)) * _UNITS[unit]
+    number = Decimal(match.group(1))
+    if unit in ("", "b") and number != number.to_integral_value():
+        raise UsageError(f"{what} {raw!r} is a fraction of a byte; give whole bytes or a unit, e.g. 1.5GB")
+    value = number * _UNITS[unit]
     if value < 1:
-        raise UsageError(f"{what} {text!r} must be at least one byte")
+        raise UsageError(f"{what} {raw!r} must be at least one byte")
+    if value > MAX_SIZE_BYTES:
+        raise UsageError(f"{what} {raw!r} is larger than any device ({MAX_SIZE_BYTES} bytes at most)")
     return int(value)
 
 

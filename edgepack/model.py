@@ -12,6 +12,19 @@ from typing import Any
 from edgepack.errors import UsageError
 from edgepack.interfaces import ModelFacts
 
+#: Files that define a tokenizer; a model directory needs at least one of them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+#: Suffixes of pickled checkpoints: never read (unpickling runs arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def pickled_files(directory: Path) -> list[Path]:
+    """Pickled checkpoint files directly in ``directory``, by name."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+
+
 # Files copied next to the weights so that the bundle's model/ is a complete model directory.
 _SIDE_FILES = (
     "modules.json",
@@ -97,16 +110,25 @@ def count_parameters(model: Any) -> tuple[dict[str, int], list[tuple[int, int]]]
     return by_kind, shapes
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: name → {dtype, shape, data_offsets}."""
+def safetensors_layout(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (name → {dtype, shape, data_offsets}) and the file
+    offset where its tensor data begins; the one parser of safetensors headers in edgepack."""
     with open(path, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
         if not 2 <= size <= 100 * 2**20:
             raise UsageError(f"{path} is not a safetensors file (header size {size})")
         try:
-            return json.loads(handle.read(size))
-        except ValueError:
+            header = json.loads(handle.read(size))
+        except (ValueError, UnicodeDecodeError):
             raise UsageError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    return header, 8 + size
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: name → {dtype, shape, data_offsets}."""
+    return safetensors_layout(path)[0]
 
 
 #: top-level names of output heads: counted as "other", which compressors leave alone
@@ -235,7 +257,7 @@ class ModelSource:
             raise UsageError(f"{path} is not a Hugging Face model directory: it has no config.json")
         weights = sorted(path.glob("*.safetensors"))
         if not weights:
-            if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+            if pickled_files(path):
                 raise UsageError(
                     f"{path} holds only pickled weights (*.bin); edgepack reads safetensors only, "
                     "never unpickling: convert them with save_pretrained(..., safe_serialization=True)"
@@ -285,17 +307,47 @@ class ModelSource:
         import torch
 
         cls = auto_class(self.facts.task)
-        model = cls.from_pretrained(self.path, local_files_only=True, dtype=torch.float32)
+        # use_safetensors: never fall back to a pickled checkpoint lying beside the weights
+        model = cls.from_pretrained(self.path, local_files_only=True, dtype=torch.float32, use_safetensors=True)
         return model.eval()
 
+    def ignored_files(self) -> list[str]:
+        """Pickled checkpoints in the directory that edgepack does not read (it reads only the
+        safetensors weights and never unpickles)."""
+        return [p.name for p in pickled_files(self.path)]
+
     def tokenizer(self) -> Any:
-        """The model's tokenizer (from the same directory)."""
+        """The model's tokenizer (from the same directory), checked against the model: a
+        directory without tokenizer files would otherwise get a stand-in tokenizer that maps
+        every word to the unknown token, and every smoke test would compare nothing."""
         import transformers
 
+        present = [name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+        if not present:
+            raise UsageError(
+                f"{self.path} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
+                "save the tokenizer beside the model with tokenizer.save_pretrained(...)"
+            )
         try:
-            return transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        except (OSError, ValueError) as exc:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
             raise UsageError(f"{self.path} has no tokenizer transformers can load: {exc}") from None
+        # Added special tokens may lie past vocab_size as long as no input uses them: the smoke
+        # inputs are checked for that once tokenized; the base vocabulary must fit.
+        vocab = self.facts.vocab_size
+        size = len(tokenizer)
+        base = getattr(tokenizer, "vocab_size", size)
+        if base > vocab:
+            raise UsageError(
+                f"{self.path}: the tokenizer has {base} tokens but config.json's vocab_size is {vocab}; "
+                "token ids past the embedding table would crash the model (is it the model's own tokenizer?)"
+            )
+        if size < max(2, vocab // 2):
+            raise UsageError(
+                f"{self.path}: the tokenizer has {size} tokens but config.json's vocab_size is {vocab}; "
+                "it does not look like this model's tokenizer"
+            )
+        return tokenizer
 
     def side_files(self) -> list[Path]:
         """Relative paths of extra files worth copying into the bundle (pooling configs ...)."""

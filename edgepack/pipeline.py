@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import platform
 import re
@@ -13,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import edgepack
 from edgepack.errors import EdgepackError, NoPlanFits, UsageError, VerificationError
-from edgepack.interfaces import ApplyContext, Compressor, Workload
+from edgepack.interfaces import ApplyContext, Compressor, Workload, format_option_value
 from edgepack.memory import format_size, parse_size
 from edgepack.planner import (
     DEFAULT_FLOOR, Budget, Candidate, build_candidate, fixed_plan, negotiate, search, smallest,
@@ -72,7 +73,7 @@ def _write_readme(path: Path, manifest: dict[str, Any]) -> None:
     mem = manifest["memory"]
     fid = manifest["fidelity"]
     plan = " → ".join(
-        f"{s['plugin']}({', '.join(f'{k}={v}' for k, v in sorted(s['options'].items()))})" for s in manifest["plan"]
+        f"{s['plugin']}({', '.join(f'{k}={format_option_value(v)}' for k, v in sorted(s['options'].items()))})" for s in manifest["plan"]
     ) or "none (the original weights)"
     loader = manifest["model"]["loader"]
     how = (
@@ -163,7 +164,11 @@ class SourceSession:
         """Smoke inputs, padded to the declared sequence length."""
         from edgepack.smoke import tokenize
 
-        return self._get("inputs", lambda: tokenize(self.tokenizer, self.samples, self.seq_len, self.facts.task))
+        def make() -> dict[str, Any]:
+            inputs = tokenize(self.tokenizer, self.samples, self.seq_len, self.facts.task)
+            check_smoke_tokens(self.tokenizer, inputs, self.facts.vocab_size, self.source.path)
+            return inputs
+        return self._get("inputs", make)
 
     @property
     def expected(self) -> dict[str, Any]:
@@ -181,6 +186,38 @@ class SourceSession:
         return self._get("calibration", lambda: _calibration_batches(self.tokenizer, self.seq_len, self.facts.task))
 
 
+#: Smoke inputs are refused when more of their tokens than this are the unknown token: the
+#: outputs would compare the model on nothing.
+MAX_UNKNOWN_FRACTION = 0.5
+
+
+def check_smoke_tokens(tokenizer: Any, inputs: dict[str, Any], vocab_size: int, where: Path) -> None:
+    """UsageError when a smoke input holds a token id past the model's vocabulary, or when most
+    of their tokens are the tokenizer's unknown token (a tokenizer that does not belong to the
+    model, or samples in a script it cannot read)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    top = int(ids.max()) if ids.numel() else 0
+    if top >= vocab_size:
+        raise UsageError(
+            f"{where}: the smoke inputs hold token {tokenizer.convert_ids_to_tokens(top)!r} (id {top}), past "
+            f"config.json's vocab_size {vocab_size}; the tokenizer does not match the model"
+        )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return  # byte-level tokenizers have no unknown token
+    special = set(getattr(tokenizer, "all_special_ids", [])) - {unk}
+    text = mask.clone()
+    for token in special:
+        text &= ids != token
+    total = int(text.sum())
+    unknown = int(((ids == unk) & text).sum())
+    if total and unknown / total > MAX_UNKNOWN_FRACTION:
+        raise UsageError(
+            f"{where}: {unknown} of the smoke inputs' {total} tokens are the unknown token "
+            f"{tokenizer.unk_token!r}; the tokenizer does not read these samples (is it the model's own?)"
+        )
+
+
 def open_source(model: str | Path, *, samples: str | Path | None = None, batch_size: int = 1, seq_len: int = 128,
                 cache_len: int | None = None, progress: Callable[[str], None] = _progress_default) -> SourceSession:
     """Open a model for packing and check the workload against it (UsageError on bad input)."""
@@ -193,58 +230,104 @@ def open_source(model: str | Path, *, samples: str | Path | None = None, batch_s
     sample_texts = read_samples(samples) if samples is not None else list(DEFAULT_SAMPLES)
     progress(f"reading {model}")
     source = ModelSource.open(model)
+    ignored = source.ignored_files()
+    if ignored:
+        progress(f"reading the safetensors weights; ignoring {', '.join(ignored)} (edgepack never unpickles)")
     facts = source.facts
     if facts.max_positions and seq_len > facts.max_positions:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {facts.max_positions}")
-    return SourceSession(source, sample_texts, batch_size, seq_len, cache_len, progress)
+    session = SourceSession(source, sample_texts, batch_size, seq_len, cache_len, progress)
+    session.tokenizer  # refuse a missing or foreign tokenizer before any work
+    return session
 
 
-def pack(
-    model: str | Path,
-    *,
-    target: str = "cpu",
-    out: str | Path = "dist",
-    budget: str | int | None = None,
-    apply: Sequence[str] = (),
-    batch_size: int = 1,
-    seq_len: int = 128,
-    cache_len: int | None = None,
-    min_fidelity: float | None = None,
-    version: str = "0.1.0",
-    samples: str | Path | None = None,
-    devices: int | None = None,
-    archive: bool = False,
-    name: str | None = None,
-    force: bool = False,
-    progress: Callable[[str], None] = _progress_default,
-    registry: Any = None,
-) -> PackResult:
+_BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_bundle_name(name: str, what: str = "--name") -> None:
+    """UsageError unless ``name`` is one safe path component: letters, digits, ``.``, ``_``,
+    ``-``, starting with a letter or digit, at most 100 characters (so ``../x`` or ``a/b``
+    cannot place a bundle outside ``--out``)."""
+    if not isinstance(name, str) or not _BUNDLE_NAME.match(name) or ".." in name:
+        raise UsageError(
+            f"{what} {name!r} is not a valid bundle name: use letters, digits, '.', '_' and '-' "
+            "(one path component, starting with a letter or digit, at most 100 characters)"
+        )
+
+
+@dataclass(frozen=True)
+class PackRequest:
+    """What to pack for one target: everything but the model and its workload.
+
+    :param target: target name (``cpu``, ``cuda``, ...).
+    :param out: directory the bundle ``<name>-<version>-<target>`` is written into.
+    :param budget: bytes per device (``30MB``, ``1.5GiB``, or an int); None: the target's capacity.
+    :param apply: a fixed plan, applied in order: ``PLUGIN[:KEY=VALUE,...]`` strings, or
+        mappings ``{"plugin": NAME, KEY: VALUE, ...}`` (recipes); empty: the planner chooses.
+    :param min_fidelity: floor for the fidelity metric (default per task: DEFAULT_FLOOR).
+    :param version: semantic version of the bundle.
+    :param devices: how many devices a multi-device target has.
+    :param archive: also write a deterministic ``.tar.gz``.
+    :param name: bundle name (default: the model directory's name).
+    :param force: replace an existing bundle of the same name.
+    """
+
+    target: str = "cpu"
+    out: str | Path = "dist"
+    budget: str | int | None = None
+    apply: Sequence[Any] = ()
+    min_fidelity: float | None = None
+    version: str = "0.1.0"
+    devices: int | None = None
+    archive: bool = False
+    name: str | None = None
+    force: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "PackRequest":
+        """A request from pack() keyword settings; UsageError names an unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise UsageError(f"unknown pack setting {unknown[0]!r}; valid settings: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in settings.items() if v is not None})
+
+    def check(self) -> None:
+        """Refuse bad settings before any work: version, floor, name, budget."""
+        if not _SEMVER.match(str(self.version)):
+            raise UsageError(f"--version {self.version!r} is not a semantic version such as 0.1.0")
+        if self.min_fidelity is not None and not 0.0 <= self.min_fidelity <= 1.0:
+            raise UsageError(f"--min-fidelity must be between 0 and 1, got {self.min_fidelity}")
+        if self.name is not None:
+            check_bundle_name(self.name)
+        if self.budget is not None:
+            parse_size(self.budget, "--budget")
+
+    def bundle_name(self, slug: str) -> str:
+        """``<name>-<version>-<target>``, checked to be one safe path component."""
+        bundle = f"{self.name or slug}-{self.version}-{self.target}"
+        check_bundle_name(bundle, "bundle name")
+        return bundle
+
+
+def pack(model: str | Path, *, batch_size: int = 1, seq_len: int = 128, cache_len: int | None = None,
+         samples: str | Path | None = None, progress: Callable[[str], None] = _progress_default,
+         registry: Any = None, **settings: Any) -> PackResult:
     """Pack a model for one target under a memory budget and write a verified bundle.
 
     :param model: a local Hugging Face model directory (or a hub id already in the local cache).
-    :param target: target name (``cpu``, ``cuda``, ...).
-    :param out: directory the bundle ``<name>-<version>-<target>`` is written into.
-    :param budget: bytes per device (``30MB``, ``1.5GiB``); defaults to the target's capacity.
-    :param apply: fixed plan as ``PLUGIN[:KEY=VALUE,...]`` specs, applied in order; when empty
-        the planner picks the plan.
-    :param min_fidelity: floor for the fidelity metric (default per task: see DEFAULT_FLOOR).
+    :param batch_size: declared batch size; ``seq_len``: declared sequence length; ``cache_len``:
+        decoders' KV-cache length.
     :param samples: file of smoke sample texts (JSON list or one per line).
+    :param settings: the fields of :class:`PackRequest` (target, out, budget, apply, ...).
     :raises UsageError: bad input (exit 2); NoPlanFits: nothing fits (exit 3);
         VerificationError: a fixed plan misses the fidelity floor (exit 1).
     """
-    _check_settings(version, min_fidelity)
+    request = PackRequest.from_settings(settings)
+    request.check()
     session = open_source(model, samples=samples, batch_size=batch_size, seq_len=seq_len,
                           cache_len=cache_len, progress=progress)
-    return pack_target(session, target=target, out=out, budget=budget, apply=apply, min_fidelity=min_fidelity,
-                       version=version, devices=devices, archive=archive, name=name, force=force,
-                       progress=progress, registry=registry)
-
-
-def _check_settings(version: str, min_fidelity: float | None) -> None:
-    if not _SEMVER.match(str(version)):
-        raise UsageError(f"--version {version!r} is not a semantic version such as 0.1.0")
-    if min_fidelity is not None and not 0.0 <= min_fidelity <= 1.0:
-        raise UsageError(f"--min-fidelity must be between 0 and 1, got {min_fidelity}")
+    return pack_target(session, request, progress=progress, registry=registry)
 
 
 @dataclass
@@ -256,61 +339,65 @@ class TargetOutcome:
     error: EdgepackError | None = None
 
 
-def pack_many(model: str | Path, targets: Sequence[dict[str, Any]], *, batch_size: int = 1, seq_len: int = 128,
-              cache_len: int | None = None, samples: str | Path | None = None, progress: Callable[[str], None] = _progress_default,
-              registry: Any = None, **shared: Any) -> list[TargetOutcome]:
+class PackFailed(EdgepackError):
+    """Packing one target failed in a way that is neither bad input nor a missed budget: a
+    plugin or library raised (exit 1)."""
+
+    exit_code = 1
+
+
+def pack_many(model: str | Path, targets: Sequence[PackRequest | dict[str, Any]], *, batch_size: int = 1,
+              seq_len: int = 128, cache_len: int | None = None, samples: str | Path | None = None,
+              progress: Callable[[str], None] = _progress_default, registry: Any = None,
+              **shared: Any) -> list[TargetOutcome]:
     """Pack one model for several targets in one run: the model, its golden outputs and the
-    calibration inputs are loaded and computed once. Each entry of ``targets`` holds ``target``
-    and optionally ``budget``, ``apply``, ``min_fidelity``, ``devices``; ``shared`` holds the
-    other pack() settings. A target that cannot be packed fails alone, with its reason."""
+    calibration inputs are loaded and computed once.
+
+    Each entry of ``targets`` is a :class:`PackRequest`, or a dict of its fields that is laid
+    over ``shared`` (an entry's own setting wins over a shared one). Every setting is checked
+    before any work; then a target that cannot be packed fails alone, with its reason, whatever
+    the error."""
     from edgepack.host import load_registry
 
-    for spec in targets:
-        _check_settings(spec.get("version", shared.get("version", "0.1.0")), spec.get("min_fidelity", shared.get("min_fidelity")))
+    requests = [t if isinstance(t, PackRequest) else PackRequest.from_settings({**shared, **t}) for t in targets]
+    for request in requests:
+        request.check()
     registry = registry or load_registry()
     session = open_source(model, samples=samples, batch_size=batch_size, seq_len=seq_len,
                           cache_len=cache_len, progress=progress)
     seen: dict[str, int] = {}
-    for index, spec in enumerate(targets):
-        bundle = (f"{spec.get('name') or shared.get('name') or session.source.slug}-"
-                  f"{shared.get('version', '0.1.0')}-{spec['target']}")
+    for index, request in enumerate(requests):
+        bundle = request.bundle_name(session.source.slug)
         if bundle in seen:
             raise UsageError(f"targets[{seen[bundle]}] and targets[{index}] would both write bundle {bundle}; "
                              f"give one of them its own 'name'")
         seen[bundle] = index
     outcomes = []
-    for spec in targets:
-        settings = dict(shared, **spec)
-        name = settings.pop("target")
-        progress(f"— target {name} —")
+    for request in requests:
+        progress(f"— target {request.target} —")
         try:
-            result = pack_target(session, target=name, progress=progress, registry=registry, **settings)
-            outcomes.append(TargetOutcome(name, result=result))
+            outcomes.append(TargetOutcome(request.target, result=pack_target(session, request, progress=progress,
+                                                                             registry=registry)))
         except EdgepackError as exc:
-            progress(f"target {name} failed: {exc}")
-            outcomes.append(TargetOutcome(name, error=exc))
+            progress(f"target {request.target} failed: {exc}")
+            outcomes.append(TargetOutcome(request.target, error=exc))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # one target's crash must not cost the others their bundles
+            error = PackFailed(f"packing for target {request.target} failed: {type(exc).__name__}: {exc}")
+            progress(str(error))
+            outcomes.append(TargetOutcome(request.target, error=error))
     return outcomes
 
 
-def pack_target(
-    session: SourceSession,
-    *,
-    target: str,
-    out: str | Path = "dist",
-    budget: str | int | None = None,
-    apply: Sequence[str] = (),
-    min_fidelity: float | None = None,
-    version: str = "0.1.0",
-    devices: int | None = None,
-    archive: bool = False,
-    name: str | None = None,
-    force: bool = False,
-    progress: Callable[[str], None] = _progress_default,
-    registry: Any = None,
-) -> PackResult:
+def pack_target(session: SourceSession, request: PackRequest, *, progress: Callable[[str], None] = _progress_default,
+                registry: Any = None) -> PackResult:
     """Pack an opened model for one target: negotiate, plan, apply, measure, write."""
     from edgepack.host import load_registry
 
+    request.check()
+    target, budget, apply, devices = request.target, request.budget, request.apply, request.devices
+    min_fidelity, version, name = request.min_fidelity, request.version, request.name
     registry = registry or load_registry()
     tgt = registry.target(target)
     probe = tgt.probe()
@@ -335,7 +422,7 @@ def pack_target(
             f"estimated peak is {format_size(best.estimate.peak_bytes)}, reached by {best.spec}"
         )
 
-    bundle_name = f"{name or source.slug}-{version}-{target}"
+    bundle_name = request.bundle_name(source.slug)
     original, tokenizer, inputs, expected = session.original, session.tokenizer, session.inputs, session.expected
     calibration = session.calibration
 
@@ -345,7 +432,7 @@ def pack_target(
     # An absent target (a CUDA bundle built on a CPU box) is measured for fidelity on this
     # machine's CPU; its memory is measured by verify on the target itself.
     probe_target = target if probe.present else "cpu"
-    with BundleWriter(out, bundle_name, overwrite=force) as writer:
+    with BundleWriter(request.out, bundle_name, overwrite=request.force) as writer:
         staging = writer.staging
         assert staging is not None
         from safetensors.torch import save_file
@@ -363,16 +450,28 @@ def pack_target(
             model_dir = staging / "model"
             if model_dir.exists():
                 shutil.rmtree(model_dir)
+            stage = "saving"
             try:
                 for compressor, options in candidate.steps:
-                    progress(f"  {compressor.name}: {', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'}")
+                    stage = f"plugin {compressor.name!r} ({registry.compressors[compressor.name].distribution})"
+                    progress(f"  {compressor.name}: {', '.join(f'{k}={format_option_value(v)}' for k, v in options.items()) or 'defaults'}")
                     model = compressor.apply(model, options, context)
                 progress("writing model weights")
+                stage = "saving"
                 loader = _save_model(model, candidate.steps, model_dir)
             except UsageError as exc:
                 if apply:  # the user's own plan: their mistake to hear about
                     raise
                 candidate.rejected_because = f"could not be applied: {exc}"
+                continue
+            except (MemoryError, OSError):  # the machine's trouble (disk full), not the plan's
+                raise
+            except Exception as exc:  # a plugin's bug rejects its candidate, not the whole pack
+                reason = f"{stage} failed: {type(exc).__name__}: {exc}"
+                if apply:
+                    raise PackFailed(f"plan {candidate.spec}: {reason}") from exc
+                progress(f"  rejected: {reason}")
+                candidate.rejected_because = reason
                 continue
             finally:
                 del model
@@ -443,7 +542,7 @@ def pack_target(
         final = writer.commit(manifest)
 
     result = PackResult(final, writer.manifest, candidates=candidates)
-    if archive:
+    if request.archive:
         from edgepack.bundle.archive import create_archive
 
         progress("writing archive")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from edgepack.errors import UsageError
 from edgepack.interfaces import Compressor, ModelFacts, PlanStep, Probe, Target, Workload
@@ -115,14 +115,38 @@ class Candidate:
         return data
 
 
+def _split_options(spec: str, rest: str) -> list[str]:
+    """Split ``KEY=VALUE`` pairs on the commas outside brackets, so that a list value
+    (``keep=[layer.0.,layer.5.]``) stays one pair."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(rest):
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise UsageError(f"--apply {spec!r}: lists do not nest")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise UsageError(f"--apply {spec!r} has a ']' without its '['")
+        elif char == "," and depth == 0:
+            parts.append(rest[start:i])
+            start = i + 1
+    if depth:
+        raise UsageError(f"--apply {spec!r} has a '[' without its ']'")
+    parts.append(rest[start:])
+    return parts
+
+
 def parse_apply(spec: str) -> tuple[str, dict[str, str]]:
-    """``quantize:scheme=int4,group_size=64`` → (``quantize``, {scheme: int4, group_size: 64})."""
+    """``quantize:scheme=int4,group_size=64`` → (``quantize``, {scheme: int4, group_size: 64}).
+
+    A list value is bracketed: ``quantize:keep=[layer.0.,layer.5.]``."""
     name, _, rest = spec.partition(":")
     name = name.strip()
     if not name:
         raise UsageError(f"--apply {spec!r} names no plugin; use PLUGIN[:KEY=VALUE,...]")
     options: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
+    for part in filter(None, (p.strip() for p in _split_options(spec, rest))):
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise UsageError(f"--apply {spec!r}: {part!r} is not KEY=VALUE")
@@ -144,12 +168,19 @@ def build_candidate(steps: list[tuple[Compressor, dict[str, Any]]], facts: Model
     return Candidate(list(steps), estimate, cost, fits, reason, notes=footprint.notes)
 
 
-def fixed_plan(registry: Any, specs: Sequence[str], probe: Probe) -> list[tuple[Compressor, dict[str, Any]]]:
+def fixed_plan(registry: Any, specs: Sequence[str | Mapping[str, Any]], probe: Probe) -> list[tuple[Compressor, dict[str, Any]]]:
     """The steps named by ``--apply`` flags, options parsed and checked against the target and
     the steps before them; UsageError names the option or the incompatibility."""
     steps: list[tuple[Compressor, dict[str, Any]]] = []
     for spec in specs:
-        name, raw = parse_apply(spec)
+        if isinstance(spec, Mapping):  # a recipe's table: {plugin = "quantize", keep = [...]}
+            raw = {k: v for k, v in spec.items() if k != "plugin"}
+            name = spec.get("plugin")
+            if not isinstance(name, str) or not name:
+                raise UsageError(f"apply entry {dict(spec)!r} needs a 'plugin' name")
+            spec = PlanStep(name, "", raw).spec()
+        else:
+            name, raw = parse_apply(spec)
         compressor = registry.compressor(name)
         options = compressor.parse_options(raw)
         previous = [PlanStep(c.name, c.version, o) for c, o in steps]

@@ -25,7 +25,12 @@ per target in one run; the model, its golden outputs and calibration inputs are 
     budget = "2GB"
     apply = ["precision:dtype=fp16"]
 
-Paths (``samples``, ``out``) are relative to the recipe's directory.
+Paths (``samples``, ``out``) are relative to the recipe's directory. A setting comes from the
+first place that gives it: a command-line flag, the ``[[targets]]`` entry, the top level, the
+default (:func:`merge`). ``--target T`` with ``[[targets]]`` packs only the entries for T.
+
+A step of ``apply`` is a string (``"quantize:scheme=int8,keep=[layer.0.,layer.5.]"``) or a
+table (``{plugin = "quantize", scheme = "int8", keep = ["layer.0.", "layer.5."]}``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,38 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 
 #: keys a ``[[targets]]`` entry may set
 TARGET_KEYS = ("target", "budget", "apply", "min_fidelity", "devices", "name")
+
+#: pack() keywords that describe the model's workload, shared by every target of a run
+SOURCE_KEYS = ("batch_size", "seq_len", "cache_len", "samples")
+
+
+def merge(recipe: dict[str, Any], flags: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Settings for one pack run, each from the first place that gives it: a command-line flag,
+    then the recipe's ``[[targets]]`` entry, then the recipe's top level, then the default.
+
+    :param recipe: :func:`read_recipe`'s result (``{}`` without a recipe).
+    :param flags: pack() keywords given on the command line (None means not given).
+    :returns: (workload settings for :func:`edgepack.pipeline.open_source`, one dict of
+        :class:`edgepack.pipeline.PackRequest` fields per target). With ``[[targets]]`` and
+        ``--target T``, only the entries for target T are packed.
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    top = {k: v for k, v in recipe.items() if k != "targets"}
+    source = {k: given.get(k, top.get(k)) for k in SOURCE_KEYS if given.get(k, top.get(k)) is not None}
+    entries = recipe.get("targets")
+    if entries and "target" in given:
+        entries = [e for e in entries if e["target"] == given["target"]]
+        if not entries:
+            listed = ", ".join(sorted({e["target"] for e in recipe["targets"]}))
+            raise UsageError(f"--target {given['target']}: the recipe's [[targets]] has no entry for it "
+                             f"(its targets: {listed})")
+    per_target = []
+    for entry in entries or [{}]:
+        settings = {k: v for k, v in top.items() if k not in SOURCE_KEYS}
+        settings.update(entry)
+        settings.update({k: v for k, v in given.items() if k not in SOURCE_KEYS})
+        per_target.append(settings)
+    return source, per_target
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -103,8 +140,10 @@ def _convert(file: Path, data: dict[str, Any], where: str = "") -> dict[str, Any
         name, kind = KEYS[norm]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UsageError(f"recipe {file}: key {where}{key!r} has the wrong type ({type(value).__name__})")
-        if norm == "apply" and not all(isinstance(v, str) for v in value):
-            raise UsageError(f"recipe {file}: key {where}'apply' must be a list of PLUGIN[:KEY=VALUE,...] strings")
+        if norm == "apply" and not all(isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("plugin"), str))
+                                       for v in value):
+            raise UsageError(f"recipe {file}: key {where}'apply' must be a list of PLUGIN[:KEY=VALUE,...] strings "
+                             "or tables with a 'plugin' key")
         if norm == "budget":
             value = parse_size(value, f"recipe {file}: {where}budget")
         if norm in ("samples", "out"):

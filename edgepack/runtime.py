@@ -16,8 +16,41 @@ from edgepack.interfaces import PlanStep
 
 
 def plan_steps(manifest: dict[str, Any]) -> list[PlanStep]:
-    """The manifest's plan as PlanStep objects."""
+    """The manifest's plan as PlanStep objects (options as stored; :func:`load_model_dir`
+    checks them with each plugin's ``parse_options`` before use)."""
     return [PlanStep(s["plugin"], s["version"], s.get("options", {})) for s in manifest["plan"]]
+
+
+def checked_steps(steps: Sequence[PlanStep], registry: Any) -> list[PlanStep]:
+    """The plan with every step's options parsed by its plugin, so a hand-edited manifest cannot
+    hand ``restore``/``prepare`` values the plugin never accepts; VerificationError names the
+    step at fault, or the plugin that is not installed here."""
+    checked = []
+    for index, step in enumerate(steps):
+        where = f"manifest.json:plan[{index}]"
+        if step.plugin not in registry.compressors:
+            raise VerificationError(
+                f"{where}: the bundle needs compression plugin {step.plugin!r} {step.version}, "
+                "which is not installed here"
+            )
+        try:
+            options = registry.compressor(step.plugin).parse_options(dict(step.options))
+        except UsageError as exc:
+            raise VerificationError(f"{where}.options: {exc}") from None
+        checked.append(PlanStep(step.plugin, step.version, options))
+    return checked
+
+
+def refuse_pickles(model_dir: Path) -> None:
+    """VerificationError when ``model_dir`` holds a pickled checkpoint: bundles hold safetensors
+    and JSON only, and nothing is ever unpickled."""
+    from edgepack.model import pickled_files
+
+    found = pickled_files(model_dir) if model_dir.is_dir() else []
+    if found:
+        raise VerificationError(
+            f"{found[0]} is a pickled checkpoint; bundles hold safetensors and JSON only and edgepack never unpickles"
+        )
 
 
 def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loader: str | None,
@@ -37,16 +70,17 @@ def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loa
     probe = probe or target.probe()
     if not probe.present:
         raise UsageError(f"target {target_name!r} is not present on this machine: {probe.detail.get('reason', '')}".rstrip(": "))
+    steps = checked_steps(steps, registry)
+    refuse_pickles(model_dir)
     if loader:
         step = next((s for s in steps if s.plugin == loader), None)
         if step is None:
             raise VerificationError(f"manifest names loader {loader!r}, which is not in its plan")
         model = registry.compressor(loader).restore(model_dir, step.options, target.device_type)
     else:
-        model = auto_class(task).from_pretrained(model_dir, dtype="auto", local_files_only=True)
+        model = auto_class(task).from_pretrained(model_dir, dtype="auto", local_files_only=True, use_safetensors=True)
     for step in steps:
-        if step.plugin in registry.compressors:
-            model = registry.compressor(step.plugin).prepare(model, step.options, target.device_type, probe)
+        model = registry.compressor(step.plugin).prepare(model, step.options, target.device_type, probe)
     model = target.place(model, probe)
     return model.eval(), probe
 

@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--json", dest="json_out", help="also write the rows to this JSON file")
     args = parser.parse_args()
 
-    from edgepack.cli import quiet_libraries
+    from edgepack.environment import quiet_libraries
 
     quiet_libraries()
     import torch

@@ -19,7 +19,7 @@ Schemes:
     manifest names this plugin as the loader.
 
 ``keep=`` lists module-name fragments kept in higher precision (for example ``keep=word_embeddings``
-or ``keep=layer.0.,layer.5.``).
+or ``keep=[layer.0.,layer.5.]``).
 
 At run time int8 and int4 weights stay packed in memory and are dequantized per call to the
 activations' dtype (:class:`QuantLinear`, :class:`QuantEmbedding`; embeddings dequantize only
@@ -298,7 +298,7 @@ class Quantize(Compressor):
         Option("scheme", str, ("int8", "int8-dynamic", "int4"), "int8", help="storage scheme"),
         Option("group_size", int, (16, 32, 64, 128), None, help="int4: columns sharing a scale (default 32)"),
         Option("embeddings", bool, (), None, help="quantize embedding tables too (default true)"),
-        Option("keep", str, (), None, help="comma-separated module-name fragments kept unquantized"),
+        Option("keep", list, (), None, help="module-name fragments kept unquantized, as keep=[layer.0.,layer.5.]"),
         Option("method", str, ("gptq", "rtn"), None,
                help="int4 rounding: gptq (error-compensating, uses calibration inputs; default) or rtn"),
         Option("compute", str, ("auto", "input"), None,
@@ -370,7 +370,7 @@ class Quantize(Compressor):
 
     def apply(self, model: Any, options: Mapping[str, Any], context: ApplyContext) -> Any:
         """Quantize the selected modules in place."""
-        keep = [k.strip() for k in (options.get("keep") or "").split(",") if k.strip()]
+        keep = list(options.get("keep") or ())
         chosen = _targets(model, _embeddings(options), keep)
         if not chosen:
             raise UsageError("quantize found no Linear or Embedding modules to quantize (check keep=)")

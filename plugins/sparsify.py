@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import edgepack
+from edgepack.environment import trim_heap
 from edgepack.errors import UsageError
 from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts, Option, PlanStep, Probe
 
@@ -58,7 +59,7 @@ DEFAULT_SPARSITY = 0.5
 ALREADY_SPARSE = 0.05
 
 from edgepack.lazy import LazyModule
-from edgepack.model import float_dtype_name, replace_module, unique_tensors
+from edgepack.model import float_dtype_name, replace_module, safetensors_layout, unique_tensors
 
 # Imported on first use: registering the plugin must not import torch (fast --help).
 torch = LazyModule("torch")
@@ -230,10 +231,8 @@ def _read_tensors(file: Path, keys: Sequence[str]) -> dict[str, Any]:
     """Tensors of a safetensors file read with plain reads into private memory, not through a
     memory map: pages read this way do not stay in the process's resident set after the tensors
     are freed (a map's touched pages do, as long as any tensor of the file is alive)."""
+    header, base = safetensors_layout(file)
     with open(file, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-        base = 8 + size
         out = {}
         for key in keys:
             info = header[key]
@@ -244,19 +243,6 @@ def _read_tensors(file: Path, keys: Sequence[str]) -> dict[str, Any]:
             dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
             out[key] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
     return out
-
-
-def _release_free_memory() -> None:
-    """Give freed heap pages back to the OS (glibc's malloc_trim), where there is glibc: the
-    compressed tensors freed after expanding at load leave holes between the dense weights."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _prune_sparsity(previous: Sequence[PlanStep]) -> float | None:
@@ -466,7 +452,7 @@ class Sparsify(Compressor):
             replace_module(model, name, module)
         model = assign_weights(model, tensors, file)
         if dense:
-            _release_free_memory()
+            trim_heap()  # the freed compressed tensors leave holes between the dense weights
         model._edgepack_sparse = {"format": meta.get("sparse_format", "bitmask"), "modules": list(sparse)}
         return model
 
