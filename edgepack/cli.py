@@ -16,7 +16,7 @@ import click
 
 from edgepack import __version__
 from edgepack.environment import quiet_libraries
-from edgepack.errors import EdgepackError, UsageError
+from edgepack.errors import EdgepackError, UsageError, VerificationError
 
 _STARTED = time.monotonic()
 
@@ -347,7 +347,10 @@ def inspect(bundle: str, as_json: bool) -> None:
     from edgepack.bundle.reader import open_path, read_manifest
     from edgepack.memory import format_size
 
-    root = open_path(bundle)
+    try:
+        root = open_path(bundle)
+    except VerificationError as exc:  # an unreadable archive: bad input to inspect
+        raise UsageError(str(exc)) from None
     manifest, failures = read_manifest(root)
     if manifest is None:
         raise UsageError(f"{root}: {failures[0].path}: {failures[0].detail}")

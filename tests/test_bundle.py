@@ -117,17 +117,30 @@ def test_staging_is_hidden_and_bundle_appears_only_at_commit(tmp_path):
 def test_commit_writes_the_manifest_last_then_renames(tmp_path, monkeypatch):
     seen = []
     real_rename = os.rename
+    real_renameat2 = writer_module._renameat2
 
-    def spy(src, dst):
+    def record(src, dst):
         src = Path(src)
         seen.append({
             "manifest": (src / MANIFEST).is_file(),
             "final_exists": Path(dst).exists(),
             "mtimes": {p.relative_to(src).as_posix(): p.stat().st_mtime_ns for p in src.rglob("*") if p.is_file()},
         })
+
+    def spy_rename(src, dst):
+        record(src, dst)
         return real_rename(src, dst)
 
-    monkeypatch.setattr(writer_module.os, "rename", spy)
+    def spy_renameat2(src, dst, flags):
+        record(src, dst)
+        try:
+            return real_renameat2(src, dst, flags)
+        except OSError:
+            seen.pop()  # renameat2 unsupported here: the writer falls back to os.rename
+            raise
+
+    monkeypatch.setattr(writer_module.os, "rename", spy_rename)
+    monkeypatch.setattr(writer_module, "_renameat2", spy_renameat2)
     final = write_bundle(tmp_path / "dist")
     assert len(seen) == 1
     assert seen[0]["manifest"] and not seen[0]["final_exists"]

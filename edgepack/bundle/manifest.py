@@ -1,17 +1,40 @@
-"""The bundle manifest (format 1.0): schema, canonical JSON, and file hashing."""
+"""The bundle manifest (format 1.0): schema, canonical JSON, file hashing and integrity.
+
+Everything a reader takes from a manifest is checked here before it is used: the schema
+(:func:`schema_failures`) validates the type and range of every field that edgepack reads
+(``verify``, ``inspect``, ``load``), and :func:`integrity_failures` compares the bundle tree with
+the manifest's ``files`` without following links.
+
+Links: nothing inside a bundle may be a symbolic link (file or directory) or a special file
+(FIFO, socket, device); the tree is walked with ``lstat`` and never through a link. The bundle
+root itself is the path the user named and may be a link (``dist/latest -> dist/x-0.1.0``):
+it is outside the bundle's content, so it is followed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+import math
+import os
+import posixpath
+import re
+import stat
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from edgepack.model import sha256_file
+from edgepack.errors import UsageError
 
 FORMAT = "edgepack.bundle"
 FORMAT_VERSION = "1.0"
 MANIFEST = "manifest.json"
+
+#: A manifest larger than this is refused before it is read (real ones are a few kB).
+MAX_MANIFEST_BYTES = 64 * 2**20
+
+#: The tasks a bundle can declare (``model.task``).
+TASKS = ("feature-extraction", "text-generation")
 
 #: Top-level keys and the JSON type each must have.
 SCHEMA: dict[str, type | tuple[type, ...]] = {
@@ -46,6 +69,17 @@ NESTED: dict[str, tuple[str, ...]] = {
     "model": ("task", "loader"),
 }
 
+#: Keys of each plan entry.
+PLAN_KEYS = ("plugin", "version", "options")
+
+#: Keys of each files entry.
+FILE_KEYS = ("path", "size", "sha256")
+
+#: The smoke keys that name files in the bundle.
+SMOKE_FILES = ("inputs", "expected", "tolerances")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -65,15 +99,147 @@ def canonical_json(data: Any) -> bytes:
     return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+# ---------------------------------------------------------------------------------------------
+# Paths, the link-free tree walk, and hashing without following links
+
+
+def path_problem(rel: Any) -> str | None:
+    """Why ``rel`` is not a safe bundle-relative path, or None when it is one.
+
+    A safe path is a non-empty, normalised POSIX path below the bundle directory: not absolute,
+    no ``..``, ``.`` or empty components, no backslash or NUL.
+    """
+    if not isinstance(rel, str):
+        return "must be a string naming a file in the bundle"
+    if rel == "":
+        return "must not be empty"
+    if rel.startswith(("/", "\\")) or Path(rel).is_absolute() or ".." in rel.split("/"):
+        return "path escapes the bundle directory"
+    if "\\" in rel or "\0" in rel:
+        return "must be a POSIX path without backslashes or NUL characters"
+    if posixpath.normpath(rel) != rel or rel == ".":
+        return "must be a normalised relative path (no '.', empty components or trailing '/')"
+    return None
+
+
+def unsafe_path(rel: str) -> bool:
+    """Whether a manifest or archive path could escape the bundle directory or is not normalised."""
+    return path_problem(rel) is not None
+
+
+def path_sort_key(rel: str) -> list[str]:
+    """Sort by path components (as ``sorted(Path...)`` does), not as plain strings."""
+    return rel.split("/")
+
+
+@dataclass
+class TreeScan:
+    """What is below a bundle directory, found without following any link.
+
+    :param files: regular files, by bundle-relative path, with their ``lstat``.
+    :param dirs: directories, by bundle-relative path.
+    :param problems: links, special files and unreadable entries, each with a sentence.
+    """
+
+    files: dict[str, os.stat_result] = field(default_factory=dict)
+    dirs: list[str] = field(default_factory=list)
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+LINK_REFUSED = "is a symbolic link; a bundle holds regular files and directories only, links are refused"
+SPECIAL_REFUSED = ("is not a regular file or directory (a FIFO, socket or device); "
+                   "a bundle holds regular files and directories only")
+
+
+def scan_tree(root: Path) -> TreeScan:
+    """Walk ``root`` with ``os.scandir`` and ``lstat`` only: links are reported, never followed."""
+    scan = TreeScan()
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        directory = os.path.join(os.fspath(root), rel_dir) if rel_dir else os.fspath(root)
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            scan.problems[rel_dir or "."] = f"directory cannot be read: {exc.strerror or exc}"
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                scan.problems[rel] = f"cannot be read: {exc.strerror or exc}"
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                scan.problems[rel] = LINK_REFUSED
+            elif stat.S_ISDIR(info.st_mode):
+                scan.dirs.append(rel)
+                pending.append(rel)
+            elif stat.S_ISREG(info.st_mode):
+                scan.files[rel] = info
+            else:
+                scan.problems[rel] = SPECIAL_REFUSED
+    scan.dirs.sort(key=path_sort_key)
+    return scan
+
+
+class NotRegularFile(OSError):
+    """A path that was a regular file when listed is not one when opened (a link or FIFO)."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of ``path``, refusing (never following) a link and never blocking
+    on a FIFO. Raises NotRegularFile when ``path`` is not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if os.path.islink(path):
+            raise NotRegularFile(exc.errno, LINK_REFUSED) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFile(0, SPECIAL_REFUSED)
+    return fd
+
+
+def hash_regular(path: str | os.PathLike[str], chunk: int = 1 << 20) -> tuple[int, str]:
+    """(size, hex sha256) of a regular file, read through a descriptor that refused links."""
+    fd = open_regular(path)
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "rb", closefd=True) as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
 def file_entries(root: Path) -> list[dict[str, Any]]:
-    """``{path, size, sha256}`` of every file below ``root`` except the manifest, by path."""
+    """``{path, size, sha256}`` of every file below ``root`` except the manifest, by path.
+
+    Raises UsageError when the tree holds a link or a special file: a bundle holds regular
+    files and directories only, and links are never followed.
+    """
+    root = Path(root)
+    scan = scan_tree(root)
+    if scan.problems:
+        rel = sorted(scan.problems, key=path_sort_key)[0]
+        raise UsageError(f"{root / rel} {scan.problems[rel]}")
     entries = []
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = file.relative_to(root).as_posix()
+    for rel in sorted(scan.files):
         if rel == MANIFEST:
             continue
-        entries.append({"path": rel, "size": file.stat().st_size, "sha256": sha256_file(file)})
-    return sorted(entries, key=lambda e: e["path"])
+        try:
+            size, digest = hash_regular(root / rel)
+        except OSError as exc:
+            raise UsageError(f"{root / rel} cannot be read: {exc.strerror or exc}") from None
+        entries.append({"path": rel, "size": size, "sha256": digest})
+    return entries
 
 
 def major(version: str) -> int | None:
@@ -82,62 +248,294 @@ def major(version: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+# ---------------------------------------------------------------------------------------------
+# The schema
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _show(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # pragma: no cover - manifests come from JSON
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _positive_int(value: Any) -> str | None:
+    return None if _is_int(value) and value > 0 else f"must be a positive integer, got {_show(value)}"
+
+
+def _peak(value: Any) -> str | None:
+    if value is None or (_is_int(value) and value >= 0):
+        return None
+    return f"must be a non-negative integer or null, got {_show(value)}"
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) else f"must be a string, got {_show(value)}"
+
+
+def _name(value: Any) -> str | None:
+    return None if isinstance(value, str) and value else f"must be a non-empty string, got {_show(value)}"
+
+
+def _number(value: Any) -> str | None:
+    return None if _is_number(value) else f"must be a finite number, got {_show(value)}"
+
+
+def _strings(value: Any) -> str | None:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return None
+    return f"must be a list of strings, got {_show(value)}"
+
+
+def _string_map(value: Any) -> str | None:
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        return None
+    return f"must be a JSON object of strings, got {_show(value)}"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, str) and value in choices:
+            return None
+        return f"must be one of {', '.join(repr(c) for c in choices)}, got {_show(value)}"
+    return check
+
+
+def _loader(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return None
+    return f"must be a plugin name or null, got {_show(value)}"
+
+
+def _smoke_file(value: Any) -> str | None:
+    problem = path_problem(value)
+    if problem is None and value == MANIFEST:
+        problem = f"must name a smoke file, not {MANIFEST}"
+    return None if problem is None else f"{problem}, got {_show(value)}"
+
+
+#: ``section.key`` -> check returning a sentence when the value is wrong. Required keys are
+#: listed in NESTED (reported as missing); the others are checked only when present.
+FIELDS: dict[str, Callable[[Any], str | None]] = {
+    "bundle.name": _name,
+    "bundle.version": _name,
+    "bundle.created": _string,
+    "producer.edgepack": _string,
+    "producer.python": _string,
+    "producer.torch": _string,
+    "producer.transformers": _string,
+    "producer.plugins": _string_map,
+    "source.model": _string,
+    "source.sha256": _string_map,
+    "target.name": _name,
+    "target.devices": _positive_int,
+    "target.capabilities": _strings,
+    "workload.batch_size": _positive_int,
+    "workload.seq_len": _positive_int,
+    "workload.cache_len": _positive_int,
+    "budget.bytes_per_device": _positive_int,
+    "budget.source": _one_of("user", "target"),
+    "memory.budget_bytes": _positive_int,
+    "memory.predicted_peak_bytes": _peak,
+    "memory.measured_peak_bytes": _peak,
+    "memory.scope": _string,
+    "fidelity.metric": _name,
+    "fidelity.value": _number,
+    "fidelity.floor": _number,
+    "smoke.inputs": _smoke_file,
+    "smoke.expected": _smoke_file,
+    "smoke.tolerances": _smoke_file,
+    "smoke.new_tokens": _positive_int,
+    "model.task": _one_of(*TASKS),
+    "model.loader": _loader,
+}
+
+
+def _plan_failures(plan: list[Any]) -> list[tuple[str, str]]:
+    problems = []
+    for i, step in enumerate(plan):
+        key = f"plan[{i}]"
+        if not isinstance(step, dict):
+            problems.append((key, f"must be a JSON object with plugin, version and options, got {_show(step)}"))
+            continue
+        for sub in PLAN_KEYS:
+            if sub not in step:
+                problems.append((f"{key}.{sub}", "required key is missing"))
+        if "plugin" in step and (problem := _name(step["plugin"])):
+            problems.append((f"{key}.plugin", problem))
+        if "version" in step and (problem := _string(step["version"])):
+            problems.append((f"{key}.version", problem))
+        if "options" in step and not isinstance(step["options"], dict):
+            problems.append((f"{key}.options", f"must be a JSON object, got {_show(step['options'])}"))
+    return problems
+
+
+def _files_failures(files: list[Any]) -> list[tuple[str, str]]:
+    problems = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(files):
+        key = f"files[{i}]"
+        if not (isinstance(entry, dict) and all(k in entry for k in FILE_KEYS)):
+            problems.append((key, "needs path, size and sha256"))
+            continue
+        path, size, digest = entry["path"], entry["size"], entry["sha256"]
+        if (problem := path_problem(path)) is not None:
+            problems.append((f"{key}.path", f"{problem}, got {_show(path)}"))
+        elif path == MANIFEST:
+            problems.append((f"{key}.path", f"must not list {MANIFEST} itself"))
+        elif path in seen:
+            problems.append((f"{key}.path", f"lists {path} more than once (also files[{seen[path]}])"))
+        else:
+            seen[path] = i
+        if not (_is_int(size) and size >= 0):
+            problems.append((f"{key}.size", f"must be a non-negative integer, got {_show(size)}"))
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            problems.append((f"{key}.sha256", f"must be 64 lowercase hexadecimal digits, got {_show(digest)}"))
+    return problems
+
+
 def schema_failures(manifest: Any) -> list[Failure]:
-    """Every way ``manifest`` departs from format 1.0 (empty when it conforms)."""
+    """Every way ``manifest`` departs from format 1.0 (empty when it conforms).
+
+    Checks the top-level keys and their JSON types, the required nested keys, and the type
+    and range of every field edgepack reads (see :data:`FIELDS`), each plan and candidate
+    entry, and each ``files`` entry (a safe path, listed once; a size; a sha256). That the
+    smoke files are among ``files`` is :func:`reference_failures`.
+    """
     if not isinstance(manifest, dict):
         return [Failure("schema", MANIFEST, "the manifest is not a JSON object")]
     failures = []
+
+    def add(key: str, detail: str) -> None:
+        failures.append(Failure("schema", f"{MANIFEST}:{key}", detail))
+
     if manifest.get("format") != FORMAT:
-        failures.append(Failure("schema", f"{MANIFEST}:format", f"expected {FORMAT!r}, got {manifest.get('format')!r}"))
+        add("format", f"expected {FORMAT!r}, got {_show(manifest.get('format'))}")
     for key, kind in SCHEMA.items():
         if key not in manifest:
-            failures.append(Failure("schema", f"{MANIFEST}:{key}", "required key is missing"))
+            add(key, "required key is missing")
         elif not isinstance(manifest[key], kind):
-            failures.append(Failure("schema", f"{MANIFEST}:{key}", f"must be a JSON {kind.__name__}"))
+            add(key, f"must be a JSON {kind.__name__}")
     for key, inner in NESTED.items():
         if isinstance(manifest.get(key), dict):
             for sub in inner:
                 if sub not in manifest[key]:
-                    failures.append(Failure("schema", f"{MANIFEST}:{key}.{sub}", "required key is missing"))
-    for i, entry in enumerate(manifest.get("files") or []):
-        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
-                and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
-            failures.append(Failure("schema", f"{MANIFEST}:files[{i}]", "needs path, size and sha256"))
+                    add(f"{key}.{sub}", "required key is missing")
+    for dotted, check in FIELDS.items():
+        section, sub = dotted.split(".")
+        node = manifest.get(section)
+        if isinstance(node, dict) and sub in node and (problem := check(node[sub])):
+            add(dotted, problem)
+    if isinstance(manifest.get("plan"), list):
+        for key, problem in _plan_failures(manifest["plan"]):
+            add(key, problem)
+    if isinstance(manifest.get("candidates"), list):
+        for i, candidate in enumerate(manifest["candidates"]):
+            if not isinstance(candidate, dict):
+                add(f"candidates[{i}]", f"must be a JSON object, got {_show(candidate)}")
+    if isinstance(manifest.get("files"), list):
+        for key, problem in _files_failures(manifest["files"]):
+            add(key, problem)
+    model, plan = manifest.get("model"), manifest.get("plan")
+    if isinstance(model, dict) and isinstance(model.get("loader"), str) and model["loader"] and isinstance(plan, list):
+        plugins = {s.get("plugin") for s in plan if isinstance(s, dict)}
+        if model["loader"] not in plugins:
+            add("model.loader", f"names plugin {model['loader']!r}, which is not in the plan")
     return failures
 
 
-def unsafe_path(rel: str) -> bool:
-    """Whether a manifest path could escape the bundle directory."""
-    path = Path(rel)
-    return path.is_absolute() or ".." in path.parts or rel.startswith(("/", "\\")) or rel == ""
+def reference_failures(manifest: dict[str, Any]) -> list[Failure]:
+    """Fields that name bundle files but name none of the files listed in ``files``
+    (``smoke.inputs``, ``smoke.expected``, ``smoke.tolerances``); for a schema-valid manifest."""
+    listed = {e["path"] for e in manifest.get("files", []) if isinstance(e, dict)}
+    failures = []
+    smoke = manifest.get("smoke")
+    if isinstance(smoke, dict):
+        for key in SMOKE_FILES:
+            rel = smoke.get(key)
+            if isinstance(rel, str) and rel not in listed:
+                failures.append(Failure("schema", f"{MANIFEST}:smoke.{key}",
+                                        f"names {rel}, which is not among the bundle's listed files"))
+    return failures
+
+
+def tolerances_problem(tolerances: Any) -> str | None:
+    """What is wrong with a parsed ``smoke/tolerances.json`` (None when it is well formed):
+    an object with ``metric`` (a string) and ``min_value`` and ``min_worst`` (numbers)."""
+    if not isinstance(tolerances, dict):
+        return f"must hold a JSON object with metric, min_value and min_worst, got {_show(tolerances)}"
+    problems = []
+    for key, check, kind in (("metric", _name, "a string"), ("min_value", _number, "a number"),
+                             ("min_worst", _number, "a number")):
+        if key not in tolerances:
+            problems.append(f"{key} is missing")
+        elif check(tolerances[key]):
+            problems.append(f"{key} must be {kind}, got {_show(tolerances[key])}")
+    return f"malformed tolerances: {'; '.join(problems)}" if problems else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity
 
 
 def integrity_failures(root: Path, manifest: dict[str, Any]) -> list[Failure]:
-    """Files changed, missing or unlisted, compared with the manifest's ``files``."""
+    """Files changed, missing, unlisted, unreadable, links or special files, compared with the
+    manifest's ``files``. Links are reported and never followed; nothing raises for a
+    malformed tree (unreadable files and directories are failures naming the path)."""
+    root = Path(root)
+    scan = scan_tree(root)
+    problems = dict(scan.problems)
+    blocked = set(scan.problems)
     failures = []
-    listed = set()
-    for entry in manifest.get("files", []):
+    listed: set[str] = set()
+    for i, entry in enumerate(manifest.get("files", [])):
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+            failures.append(Failure("files", f"{MANIFEST}:files[{i}]", "needs path, size and sha256"))
+            continue
         rel = entry["path"]
         listed.add(rel)
         if unsafe_path(rel):
-            failures.append(Failure("files", rel, "path escapes the bundle directory"))
+            failures.append(Failure("files", rel, path_problem(rel) or "unsafe path"))
             continue
-        file = root / rel
-        if not file.is_file() or file.is_symlink():
+        if rel in problems:
+            failures.append(Failure("files", rel, problems.pop(rel)))
+            continue
+        parts = rel.split("/")
+        if any("/".join(parts[:n]) in blocked for n in range(1, len(parts))):
+            continue  # below a link or an unreadable directory: reported once, for that path
+        info = scan.files.get(rel)
+        if info is None:
             failures.append(Failure("files", rel, "listed in the manifest but missing"))
             continue
-        size = file.stat().st_size
-        if size != entry["size"]:
-            failures.append(Failure("files", rel, f"size expected {entry['size']}, actual {size}"))
+        if info.st_size != entry.get("size"):
+            failures.append(Failure("files", rel, f"size expected {entry.get('size')}, actual {info.st_size}"))
             continue
-        digest = sha256_file(file)
-        if digest != entry["sha256"]:
-            failures.append(Failure("files", rel, f"sha256 expected {entry['sha256']}, actual {digest}"))
-    for file in sorted(root.rglob("*")):
-        rel = file.relative_to(root).as_posix()
-        if rel == MANIFEST or rel in listed:
+        try:
+            size, digest = hash_regular(root / rel)
+        except NotRegularFile as exc:
+            failures.append(Failure("files", rel, exc.strerror or SPECIAL_REFUSED))
             continue
-        if file.is_dir() and any(p.startswith(rel + "/") for p in listed):
+        except OSError as exc:
+            failures.append(Failure("files", rel, f"cannot be read: {exc.strerror or exc}"))
             continue
-        failures.append(Failure("files", rel, "not listed in the manifest"))
+        if size != entry.get("size"):
+            failures.append(Failure("files", rel, f"size expected {entry.get('size')}, actual {size}"))
+        elif digest != entry.get("sha256"):
+            failures.append(Failure("files", rel, f"sha256 expected {entry.get('sha256')}, actual {digest}"))
+    parents = {"/".join(p.split("/")[:n]) for p in listed for n in range(1, p.count("/") + 1)}
+    rest = list(problems.items())
+    rest += [(rel, "not listed in the manifest") for rel in scan.files if rel != MANIFEST and rel not in listed]
+    rest += [(rel, "not listed in the manifest") for rel in scan.dirs if rel not in parents and rel not in listed]
+    for rel, detail in sorted(rest, key=lambda item: path_sort_key(item[0])):
+        failures.append(Failure("files", rel, detail))
     return failures

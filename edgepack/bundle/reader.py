@@ -1,24 +1,36 @@
-"""Reading bundles: the manifest, its format version, and the integrity of every file."""
+"""Reading bundles: the manifest, its format version, and the integrity of every file.
+
+Nothing here follows a link inside a bundle or raises for a malformed bundle: every problem is
+a :class:`~edgepack.bundle.manifest.Failure` (or, from :func:`read_verified`, one
+VerificationError naming the first).
+"""
 
 from __future__ import annotations
 
 import atexit
 import json
+import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from edgepack.bundle.archive import is_archive, safe_extract
 from edgepack.bundle.manifest import (
-    FORMAT_VERSION, MANIFEST, Failure, integrity_failures, major, schema_failures,
+    FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, Failure, NotRegularFile, integrity_failures, major,
+    open_regular, reference_failures, schema_failures,
 )
 from edgepack.errors import UsageError, VerificationError
 
 
 def open_path(bundle: str | Path) -> Path:
     """The bundle directory for ``bundle``: the directory itself, or an archive extracted
-    (with every member checked) into a temporary directory removed at exit."""
+    (with every member checked) into a temporary directory removed at exit.
+
+    The path given may itself be a link (it is the user's name for the bundle); links inside
+    the bundle are refused by the integrity check. An unreadable archive raises
+    VerificationError."""
     path = Path(bundle)
     if not path.exists():
         raise UsageError(f"bundle {path} does not exist")
@@ -31,15 +43,44 @@ def open_path(bundle: str | Path) -> Path:
     return path
 
 
-def read_manifest(root: Path) -> tuple[dict[str, Any] | None, list[Failure]]:
-    """The parsed manifest and what is wrong with it (missing, not JSON, wrong version, schema)."""
+def _read_manifest_bytes(root: Path) -> tuple[bytes | None, Failure | None]:
     file = root / MANIFEST
-    if not file.is_file():
-        return None, [Failure("manifest", MANIFEST, f"{root} has no {MANIFEST}; it is not a bundle")]
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        info = os.lstat(file)
+    except FileNotFoundError:
+        return None, Failure("manifest", MANIFEST, f"{root} has no {MANIFEST}; it is not a bundle")
+    except OSError as exc:
+        return None, Failure("manifest", MANIFEST, f"cannot be read: {exc.strerror or exc}")
+    if stat.S_ISLNK(info.st_mode):
+        return None, Failure("manifest", MANIFEST, "is a symbolic link; a bundle's manifest must be a regular file")
+    if not stat.S_ISREG(info.st_mode):
+        return None, Failure("manifest", MANIFEST, f"{root} has no {MANIFEST} file; it is not a bundle")
+    if info.st_size > MAX_MANIFEST_BYTES:
+        return None, Failure("manifest", MANIFEST,
+                             f"is {info.st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")
+    try:
+        with os.fdopen(open_regular(file), "rb") as handle:
+            return handle.read(MAX_MANIFEST_BYTES + 1), None
+    except NotRegularFile as exc:
+        return None, Failure("manifest", MANIFEST, exc.strerror or "is not a regular file")
+    except OSError as exc:
+        return None, Failure("manifest", MANIFEST, f"cannot be read: {exc.strerror or exc}")
+
+
+def read_manifest(root: Path) -> tuple[dict[str, Any] | None, list[Failure]]:
+    """The parsed manifest and what is wrong with it (missing, unreadable, a link, not JSON,
+    wrong version, schema)."""
+    data, failure = _read_manifest_bytes(Path(root))
+    if failure is not None:
+        return None, [failure]
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, [Failure("manifest", MANIFEST, f"not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})")]
+    except ValueError as exc:
         return None, [Failure("manifest", MANIFEST, f"not valid JSON: {exc}")]
+    except RecursionError:
+        return None, [Failure("manifest", MANIFEST, "not valid JSON: nested too deeply")]
     if isinstance(manifest, dict) and "format_version" in manifest:
         version = manifest["format_version"]
         if major(version) != major(FORMAT_VERSION):
@@ -62,10 +103,12 @@ def check_integrity(root: Path) -> tuple[dict[str, Any] | None, list[Failure]]:
 
 
 def read_verified(bundle: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The bundle directory and manifest, after the integrity checks; VerificationError names
-    the first file at fault."""
+    """The bundle directory and manifest, after the integrity checks (and that the files the
+    manifest names are among its listed files); VerificationError names the first fault."""
     root = open_path(bundle)
     manifest, failures = check_integrity(root)
+    if manifest is not None and not failures:
+        failures = reference_failures(manifest)
     if failures:
         first = failures[0]
         more = f" (and {len(failures) - 1} more problems)" if len(failures) > 1 else ""

@@ -7,9 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepack.bundle.manifest import MANIFEST, Failure
+from edgepack.bundle.manifest import (
+    MANIFEST, Failure, NotRegularFile, open_regular, reference_failures, tolerances_problem,
+)
 from edgepack.bundle.reader import check_integrity, open_path
 from edgepack.errors import EdgepackError, VerificationError
+
+#: The golden output tensors each task's comparison reads.
+GOLDEN_KEYS = {"feature-extraction": ("embeddings",), "text-generation": ("logits", "tokens")}
 
 
 @dataclass
@@ -40,31 +45,83 @@ class VerifyReport:
         }
 
 
+def _sentence(exc: BaseException) -> str:
+    """One line describing ``exc``: its message, or its type when it has none."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _read_bytes(file: Path) -> bytes:
+    with open(open_regular(file), "rb") as handle:
+        return handle.read()
+
+
+def _read_smoke(root: Path, smoke: dict[str, Any], task: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Failure | None]:
+    """The golden outputs and tolerances, or the Failure saying why they cannot be used."""
+    from safetensors.torch import load as load_safetensors
+
+    expected_rel, tolerances_rel = smoke["expected"], smoke["tolerances"]
+    try:
+        expected = load_safetensors(_read_bytes(root / expected_rel))
+    except NotRegularFile as exc:
+        return None, None, Failure("smoke", expected_rel, exc.strerror or "is not a regular file")
+    except OSError as exc:
+        return None, None, Failure("smoke", expected_rel, f"cannot be read: {exc.strerror or exc}")
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        return None, None, Failure("smoke", expected_rel, f"unreadable golden outputs: {_sentence(exc)}")
+    missing = [k for k in GOLDEN_KEYS.get(task, ()) if k not in expected]
+    if missing:
+        return None, None, Failure("smoke", expected_rel,
+                                   f"golden outputs lack the {', '.join(missing)} tensor(s) a {task} bundle needs")
+    try:
+        tolerances = json.loads(_read_bytes(root / tolerances_rel).decode("utf-8"))
+    except NotRegularFile as exc:
+        return None, None, Failure("smoke", tolerances_rel, exc.strerror or "is not a regular file")
+    except OSError as exc:
+        return None, None, Failure("smoke", tolerances_rel, f"cannot be read: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        return None, None, Failure("smoke", tolerances_rel, "tolerances are not UTF-8 JSON text")
+    except (ValueError, RecursionError) as exc:
+        return None, None, Failure("smoke", tolerances_rel, f"tolerances are not valid JSON: {_sentence(exc)}")
+    problem = tolerances_problem(tolerances)
+    if problem is not None:
+        return None, None, Failure("smoke", tolerances_rel, problem)
+    return expected, tolerances, None
+
+
 def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda message: None) -> VerifyReport:
     """Verify a bundle (directory or archive) on this machine.
 
-    Checks, in order: the manifest's format version and schema; every file's size and sha256
-    (changed, missing and unlisted files are each reported by path); that the target is present
-    here; that the model loads in a fresh process; that the smoke outputs match the golden
-    outputs within the recorded tolerances; and that the measured peak memory is within the
-    budget. Integrity failures stop before anything is loaded.
-    """
-    from safetensors.torch import load_file
+    Checks, in order: the manifest's format version and schema (every field read below is
+    validated first); every file's size and sha256 (changed, missing, unlisted, unreadable
+    files, links and special files are each reported by path); that the smoke files the
+    manifest names are among its listed files; that the target is present here; that the model
+    loads in a fresh process; that the smoke outputs match the golden outputs within the
+    recorded tolerances; and that the measured peak memory is within the budget. Integrity
+    failures stop before anything is loaded.
 
+    A malformed bundle never raises: every problem is a Failure in the report. Only a path
+    that does not exist (UsageError) or an archive that cannot be read or extracted safely
+    (VerificationError) raises, before there is a bundle to report on.
+    """
     from edgepack.host import load_registry
     from edgepack.runtime import plan_steps
-    from edgepack.smoke import check, compare, measure_in_fresh_process
+    from edgepack.smoke import DEFAULT_NEW_TOKENS, check, compare, measure_in_fresh_process
 
     root = open_path(bundle)
     report = VerifyReport(str(bundle))  # the path the user gave (an archive is extracted to a temp dir)
     progress("checking manifest and file hashes")
     manifest, failures = check_integrity(root)
     report.failures.extend(failures)
+    if manifest is not None and not failures:
+        report.failures.extend(reference_failures(manifest))
     report.checks.append("integrity")
-    if manifest is None or failures:
+    if manifest is None or report.failures:
         return report
 
+    # Every field used below was validated by the schema.
     target_name = manifest["target"]["name"]
+    task = manifest["model"]["task"]
     try:
         target = load_registry().target(target_name)
     except EdgepackError as exc:
@@ -78,33 +135,40 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
         return report
 
     smoke = manifest["smoke"]
-    try:
-        expected = load_file(root / smoke["expected"])
-        tolerances = json.loads((root / smoke["tolerances"]).read_text())
-    except (OSError, ValueError, KeyError) as exc:
-        report.failures.append(Failure("smoke", smoke.get("expected", "smoke/"), f"unreadable smoke data: {exc}"))
+    expected, tolerances, failure = _read_smoke(root, smoke, task)
+    if failure is not None:
+        report.failures.append(failure)
         return report
 
     progress(f"loading the bundle on {target_name} in a fresh process and running the smoke inputs")
     try:
         measured = measure_in_fresh_process(
-            root, task=manifest["model"]["task"], steps=plan_steps(manifest),
-            loader=manifest["model"].get("loader"), target=target_name,
-            batch_size=int(manifest["workload"]["batch_size"]),
-            new_tokens=int(smoke.get("new_tokens", 8)),
+            root, task=task, steps=plan_steps(manifest),
+            loader=manifest["model"]["loader"], target=target_name,
+            batch_size=manifest["workload"]["batch_size"],
+            new_tokens=smoke.get("new_tokens", DEFAULT_NEW_TOKENS),
         )
     except VerificationError as exc:
         report.failures.append(Failure("load", "model/", str(exc)))
         return report
+    except Exception as exc:  # a malformed bundle must not end in a traceback
+        report.failures.append(Failure("load", "model/",
+                                       f"the bundle could not be loaded and run: {type(exc).__name__}: {_sentence(exc)}"))
+        return report
     report.checks.append("load")
 
-    fidelity = compare(expected, measured.outputs, manifest["model"]["task"])
+    try:
+        fidelity = compare(expected, measured.outputs, task)
+    except Exception as exc:  # shapes or dtypes of the golden outputs do not match the model's
+        report.failures.append(Failure("smoke", smoke["expected"],
+                                       f"golden outputs cannot be compared with the model's outputs: {_sentence(exc)}"))
+        return report
     report.fidelity = fidelity.to_json()
     for problem in check(fidelity, tolerances):
         report.failures.append(Failure("smoke", smoke["expected"], problem))
     report.checks.append("smoke")
 
-    budget = int(manifest["memory"]["budget_bytes"])
+    budget = manifest["memory"]["budget_bytes"]
     report.budget_bytes = budget
     report.measured_peak_bytes = measured.peak_bytes
     if measured.peak_bytes > budget:
