@@ -25,10 +25,10 @@ _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:[-+][0-9A-Za-
 #: How many fitting candidates pack measures before giving up.
 MAX_MEASURED = 4
 
-#: Pack keeps a plan only if its measured peak is this far under the budget: peak resident
-#: memory varies by a few percent from run to run (thread timing, allocator state), and verify
-#: measures again. Verify itself checks the budget exactly.
-MEASURE_HEADROOM = 0.05
+# Pack keeps a plan only if its measured peak leaves a margin under the budget for the
+# run-to-run variation of the measurement (edgepack.smoke.margin_bytes: max(1 MiB, 5% of the
+# peak, twice the spread of repeated measurements); close calls are measured three times), so
+# that verify, measuring again on the same machine, passes. Verify checks the budget exactly.
 
 
 @dataclass
@@ -427,7 +427,10 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     calibration = session.calibration
 
     from edgepack.bundle.writer import BundleWriter
-    from edgepack.smoke import EXPECTED_FILE, INPUTS_FILE, TOLERANCES_FILE, compare, measure_in_fresh_process, tolerances
+    from edgepack.smoke import (
+        EXPECTED_FILE, INPUTS_FILE, PACK_REPEATS, TOLERANCES_FILE, acceptance_limit, close_call, compare, margin_bytes,
+        measure_in_fresh_process, tolerances,
+    )
 
     # An absent target (a CUDA bundle built on a CPU box) is measured for fidelity on this
     # machine's CPU; its memory is measured by verify on the target itself.
@@ -485,6 +488,13 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                     staging, task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
                     batch_size=session.batch_size,
                 )
+                if probe.present and close_call(negotiated.bytes_per_device, measured_result):
+                    progress(f"  measured peak {format_size(measured_result.peak_bytes)} is close to the budget: "
+                             f"measuring {PACK_REPEATS - 1} more times")
+                    measured_result = measured_result.with_more(measure_in_fresh_process(
+                        staging, task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
+                        batch_size=session.batch_size, repeats=PACK_REPEATS - 1,
+                    ))
             except VerificationError as exc:
                 candidate.rejected_because = str(exc)
                 continue
@@ -492,15 +502,16 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             fidelity = compare(expected, measured_result.outputs, facts.task)
             candidate.measured = {"peak_bytes": peak, "fidelity": round(fidelity.value, 6),
                                   "worst": round(fidelity.worst, 6)}
+            if probe.present and len(measured_result.peaks) > 1:
+                candidate.measured["peaks"] = list(measured_result.peaks)
             progress(
                 f"  measured peak {format_size(peak)} (predicted {format_size(candidate.estimate.peak_bytes)}), "
                 f"{fidelity.metric} {fidelity.value:.5f}"
             )
-            limit = negotiated.bytes_per_device * (1.0 - MEASURE_HEADROOM)
-            if peak is not None and peak > limit:
+            if peak is not None and peak > acceptance_limit(negotiated.bytes_per_device, measured_result):
                 candidate.rejected_because = (
                     f"measured peak {format_size(peak)} exceeds the budget {format_size(negotiated.bytes_per_device)} "
-                    f"less {MEASURE_HEADROOM:.0%} headroom for run-to-run variation"
+                    f"less a margin of {format_size(margin_bytes(measured_result))} for run-to-run variation"
                 )
                 continue
             if fidelity.value < floor:

@@ -9,7 +9,7 @@ continuation; the metric is top-1 agreement of the continuation with the origina
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -97,7 +97,12 @@ def mean_pool(hidden: Any, attention_mask: Any) -> Any:
 
 def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
                 new_tokens: int = DEFAULT_NEW_TOKENS, device: str = "cpu") -> dict[str, Any]:
-    """Run the model over the smoke inputs in batches and return its outputs (fp32, on CPU)."""
+    """Run the model over the smoke inputs in batches and return its outputs (fp32, on CPU).
+
+    For decoders, ``tokens`` always has exactly ``new_tokens`` columns: generation ends a batch
+    early once every row has emitted an end-of-sequence token, and a row that ended holds the
+    pad id after its end-of-sequence token (see :func:`finish_tokens`), whichever batch it ran in.
+    """
     import torch
 
     collected: dict[str, list[Any]] = {}
@@ -110,17 +115,59 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
                 except TypeError:
                     out = model(**batch)
                 logits = out.logits[:, -1, :].float().cpu()
+                pad_id = _pad_id(model)
                 generated = model.generate(
-                    **batch, max_new_tokens=new_tokens, do_sample=False,
-                    pad_token_id=model.config.pad_token_id or model.config.eos_token_id or 0,
+                    **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
                 )
-                parts = {"logits": logits, "tokens": generated[:, batch["input_ids"].shape[1]:].cpu()}
+                tokens = generated[:, batch["input_ids"].shape[1]:].cpu()
+                parts = {"logits": logits, "tokens": finish_tokens(tokens, new_tokens, eos_ids(model), pad_id)}
             else:
                 out = model(**batch)
                 parts = {"embeddings": mean_pool(out.last_hidden_state, batch["attention_mask"]).cpu()}
             for key, value in parts.items():
                 collected.setdefault(key, []).append(value)
     return {k: torch.cat(v) for k, v in collected.items()}
+
+
+def _pad_id(model: Any) -> int:
+    """The id generation pads ended rows with: the config's pad token, else its first
+    end-of-sequence token, else 0."""
+    for value in (getattr(model.config, "pad_token_id", None), getattr(model.config, "eos_token_id", None)):
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def eos_ids(model: Any) -> list[int]:
+    """The end-of-sequence token ids ``generate`` stops at: those of the model's generation
+    config (which may have none, so that generation always runs to full length)."""
+    generation_config = getattr(model, "generation_config", None)
+    source = generation_config if generation_config is not None else model.config
+    eos = getattr(source, "eos_token_id", None)
+    if eos is None:
+        return []
+    if hasattr(eos, "tolist"):
+        eos = eos.tolist()
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def finish_tokens(tokens: Any, new_tokens: int, eos: list[int], pad_id: int) -> Any:
+    """Generated ``tokens`` ([rows, <= new_tokens]) as exactly ``new_tokens`` columns, with
+    every position after a row's first end-of-sequence token set to ``pad_id``: a row that ended
+    reads the same whether its batch went on generating or stopped early."""
+    import torch
+
+    tokens = tokens[:, :new_tokens]
+    if tokens.shape[1] < new_tokens:
+        fill = tokens.new_full((tokens.shape[0], new_tokens - tokens.shape[1]), int(pad_id))
+        tokens = torch.cat([tokens, fill], dim=1)
+    if eos and tokens.numel():
+        is_eos = torch.isin(tokens, torch.tensor(eos, dtype=tokens.dtype))
+        ended_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # an eos earlier in the row
+        tokens = tokens.masked_fill(ended_before, int(pad_id))
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -148,7 +195,8 @@ def compare(expected: dict[str, Any], actual: dict[str, Any], task: str) -> Fide
     import torch
 
     if task == "text-generation":
-        agree = (expected["tokens"] == actual["tokens"]).float().mean(dim=1)
+        want, got = _same_width(expected["tokens"], actual["tokens"])
+        agree = (want == got).float().mean(dim=1)
         logit_err = (expected["logits"] - actual["logits"]).abs().max().item()
         top1 = (expected["logits"].argmax(-1) == actual["logits"].argmax(-1)).float().mean().item()
         return Fidelity(
@@ -157,6 +205,22 @@ def compare(expected: dict[str, Any], actual: dict[str, Any], task: str) -> Fide
         )
     cos = torch.nn.functional.cosine_similarity(expected["embeddings"], actual["embeddings"], dim=-1)
     return Fidelity("mean_cosine", cos.mean().item(), cos.min().item(), {})
+
+
+def _same_width(expected: Any, actual: Any) -> tuple[Any, Any]:
+    """Token tables of equal width: a missing position (a run that produced fewer tokens) is
+    filled with -1, which matches no token, so it counts as a disagreement and never
+    broadcasts against the other table."""
+    import torch
+
+    width = max(expected.shape[1], actual.shape[1])
+
+    def widen(tokens: Any) -> Any:
+        if tokens.shape[1] == width:
+            return tokens
+        return torch.cat([tokens, tokens.new_full((tokens.shape[0], width - tokens.shape[1]), -1)], dim=1)
+
+    return widen(expected), widen(actual)
 
 
 def tolerances(fidelity: Fidelity, floor: float) -> dict[str, Any]:
@@ -179,165 +243,303 @@ def check(fidelity: Fidelity, tol: dict[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # The peak-memory probe: load and run a bundle in a fresh process, so nothing loaded before
-# counts, and the same definition serves pack and verify.
+# counts, and the same definition serves pack and verify. The child side is edgepack.probe.
+
+#: Seconds a measuring process may run before it is killed; the environment variable
+#: EDGEPACK_PROBE_TIMEOUT overrides it.
+PROBE_TIMEOUT = 900.0
+TIMEOUT_ENV = "EDGEPACK_PROBE_TIMEOUT"
+
+#: The measuring process computes on min(cores here, this many) threads.
+MAX_PROBE_THREADS = 4
+
+#: glibc allocator settings of the measuring process: one arena (threads do not each grow
+#: their own heap, depending on timing) and fixed mmap and trim thresholds (glibc otherwise
+#: raises them as large blocks are freed, so whether a tensor is reused from the heap or
+#: mapped afresh depends on what ran before). The heap then grows and shrinks the same way on
+#: every run, and a freed large tensor goes straight back to the system.
+ALLOCATOR_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+    "MALLOC_TOP_PAD_": "131072",
+}
+
+#: Run by ``python -I -c`` in the measuring process: add the user site directory when the
+#: parent used one (argv[1], else empty; ``-I`` leaves it out), import edgepack from the
+#: directory the parent imported it from (argv[2]; only the ``edgepack`` package is looked up
+#: there, so nothing else in that directory can shadow a library), then measure the spec (argv[3]).
+_BOOTSTRAP = """\
+import sys
+from importlib.machinery import PathFinder
+
+if sys.argv[1]:
+    import site
+    site.addsitedir(sys.argv[1])
+
+class _EdgepackFromParent:
+    root = sys.argv[2]
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "edgepack" and cls.root:
+            return PathFinder.find_spec(name, [cls.root])
+        return None
+
+sys.meta_path.insert(0, _EdgepackFromParent)
+from edgepack.probe import _entry
+sys.exit(_entry(sys.argv[3]))
+"""
 
 
 @dataclass
 class ProbeResult:
-    """What a fresh process measured: the peak memory, its scope, and the smoke outputs."""
+    """What a fresh process measured: the peak memory, its scope, and the smoke outputs.
+
+    :param peak_bytes: the peak reported (the largest of ``peaks``).
+    :param peaks: every measurement, one per fresh process (``repeats``), in the order run.
+    :param threads: the intra-op thread count the measuring process ran on.
+    """
 
     peak_bytes: int
     scope: str
     outputs: dict[str, Any]
     seconds: float
+    peaks: list[int] = field(default_factory=list)
+    threads: int | None = None
+
+    @property
+    def spread_bytes(self) -> int:
+        """Largest minus smallest of the measurements (0 for a single one)."""
+        return max(self.peaks) - min(self.peaks) if self.peaks else 0
+
+    def with_more(self, more: "ProbeResult") -> "ProbeResult":
+        """This result with ``more``'s measurements added (outputs and scope stay this one's)."""
+        peaks = list(self.peaks or [self.peak_bytes]) + list(more.peaks or [more.peak_bytes])
+        return ProbeResult(max(peaks), self.scope, self.outputs, self.seconds, peaks=peaks, threads=self.threads)
+
+
+def probe_threads() -> int:
+    """The thread count measuring processes use on this machine: min(usable cores, 4)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_PROBE_THREADS))
+
+
+def probe_timeout(timeout: float | None = None) -> float:
+    """The measuring process's time limit in seconds: ``timeout`` when given, else
+    EDGEPACK_PROBE_TIMEOUT, else :data:`PROBE_TIMEOUT`."""
+    import os
+
+    if timeout is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return PROBE_TIMEOUT
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise UsageError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        if timeout <= 0:
+            raise UsageError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return float(timeout)
+
+
+def probe_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The measuring process's environment: the caller's, offline and quiet, with a fixed
+    thread count and the allocator settings of :data:`ALLOCATOR_ENV`."""
+    import os
+
+    env = dict(os.environ if base is None else base)
+    env.update(ALLOCATOR_ENV)
+    env.update({
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    })
+    return env
+
+
+def probe_command(spec_path: str | Path, root: str | Path | None = None) -> list[str]:
+    """The measuring process's command line: this interpreter in isolated mode (``-I``: no
+    PYTHON* variables, no user site, no current or script directory on sys.path), importing
+    edgepack from ``root`` (by default the directory this edgepack was imported from, so a
+    checkout found only through PYTHONPATH works too). The user site directory is kept when
+    this process uses it."""
+    import site
+    import sys
+
+    if root is None:
+        import edgepack
+
+        root = Path(edgepack.__file__).resolve().parent.parent if getattr(edgepack, "__file__", None) else ""
+    user_site = ""
+    if site.ENABLE_USER_SITE and site.USER_SITE and site.USER_SITE in sys.path:
+        user_site = site.USER_SITE  # where a ``pip install --user`` put edgepack or its libraries
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, user_site, str(root), str(spec_path)]
+
+
+def run_isolated(command: list[str], *, timeout: float, env: dict[str, str] | None = None) -> Any:
+    """Run ``command`` in its own process group with an empty temporary working directory and
+    no standard input, capturing its output; a subprocess.CompletedProcess.
+
+    Raises VerificationError when it runs longer than ``timeout`` seconds, after killing its
+    whole process group (the child and anything it started)."""
+    import subprocess
+    import tempfile
+
+    from edgepack.errors import VerificationError
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-probe-cwd-") as empty:
+        proc = subprocess.Popen(command, cwd=empty, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            raise VerificationError(
+                f"the measuring process timed out after {timeout:g} s and was killed "
+                f"(set {TIMEOUT_ENV} to allow longer)"
+            ) from None
+        except BaseException:  # interrupted: leave nothing running
+            _kill_group(proc)
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _kill_group(proc: Any) -> None:
+    """SIGKILL the process group ``proc`` leads (it is not reaped yet, so its id is ours)."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (AttributeError, ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+def failure_reason(proc: Any) -> str:
+    """Why a measuring process failed, in words: the signal that killed it, or the last line
+    it wrote on standard error, or its exit code."""
+    import signal
+
+    code = proc.returncode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"the measuring process was killed by signal {name}{hint}"
+    lines = [line for line in (proc.stderr or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"the measuring process exited with code {code}"
 
 
 def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], loader: str | None,
-                             target: str, batch_size: int, new_tokens: int = DEFAULT_NEW_TOKENS) -> ProbeResult:
-    """Load ``bundle_dir/model`` in a fresh Python process, run ``smoke/inputs.safetensors``,
-    and return the target meter's peak with the outputs. Raises VerificationError when the
-    bundle cannot be loaded or run there."""
-    import os
-    import subprocess
-    import sys
+                             target: str, batch_size: int, new_tokens: int = DEFAULT_NEW_TOKENS,
+                             timeout: float | None = None, repeats: int = 1,
+                             threads: int | None = None) -> ProbeResult:
+    """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
+    ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
+
+    :param timeout: seconds each measuring process may run (default :func:`probe_timeout`).
+    :param repeats: how many fresh processes measure; the peak reported is the largest, all
+        are in ``ProbeResult.peaks`` and the outputs are the first run's.
+    :param threads: intra-op threads of the measuring process (default :func:`probe_threads`).
+
+    Raises VerificationError when the bundle cannot be loaded or run there, when the process
+    runs out of time, or when it is killed."""
     import tempfile
 
     from safetensors.torch import load_file
 
     from edgepack.errors import VerificationError
 
+    limit = probe_timeout(timeout)
+    threads = probe_threads() if threads is None else max(1, int(threads))
+    env = probe_env(threads)
+    reports: list[dict[str, Any]] = []
+    outputs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgepack-probe-") as tmp:
-        spec = {
-            "bundle_dir": str(bundle_dir),
-            "task": task,
-            "steps": [s.to_json() for s in steps],
-            "loader": loader,
-            "target": target,
-            "batch_size": batch_size,
-            "new_tokens": new_tokens,
-            "outputs": str(Path(tmp) / "outputs.safetensors"),
-        }
-        spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run(
-            [sys.executable, "-m", "edgepack.smoke", str(spec_path)],
-            capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
-        )
-        if proc.returncode != 0:
-            lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-            reason = lines[-1] if lines else f"exit code {proc.returncode}"
-            raise VerificationError(f"the bundle could not be loaded and run in a fresh process: {reason}")
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-        outputs = load_file(spec["outputs"])
-    return ProbeResult(report["peak_bytes"], report["scope"], outputs, report["seconds"])
+        for attempt in range(max(1, int(repeats))):
+            spec = {
+                "bundle_dir": str(Path(bundle_dir).resolve()),
+                "task": task,
+                "steps": [s.to_json() for s in steps],
+                "loader": loader,
+                "target": target,
+                "batch_size": batch_size,
+                "new_tokens": new_tokens,
+                "threads": threads,
+                "outputs": str(Path(tmp) / f"outputs-{attempt}.safetensors"),
+            }
+            spec_path = Path(tmp) / f"spec-{attempt}.json"
+            spec_path.write_text(json.dumps(spec))
+            proc = run_isolated(probe_command(spec_path), timeout=limit, env=env)
+            if proc.returncode != 0:
+                raise VerificationError(
+                    f"the bundle could not be loaded and run in a fresh process: {failure_reason(proc)}"
+                )
+            try:
+                reports.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            except (IndexError, ValueError):
+                raise VerificationError(
+                    "the bundle could not be loaded and run in a fresh process: the measuring process "
+                    "printed no report"
+                ) from None
+            if attempt == 0:
+                outputs = load_file(spec["outputs"])
+    peaks = [int(r["peak_bytes"]) for r in reports]
+    return ProbeResult(max(peaks), reports[0]["scope"], outputs, reports[0]["seconds"],
+                       peaks=peaks, threads=reports[0].get("threads", threads))
 
 
-def warm_up(config: Any, task: str, inputs: dict[str, Any], batch_size: int, device: str) -> None:
-    """Pay the runtime's one-time costs before the baseline: import the model's code and run a
-    one-layer, small-vocabulary copy of the architecture in the bundle's dtype at the declared
-    batch and sequence length (thread pools, kernel selection, lazy imports). What is measured
-    after it is what the bundle itself adds to a running runtime."""
-    import copy
-
-    import torch
-
-    from edgepack.model import auto_class
-
-    tiny = copy.deepcopy(config)
-    for attribute in ("num_hidden_layers", "n_layer"):
-        if hasattr(tiny, attribute):
-            setattr(tiny, attribute, 1)
-    if hasattr(tiny, "quantization_config"):
-        del tiny.quantization_config
-    vocab = 128
-    tiny.vocab_size = vocab
-    for attribute in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if getattr(tiny, attribute, None) is not None and getattr(tiny, attribute) >= vocab:
-            setattr(tiny, attribute, 0)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""), torch.float32)
-    model = auto_class(task).from_config(tiny).to(device=device, dtype=dtype).eval()
-    batch = {k: v[:batch_size] for k, v in inputs.items()}
-    batch["input_ids"] = batch["input_ids"] % vocab
-    run_outputs(model, batch, task, batch_size, new_tokens=2, device=device)
-    del model
+#: Pack keeps a plan only when its measured peak leaves this margin under the budget, as a
+#: fraction of the peak ...
+MEASURE_MARGIN = 0.05
+#: ... but never less than this many bytes (the run-to-run spread is largely a fixed amount of
+#: transient activation memory, not a fraction of the weights) ...
+MARGIN_FLOOR_BYTES = 1 << 20
+#: ... nor less than this multiple of the spread seen over repeated measurements.
+SPREAD_FACTOR = 2.0
+#: How many fresh processes pack measures a plan in when one measurement is a close call.
+PACK_REPEATS = 3
 
 
-def release_free_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so
-    that memory freed before a measurement is not silently reused inside it."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the measurement can only over-count
+def margin_bytes(result: ProbeResult) -> int:
+    """The margin a measured plan must leave under its budget for a repeat measurement (verify,
+    on the same machine) to stay within it: max(1 MiB, 5% of the peak, twice the spread of the
+    measurements taken)."""
+    return int(max(MARGIN_FLOOR_BYTES, MEASURE_MARGIN * result.peak_bytes, SPREAD_FACTOR * result.spread_bytes))
 
 
-def touch_weights(model: Any) -> None:
-    """Read every weight once, so that memory-mapped weights are resident as they would be
-    once every embedding row has been used (a smoke run alone touches only a few rows)."""
-    import torch
-
-    def plain(tensor: Any) -> list[Any]:
-        if hasattr(tensor, "__tensor_flatten__"):  # torchao tensor subclasses: their inner data
-            names, _ = tensor.__tensor_flatten__()
-            return [t for name in names for t in plain(getattr(tensor, name))]
-        return [tensor]
-
-    with torch.inference_mode():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            for data in plain(tensor):
-                if data.numel() and data.device.type != "meta":
-                    data.detach().reshape(-1)[:: max(1, 4096 // max(1, data.element_size()))].sum()
+def acceptance_limit(budget_bytes: int, result: ProbeResult) -> int:
+    """The largest peak pack may accept under ``budget_bytes``: the budget less
+    :func:`margin_bytes`. Pack keeps a plan when ``result.peak_bytes <= acceptance_limit(...)``."""
+    return int(budget_bytes) - margin_bytes(result)
 
 
-def _probe_main(spec_path: str) -> None:
-    """Child side of :func:`measure_in_fresh_process`; prints one JSON line."""
-    import gc
-    import time
+def close_call(budget_bytes: int, result: ProbeResult) -> bool:
+    """Whether ``result`` needs more measurements before pack decides: fewer than
+    :data:`PACK_REPEATS` were taken and its peak is within three margins of the budget."""
+    return len(result.peaks or [result.peak_bytes]) < PACK_REPEATS and (
+        result.peak_bytes + 3 * margin_bytes(result) > int(budget_bytes)
+    )
 
-    import torch
-    import transformers
-    from safetensors.torch import load_file, save_file
 
-    from edgepack.host import load_registry
-    from edgepack.interfaces import PlanStep
-    from edgepack.runtime import load_model_dir
+def __getattr__(name: str) -> Any:
+    """``warm_up`` and ``touch_weights`` moved to :mod:`edgepack.probe`; still reachable here."""
+    if name in ("warm_up", "touch_weights"):
+        from edgepack import probe
 
-    spec = json.loads(Path(spec_path).read_text())
-    bundle_dir = Path(spec["bundle_dir"])
-    registry = load_registry()
-    target = registry.target(spec["target"])
-    steps = [PlanStep(s["plugin"], s["version"], s["options"]) for s in spec["steps"]]
-    inputs = load_file(bundle_dir / INPUTS_FILE)
-    config = transformers.AutoConfig.from_pretrained(bundle_dir / "model", local_files_only=True)
-    probe = target.probe()  # describing the machine is not part of loading the bundle
-    warm_up(config, spec["task"], inputs, spec["batch_size"], target.device_type)
-    # A first load and one batch pay what the plan's kernels cost the process once (kernel
-    # selection, lazy imports of the plugins' libraries); then everything is freed.
-    first, _ = load_model_dir(bundle_dir / "model", task=spec["task"], steps=steps, loader=spec["loader"],
-                              target_name=spec["target"], registry=registry, probe=probe)
-    run_outputs(first, {k: v[: spec["batch_size"]] for k, v in inputs.items()}, spec["task"],
-                spec["batch_size"], 2, device=target.device_type)
-    del first
-    release_free_memory()
-    meter = target.memory_meter()
-    started = time.perf_counter()
-    meter.start()
-    model, _ = load_model_dir(bundle_dir / "model", task=spec["task"], steps=steps, loader=spec["loader"],
-                              target_name=spec["target"], registry=registry, probe=probe)
-    touch_weights(model)
-    outputs = run_outputs(model, inputs, spec["task"], spec["batch_size"], spec["new_tokens"],
-                          device=target.device_type)
-    peak = meter.peak_bytes()
-    seconds = time.perf_counter() - started
-    save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
-    print(json.dumps({"peak_bytes": peak, "scope": meter.scope, "seconds": round(seconds, 3)}))
-
+        return getattr(probe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: Calibration texts for compressors that score importance or gather statistics; kept apart
@@ -362,10 +564,9 @@ CALIBRATION_SAMPLES = (
 )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the former entry point of the measuring process
     import sys
 
-    from edgepack.cli import quiet_libraries
+    from edgepack.probe import _entry
 
-    quiet_libraries()
-    _probe_main(sys.argv[1])
+    sys.exit(_entry(sys.argv[1]))
