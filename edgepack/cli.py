@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -365,7 +364,7 @@ def inspect(bundle: str, as_json: bool) -> None:
     click.echo(f"  model      {manifest['model'].get('architecture')} ({manifest['model']['task']}), "
                f"loads with {'stock transformers' if manifest['model']['loader'] is None else 'edgepack.load (' + manifest['model']['loader'] + ')'}")
     click.echo(f"  plan       {plan_text}")
-    click.echo(f"  workload   " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["workload"].items())))
+    click.echo("  workload   " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["workload"].items())))
     click.echo(f"  budget     {format_size(mem['budget_bytes'])} per device ({manifest['budget']['source']})")
     click.echo(f"  memory     predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_size(mem['measured_peak_bytes'])}")
     click.echo(f"  fidelity   {fid['metric']} {fid['value']} (floor {fid['floor']})")

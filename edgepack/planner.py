@@ -8,7 +8,7 @@ estimated (no weights touched); plans that fit are ranked by quality cost, then 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from edgepack.errors import UsageError

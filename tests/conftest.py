@@ -140,6 +140,36 @@ def fake_dist(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# A hand-built manifest
+
+
+def format_manifest(**sections: Any) -> dict[str, Any]:
+    """A format 1.0 manifest whose every field is well formed (``files`` is added by the
+    writer), with whole top-level ``sections`` replaced by the keyword arguments."""
+    from edgepack.bundle.manifest import FORMAT, FORMAT_VERSION
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bundle": {"name": "tiny", "version": "0.1.0", "created": "2024-01-01T00:00:00+00:00"},
+        "producer": {"edgepack": "0.1.0", "python": "3.11", "torch": "2", "transformers": "5", "plugins": {}},
+        "source": {"model": "/models/tiny", "sha256": {}},
+        "target": {"name": "cpu", "devices": 1, "capabilities": []},
+        "workload": {"batch_size": 1, "seq_len": 8},
+        "budget": {"bytes_per_device": 1000, "source": "user"},
+        "plan": [],
+        "candidates": [],
+        "memory": {"budget_bytes": 1000, "predicted_peak_bytes": 10, "measured_peak_bytes": 10, "scope": "test"},
+        "fidelity": {"metric": "mean_cosine", "value": 1.0, "floor": 0.99},
+        "smoke": {"inputs": "smoke/inputs.safetensors", "expected": "smoke/expected.safetensors",
+                  "tolerances": "smoke/tolerances.json"},
+        "model": {"task": "feature-extraction", "loader": None},
+    }
+    manifest.update(sections)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI helpers
 
 

@@ -16,12 +16,14 @@ import pytest
 from edgepack.bundle import writer as writer_module
 from edgepack.bundle.archive import create_archive, safe_extract
 from edgepack.bundle.manifest import (
-    FORMAT, FORMAT_VERSION, MANIFEST, canonical_json, integrity_failures, schema_failures,
+    FORMAT, MANIFEST, canonical_json, integrity_failures, schema_failures,
 )
 from edgepack.bundle.reader import check_integrity, open_path, read_manifest, read_verified
 from edgepack.bundle.verify import verify
 from edgepack.bundle.writer import BundleWriter
 from edgepack.errors import UsageError, VerificationError
+
+from conftest import format_manifest
 
 # Written in an order that is not the sorted one; "a-b/x" and "a/b" sort differently as
 # strings and as path parts.
@@ -37,23 +39,7 @@ FILES = {
 
 def valid_manifest() -> dict:
     """A manifest that satisfies the format 1.0 schema (``files`` is added by commit)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "bundle": {"name": "tiny", "version": "0.1.0", "created": "2024-01-01T00:00:00+00:00"},
-        "producer": {"edgepack": "0.1.0", "python": "3.11", "torch": "2", "transformers": "5", "plugins": {}},
-        "source": {"model": "/models/tiny", "sha256": {}},
-        "target": {"name": "cpu", "devices": 1, "capabilities": []},
-        "workload": {"batch_size": 1, "seq_len": 8},
-        "budget": {"bytes_per_device": 1000, "source": "user"},
-        "plan": [],
-        "candidates": [],
-        "memory": {"budget_bytes": 1000, "predicted_peak_bytes": 10, "measured_peak_bytes": 10, "scope": "test"},
-        "fidelity": {"metric": "mean_cosine", "value": 1.0, "floor": 0.99},
-        "smoke": {"inputs": "smoke/inputs.safetensors", "expected": "smoke/expected.safetensors",
-                  "tolerances": "smoke/tolerances.json"},
-        "model": {"task": "feature-extraction", "loader": None},
-    }
+    return format_manifest()
 
 
 def write_bundle(out: Path, name: str = "tiny-0.1.0-cpu", files: dict | None = None,

@@ -25,12 +25,12 @@ import pytest
 from click.testing import CliRunner
 
 import edgepack.smoke
-from conftest import assert_one_error_line
+from conftest import assert_one_error_line, format_manifest
 from edgepack.bundle import manifest as manifest_module
 from edgepack.bundle import writer as writer_module
 from edgepack.bundle.archive import create_archive, safe_extract
 from edgepack.bundle.manifest import (
-    FORMAT, FORMAT_VERSION, MANIFEST, canonical_json, file_entries, integrity_failures, schema_failures,
+    MANIFEST, canonical_json, file_entries, integrity_failures, schema_failures,
 )
 from edgepack.bundle.reader import check_integrity, open_path, read_manifest, read_verified
 from edgepack.bundle.verify import verify
@@ -67,23 +67,14 @@ def _files() -> dict[str, bytes]:
 
 def base_manifest() -> dict[str, Any]:
     """A format 1.0 manifest whose every field is well formed (``files`` is added later)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "bundle": {"name": "tiny", "version": "0.1.0", "created": "2024-01-01T00:00:00+00:00"},
-        "producer": {"edgepack": "0.1.0", "python": "3.11", "torch": "2", "transformers": "5", "plugins": {}},
-        "source": {"model": "/models/tiny", "sha256": {}},
-        "target": {"name": "cpu", "devices": 1, "capabilities": []},
-        "workload": {"batch_size": 2, "seq_len": 4},
-        "budget": {"bytes_per_device": 1000, "source": "user"},
-        "plan": [{"plugin": "precision", "version": "0.1.0", "options": {"dtype": "bf16"}}],
-        "candidates": [{"plan": [], "estimated_peak_bytes": 10}],
-        "memory": {"budget_bytes": 1000, "predicted_peak_bytes": 10, "measured_peak_bytes": None, "scope": "test"},
-        "fidelity": {"metric": "mean_cosine", "value": 1.0, "floor": 0.99},
-        "smoke": {"inputs": "smoke/inputs.safetensors", "expected": "smoke/expected.safetensors",
-                  "tolerances": "smoke/tolerances.json", "new_tokens": 8},
-        "model": {"task": "feature-extraction", "loader": None},
-    }
+    return format_manifest(
+        workload={"batch_size": 2, "seq_len": 4},
+        plan=[{"plugin": "precision", "version": "0.1.0", "options": {"dtype": "bf16"}}],
+        candidates=[{"plan": [], "estimated_peak_bytes": 10}],
+        memory={"budget_bytes": 1000, "predicted_peak_bytes": 10, "measured_peak_bytes": None, "scope": "test"},
+        smoke={"inputs": "smoke/inputs.safetensors", "expected": "smoke/expected.safetensors",
+               "tolerances": "smoke/tolerances.json", "new_tokens": 8},
+    )
 
 
 def entries_for(files: dict[str, bytes]) -> list[dict[str, Any]]:
