@@ -77,11 +77,13 @@ def cli() -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def targets(as_json: bool) -> None:
-    """List hardware targets and what each finds on this machine.
+    """List hardware targets, what each finds on this machine, and the options that describe
+    a device that is not here (pack for it with --target NAME:KEY=VALUE,...).
 
     \b
-    Example:
+    Examples:
       edgepack targets --json
+      edgepack pack ./model --target cuda:memory=8GB,capability=8.7 --out dist/
     """
     from edgepack.host import load_registry
     from edgepack.memory import format_size
@@ -94,6 +96,8 @@ def targets(as_json: bool) -> None:
         rows.append({
             "name": name, "version": target.version, "distribution": entry.distribution,
             "description": target.description, "present": probe.present,
+            "options": [{"name": o.name, "type": o.type.__name__, "help": o.help} for o in target.options],
+            "usage": ",".join(o.describe() for o in target.options),
             "capacity_bytes": target.capacity(probe) if probe.present else None,
             "probe": probe.to_json(),
         })
@@ -105,6 +109,10 @@ def targets(as_json: bool) -> None:
         click.echo(f"{row['name']:<10} {state}")
         click.echo(f"{'':<10} {row['description']} [{row['distribution']}]")
         click.echo(f"{'':<10} capabilities: {', '.join(row['probe']['capabilities']) or '-'}")
+        if row["options"]:
+            click.echo(f"{'':<10} options: --target {row['name']}:{row['usage']}")
+            for opt in registry.targets[row["name"]].cls.options:
+                click.echo(f"{'':<12}{opt.describe()}  {opt.help}")
 
 
 @cli.command()
@@ -142,7 +150,9 @@ def plugins(as_json: bool) -> None:
 # plan and pack
 
 _model_arg = click.argument("model", type=str)
-_target_opt = click.option("--target", "-t", default=None, help="Target name (see `edgepack targets`).  [default: cpu]")
+_target_opt = click.option("--target", "-t", default=None, metavar="TARGET[:KEY=VALUE,...]",
+                           help="Target (see `edgepack targets`), optionally describing a device that is not "
+                                "here: cuda:memory=8GB,capability=8.7.  [default: cpu]")
 _budget_opt = click.option("--budget", callback=_size_option, help="Memory per device: bytes or 30MB, 512MiB, 1.5GiB.")
 _batch_opt = click.option("--batch", "batch_size", type=click.IntRange(min=1), default=None, help="Declared batch size.  [default: 1]")
 _seq_opt = click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Declared sequence length in tokens.  [default: 128]")

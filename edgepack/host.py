@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import pluggy
 
@@ -116,12 +116,17 @@ class Registry:
             raise UsageError(f"unknown plugin {name!r}; available compression plugins: {valid}")
         return self.compressors[name].cls()
 
-    def target(self, name: str) -> Target:
-        """A fresh instance of the named target; UsageError lists the valid names."""
+    def target(self, spec: str, options: Mapping[str, Any] | None = None) -> Target:
+        """A fresh instance of the target ``spec`` names: ``cuda`` or ``cuda:memory=8GB,...``
+        (options describe a device that is not here); ``options`` adds more (a manifest's).
+        UsageError lists the valid names, or names the option at fault."""
+        from edgepack.interfaces import parse_spec
+
+        name, raw = parse_spec(spec, "--target", "target")
         if name not in self.targets:
             valid = ", ".join(sorted(self.targets)) or "none installed"
             raise UsageError(f"unknown target {name!r}; available targets: {valid}")
-        return self.targets[name].cls()
+        return self.targets[name].cls({**(options or {}), **raw})
 
 
 def collect(pm: pluggy.PluginManager, *, disabled: Iterable[str] | None = None) -> Registry:

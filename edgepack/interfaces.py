@@ -50,6 +50,10 @@ class Option:
         """Convert and check one raw value; ``where`` names the plugin for the error message."""
         if self.type is list:
             return self._parse_list(raw, where)
+        if self.type is Size:
+            from edgepack.memory import parse_size
+
+            return parse_size(raw, f"option {where}:{self.name}")
         value: Any = raw
         try:
             if self.type is bool and isinstance(raw, str):
@@ -97,11 +101,74 @@ class Option:
         """A short human description: ``scheme=int8|int4 (default int8)``."""
         if self.type is list:
             return f"{self.name}=[NAME,...]"
+        if self.type is Size:
+            return f"{self.name}=SIZE"
         values = "|".join(str(c) for c in self.choices) if self.choices else self.type.__name__.upper()
         text = f"{self.name}={values}"
         if self.default is not None:
             text += f" (default {self.default})"
         return text
+
+
+class Size(int):
+    """Option type for a number of bytes: ``8GB``, ``512MiB`` or plain bytes on the command line."""
+
+
+def parse_spec(spec: str, flag: str, what: str) -> tuple[str, dict[str, str]]:
+    """``NAME[:KEY=VALUE,...]`` → (NAME, {KEY: VALUE}); the commas inside ``[...]`` belong to a
+    list value. ``flag`` and ``what`` name the option and the thing in errors."""
+    name, _, rest = str(spec).partition(":")
+    name = name.strip()
+    if not name:
+        raise UsageError(f"{flag} {spec!r} names no {what}; use {what.upper()}[:KEY=VALUE,...]")
+    options: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in _split_options(spec, rest, flag))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"{flag} {spec!r}: {part!r} is not KEY=VALUE")
+        if key.strip() in options:
+            raise UsageError(f"{flag} {spec!r} gives option {key.strip()!r} twice")
+        options[key.strip()] = value.strip()
+    return name, options
+
+
+def _split_options(spec: str, rest: str, flag: str) -> list[str]:
+    """Split ``KEY=VALUE`` pairs on the commas outside brackets, so that a list value
+    (``keep=[layer.0.,layer.5.]``) stays one pair."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(rest):
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise UsageError(f"{flag} {spec!r}: lists do not nest")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise UsageError(f"{flag} {spec!r} has a ']' without its '['")
+        elif char == "," and depth == 0:
+            parts.append(rest[start:i])
+            start = i + 1
+    if depth:
+        raise UsageError(f"{flag} {spec!r} has a '[' without its ']'")
+    parts.append(rest[start:])
+    return parts
+
+
+def parse_option_values(options: Sequence[Option], raw: Mapping[str, Any], where: str, kind: str) -> dict[str, Any]:
+    """Check option names and values against ``options`` and fill defaults; UsageError names
+    the key (``kind`` is "plugin" or "target", ``where`` its name)."""
+    known = {o.name: o for o in options}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        valid = ", ".join(o.describe() for o in options) or "none"
+        raise UsageError(f"{kind} {where!r} has no option {unknown[0]!r}; valid options: {valid}")
+    parsed: dict[str, Any] = {}
+    for opt in options:
+        if opt.name in raw:
+            parsed[opt.name] = opt.parse(raw[opt.name], where)
+        elif opt.default is not None:
+            parsed[opt.name] = opt.default
+    return parsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,10 +360,30 @@ class Target(abc.ABC):
     device_type: ClassVar[str] = "cpu"
     #: fraction of available memory kept back for the OS and other processes.
     reserve_fraction: ClassVar[float] = 0.1
+    #: options that describe a device (``--target cuda:memory=8GB,capability=8.7``), so a
+    #: bundle can be packed for a device that is not here.
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.settings: dict[str, Any] = parse_option_values(self.options, options or {}, self.name, "target")
 
     @abc.abstractmethod
     def probe(self) -> Probe:
         """Describe what is present on this machine: devices, memory, capabilities."""
+
+    def describe(self, probe: Probe) -> Probe:
+        """The device to pack for: ``probe`` (what is here) with what the options state laid
+        over it; the default changes nothing. Planning uses this, loading uses :meth:`probe`."""
+        return probe
+
+    def planning_probe(self) -> Probe:
+        """:meth:`describe` of :meth:`probe`: the device a bundle is packed for."""
+        return self.describe(self.probe())
+
+    def contradictions(self, probe: Probe) -> list[str]:
+        """Sentences naming each option the present device ``probe`` falls short of (both
+        numbers); verify refuses a bundle packed for a device this one is not."""
+        return []
 
     def capacity(self, probe: Probe) -> int:
         """Usable bytes per device after the safety reserve (0 when the target is absent)."""
@@ -380,20 +467,7 @@ class Compressor(abc.ABC):
 
     def parse_options(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """Check option names and values and fill defaults; raises UsageError naming the key."""
-        known = {o.name: o for o in self.options}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            valid = ", ".join(o.describe() for o in self.options) or "none"
-            raise UsageError(
-                f"plugin {self.name!r} has no option {unknown[0]!r}; valid options: {valid}"
-            )
-        parsed: dict[str, Any] = {}
-        for opt in self.options:
-            if opt.name in raw:
-                parsed[opt.name] = opt.parse(raw[opt.name], self.name)
-            elif opt.default is not None:
-                parsed[opt.name] = opt.default
-        return parsed
+        return parse_option_values(self.options, raw, self.name, "plugin")
 
     def check(self, options: Mapping[str, Any], probe: Probe, previous: Sequence[PlanStep]) -> str | None:
         """Why this step cannot run on ``probe`` after ``previous`` steps, or None if it can."""

@@ -303,9 +303,16 @@ class PackRequest:
         if self.budget is not None:
             parse_size(self.budget, "--budget")
 
+    @property
+    def target_name(self) -> str:
+        """The target's name without its options (``cuda`` of ``cuda:memory=8GB``)."""
+        from edgepack.interfaces import parse_spec
+
+        return parse_spec(self.target, "--target", "target")[0]
+
     def bundle_name(self, slug: str) -> str:
         """``<name>-<version>-<target>``, checked to be one safe path component."""
-        bundle = f"{self.name or slug}-{self.version}-{self.target}"
+        bundle = f"{self.name or slug}-{self.version}-{self.target_name}"
         check_bundle_name(bundle, "bundle name")
         return bundle
 
@@ -400,7 +407,8 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     min_fidelity, version, name = request.min_fidelity, request.version, request.name
     registry = registry or load_registry()
     tgt = registry.target(target)
-    probe = tgt.probe()
+    target = tgt.name
+    probe = tgt.planning_probe()  # this machine's device, or the one the target's options describe
     if devices is not None and probe.present and devices != max(1, len(probe.devices)):
         raise UsageError(f"--devices {devices}: target {target} has {len(probe.devices)} device(s) here")
     user_budget = parse_size(budget, "--budget") if budget is not None else None
@@ -610,6 +618,7 @@ def _manifest(*, bundle_name: str, version: str, source: Any, target: Any, probe
             "name": target.name,
             "devices": max(1, len(probe.devices)),
             "capabilities": required,
+            "options": dict(target.settings),
             "probed": probe.to_json(),
         },
         "workload": workload.to_json(),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from edgepack.errors import UsageError
-from edgepack.interfaces import Compressor, ModelFacts, PlanStep, Probe, Target, Workload
+from edgepack.interfaces import Compressor, ModelFacts, PlanStep, Probe, Target, Workload, parse_spec
 from edgepack.memory import PeakEstimate, estimate_plan, format_size
 
 #: Order in which kinds of compression compose: shapes first, storage formats last.
@@ -66,10 +66,11 @@ class Budget:
 
 def negotiate(user_bytes: int | None, target: Target, probe: Probe) -> Budget:
     """The effective budget per device: min(user budget, target capacity)."""
-    capacity = target.capacity(probe) if probe.present else None
+    capacity = target.capacity(probe) if probe.devices else None  # known: present, or described
     if user_bytes is None and capacity is None:
         raise UsageError(
-            f"target {target.name} is not present on this machine, so its capacity is unknown; give --budget"
+            f"target {target.name} is not present on this machine, so its capacity is unknown; give --budget "
+            f"or describe it (--target {target.name}:memory=SIZE)"
         )
     return Budget(user_bytes, capacity)
 
@@ -115,45 +116,11 @@ class Candidate:
         return data
 
 
-def _split_options(spec: str, rest: str) -> list[str]:
-    """Split ``KEY=VALUE`` pairs on the commas outside brackets, so that a list value
-    (``keep=[layer.0.,layer.5.]``) stays one pair."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(rest):
-        if char == "[":
-            depth += 1
-            if depth > 1:
-                raise UsageError(f"--apply {spec!r}: lists do not nest")
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise UsageError(f"--apply {spec!r} has a ']' without its '['")
-        elif char == "," and depth == 0:
-            parts.append(rest[start:i])
-            start = i + 1
-    if depth:
-        raise UsageError(f"--apply {spec!r} has a '[' without its ']'")
-    parts.append(rest[start:])
-    return parts
-
-
 def parse_apply(spec: str) -> tuple[str, dict[str, str]]:
     """``quantize:scheme=int4,group_size=64`` → (``quantize``, {scheme: int4, group_size: 64}).
 
     A list value is bracketed: ``quantize:keep=[layer.0.,layer.5.]``."""
-    name, _, rest = spec.partition(":")
-    name = name.strip()
-    if not name:
-        raise UsageError(f"--apply {spec!r} names no plugin; use PLUGIN[:KEY=VALUE,...]")
-    options: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in _split_options(spec, rest))):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise UsageError(f"--apply {spec!r}: {part!r} is not KEY=VALUE")
-        if key.strip() in options:
-            raise UsageError(f"--apply {spec!r} gives option {key.strip()!r} twice")
-        options[key.strip()] = value.strip()
-    return name, options
+    return parse_spec(spec, "--apply", "plugin")
 
 
 def build_candidate(steps: list[tuple[Compressor, dict[str, Any]]], facts: ModelFacts, workload: Workload,
@@ -277,7 +244,7 @@ def plan_model(model: str, *, target: str = "cpu", budget: int | str | None = No
 
     registry = registry or load_registry()
     tgt = registry.target(target)
-    probe = tgt.probe()
+    probe = tgt.planning_probe()
     source = ModelSource.open(model)
     facts = source.facts
     if facts.is_decoder:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import platform
 import resource
+from dataclasses import replace
 from pathlib import Path
 
 import edgepack
-from edgepack.interfaces import DeviceInfo, MemoryMeter, Probe, Target
+from edgepack.interfaces import DeviceInfo, MemoryMeter, Option, Probe, Size, Target
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -128,6 +129,25 @@ class CpuTarget(Target):
     def memory_meter(self) -> MemoryMeter:
         """Resident-memory meter (see :class:`RssMeter`)."""
         return RssMeter()
+
+    options = (Option("memory", Size, help="main memory of the device to pack for, e.g. 4GB (default: this machine's)"),)
+
+    def describe(self, probe: Probe) -> Probe:
+        """This CPU with the memory the options state (a smaller device than this machine)."""
+        memory = self.settings.get("memory")
+        if memory is None:
+            return probe
+        name = probe.devices[0].name if probe.devices else "cpu"
+        return replace(probe, devices=(DeviceInfo(0, name, memory, memory),),
+                       detail=dict(probe.detail, described=dict(self.settings)))
+
+    def contradictions(self, probe: Probe) -> list[str]:
+        """Less main memory here than the bundle was packed for."""
+        memory = self.settings.get("memory")
+        if memory is not None and probe.devices and probe.devices[0].total_bytes < memory:
+            return [f"the bundle was packed for cpu:memory={memory} bytes, but this machine has "
+                    f"{probe.devices[0].total_bytes} bytes"]
+        return []
 
 
 def _computes(dtype_name: str) -> bool:

@@ -297,6 +297,10 @@ def _strings(value: Any) -> str | None:
     return f"must be a list of strings, got {_show(value)}"
 
 
+def _object(value: Any) -> str | None:
+    return None if isinstance(value, dict) else f"must be a JSON object, got {_show(value)}"
+
+
 def _string_map(value: Any) -> str | None:
     if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
         return None
@@ -340,6 +344,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "target.name": _name,
     "target.devices": _positive_int,
     "target.capabilities": _strings,
+    "target.options": _object,
     "workload.batch_size": _positive_int,
     "workload.seq_len": _positive_int,
     "workload.cache_len": _positive_int,

@@ -123,15 +123,20 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     target_name = manifest["target"]["name"]
     task = manifest["model"]["task"]
     try:
-        target = load_registry().target(target_name)
+        target = load_registry().target(target_name, options=manifest["target"].get("options") or {})
     except EdgepackError as exc:
-        report.failures.append(Failure("target", f"{MANIFEST}:target.name", str(exc)))
+        report.failures.append(Failure("target", f"{MANIFEST}:target", str(exc)))
         return report
     probe = target.probe()
     if not probe.present:
         reason = probe.detail.get("reason", "no device found")
         report.failures.append(Failure("target", f"{MANIFEST}:target.name",
                                        f"target {target_name} is not present on this machine ({reason})"))
+        return report
+    contradictions = target.contradictions(probe)
+    for problem in contradictions:  # packed for a device this one is not
+        report.failures.append(Failure("target", f"{MANIFEST}:target.options", problem))
+    if contradictions:
         return report
 
     smoke = manifest["smoke"]
