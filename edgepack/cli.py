@@ -118,7 +118,8 @@ def targets(as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plugins(as_json: bool) -> None:
-    """List compression plugins with their kind, version, options and distribution.
+    """List compression plugins with their kind, version, options, distribution and status
+    (ok, broken: why, or disabled). A broken plugin is skipped; the others keep working.
 
     \b
     Example:
@@ -136,14 +137,18 @@ def plugins(as_json: bool) -> None:
             "options": [{"name": o.name, "type": o.type.__name__, "choices": list(o.choices),
                          "default": o.default, "help": o.help} for o in cls.options],
         })
+    problems = [s for s in registry.statuses if s.status != "ok"]
     if as_json:
-        _emit_json({"plugins": rows})
+        _emit_json({"plugins": [dict(row, status="ok") for row in rows],
+                    "entry_points": [s.to_json() for s in registry.statuses]})
         return
     for row, (_, entry) in zip(rows, sorted(registry.compressors.items())):
-        click.echo(f"{row['name']:<10} {row['kind']:<10} {row['version']:<8} {row['distribution']}")
+        click.echo(f"{row['name']:<10} {row['kind']:<10} {row['version']:<8} {row['distribution']}  ok")
         click.echo(f"{'':<10} {row['description']}")
         for opt in entry.cls.options:
             click.echo(f"{'':<12}{opt.describe()}  {opt.help}")
+    for status in problems:
+        click.echo(f"{status.name:<10} {'-':<10} {'-':<8} {status.distribution}  {status.status}: {status.reason}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,9 +457,28 @@ def bench(bundle: str, repeats: int, as_json: bool) -> None:
                    f"on {result['device']}")
 
 
+def _show_plugin_warnings() -> None:
+    """Print each skipped plugin once, as one line on standard error."""
+    import warnings
+
+    from edgepack.host import PluginWarning
+
+    default = warnings.showwarning
+
+    def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, PluginWarning):
+            click.echo(f"edgepack: warning: {message}", err=True)
+        else:
+            default(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    warnings.simplefilter("once", PluginWarning)
+
+
 def main() -> None:
     """Console-script entry point: adds plugin commands, then runs the group."""
     quiet_libraries()
+    _show_plugin_warnings()
     try:
         from edgepack.host import make_plugin_manager
 
@@ -462,6 +486,9 @@ def main() -> None:
     except EdgepackError as exc:
         click.echo(f"edgepack: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a plugin's command hook must not take the tool down
+        click.echo(f"edgepack: warning: a plugin's edgepack_register_commands failed: {type(exc).__name__}: {exc}",
+                   err=True)
     cli(prog_name="edgepack")
 
 

@@ -551,7 +551,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             f"not measured: target {target} is not present on the packing machine; verify on the target measures it"
         )
         manifest = _manifest(
-            bundle_name=name or source.slug, version=version, source=source, target=tgt, probe=probe,
+            registry=registry, bundle_name=name or source.slug, version=version, source=source, target=tgt, probe=probe,
             workload=workload, budget=negotiated, candidates=candidates, chosen=chosen,
             measured_peak=chosen.measured["peak_bytes"], scope=scope, fidelity=chosen_fidelity, floor=floor,
             loader=chosen_loader, samples=len(session.samples),
@@ -578,7 +578,7 @@ def _calibration_batches(tokenizer: Any, seq_len: int, task: str) -> list[dict[s
     return list(batches(inputs, 8))
 
 
-def _manifest(*, bundle_name: str, version: str, source: Any, target: Any, probe: Any, workload: Workload,
+def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, target: Any, probe: Any, workload: Workload,
               budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | None, scope: str,
               fidelity: Any, floor: float, loader: str | None, samples: int) -> dict[str, Any]:
     import torch
@@ -589,6 +589,9 @@ def _manifest(*, bundle_name: str, version: str, source: Any, target: Any, probe
 
     plugins = {c.name: c.version for c, _ in chosen.steps}
     plugins[target.name] = target.version
+    entries = [registry.compressors.get(c.name) for c, _ in chosen.steps] + [registry.targets.get(target.name)]
+    # what to install to load this bundle: verify names it when a plugin is missing or older
+    requires = {e.cls.name: e.requirement() for e in entries if e is not None and e.requirement()}
     required = sorted({cap for c, _ in chosen.steps for cap in c.requires})
     return {
         "format": FORMAT,
@@ -604,6 +607,7 @@ def _manifest(*, bundle_name: str, version: str, source: Any, target: Any, probe
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "plugins": plugins,
+            "requires": requires,
         },
         "source": {"model": str(source.path), "sha256": source.weights_sha256()},
         "model": {

@@ -41,6 +41,39 @@ def checked_steps(steps: Sequence[PlanStep], registry: Any) -> list[PlanStep]:
     return checked
 
 
+def requirement_problems(manifest: dict[str, Any], registry: Any) -> list[tuple[str, str]]:
+    """(manifest key, sentence) for each plugin the bundle needs that is missing here or older
+    than the one that packed it; each sentence says what to install."""
+    requires = manifest.get("producer", {}).get("requires") or {}
+    needed = [(f"manifest.json:plan[{i}]", s["plugin"], "compression plugin", registry.compressors)
+              for i, s in enumerate(manifest.get("plan", []))]
+    needed.append(("manifest.json:target.name", manifest["target"]["name"], "target", registry.targets))
+    problems = []
+    for key, name, what, table in needed:
+        requirement = requires.get(name)
+        install = f": install {requirement}" if requirement else ""
+        if name not in table:
+            problems.append((key, f"the bundle needs {what} {name!r}, which is not installed here{install}"))
+            continue
+        installed = table[name].installed_by
+        if requirement and installed and _older(installed[1], requirement.partition(">=")[2]):
+            problems.append((key, f"the bundle needs {what} {name!r} from {requirement}, but "
+                                  f"{installed[0]} {installed[1]} is installed here{install}"))
+    return problems
+
+
+def _older(installed: str, needed: str) -> bool:
+    """Whether version ``installed`` is older than ``needed`` (PEP 440; False when unreadable)."""
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # pragma: no cover - packaging comes with transformers
+        return False
+    try:
+        return Version(installed) < Version(needed)
+    except InvalidVersion:
+        return False
+
+
 def refuse_pickles(model_dir: Path) -> None:
     """VerificationError when ``model_dir`` holds a pickled checkpoint: bundles hold safetensors
     and JSON only, and nothing is ever unpickled."""
@@ -135,13 +168,19 @@ def open_bundle(bundle: str | Path) -> Session:
 
     from edgepack.bundle.reader import read_verified
 
+    from edgepack.host import load_registry
+
     path, manifest = read_verified(bundle)
+    registry = load_registry()
+    problems = requirement_problems(manifest, registry)
+    if problems:
+        raise VerificationError(f"{problems[0][0]}: {problems[0][1]}")
     model, probe = load_model_dir(
         path / "model",
         task=manifest["model"]["task"],
         steps=plan_steps(manifest),
         loader=manifest["model"].get("loader"),
-        target_name=manifest["target"]["name"],
+        target_name=manifest["target"]["name"], registry=registry,
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(path / "model", local_files_only=True)
     device = str(next(model.parameters()).device)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib.metadata import entry_points
+from typing import Any
 
 import click
 import pluggy
@@ -11,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 import edgepack
-from edgepack.errors import PluginError, UsageError
-from edgepack.host import DISABLE_ENV, collect, load_registry, make_plugin_manager
+from edgepack.errors import UsageError
+from edgepack.host import ALLOW_ENV, DISABLE_ENV, PluginWarning, collect, load_registry, make_plugin_manager
 from edgepack.interfaces import Compressor, Target
 
-from conftest import FakeTarget, Halve, assert_one_error_line
+from conftest import FakeTarget, Halve, HalvePlugin
 
 BUILTINS = {"cpu": "edgepack.targets.cpu", "cuda": "edgepack.targets.cuda",
             "precision": "edgepack.plugins.precision"}
@@ -66,17 +68,23 @@ def test_unknown_names_list_what_is_registered(pm_with_plugin):
         registry.target("tpu")
 
 
+def skipped(record) -> list[str]:
+    """The PluginWarning messages recorded by pytest.warns."""
+    return [str(w.message) for w in record if issubclass(w.category, PluginWarning)]
+
+
 def test_duplicate_compressor_name_names_both_sources(pm):
     class Other(Halve):
         pass
 
     pm.register(_plugin(edgepack_register_compressors=[Halve]), name="first-plugin")
     pm.register(_plugin(edgepack_register_compressors=[Other]), name="second-plugin")
-    with pytest.raises(PluginError) as info:
-        collect(pm)
-    message = str(info.value)
+    with pytest.warns(PluginWarning) as record:
+        registry = collect(pm)
+    [message] = skipped(record)
     assert "'halve'" in message and "twice" in message
     assert "first-plugin" in message and "second-plugin" in message
+    assert registry.compressors["halve"].cls is Halve  # the first keeps its name
 
 
 def test_duplicate_target_name_names_both_sources(pm):
@@ -85,59 +93,64 @@ def test_duplicate_target_name_names_both_sources(pm):
 
     pm.register(_plugin(edgepack_register_targets=[FakeTarget]), name="first-plugin")
     pm.register(_plugin(edgepack_register_targets=[OtherTarget]), name="second-plugin")
-    with pytest.raises(PluginError) as info:
-        collect(pm)
-    assert "'fake'" in str(info.value)
-    assert "first-plugin" in str(info.value) and "second-plugin" in str(info.value)
+    with pytest.warns(PluginWarning) as record:
+        registry = collect(pm)
+    [message] = skipped(record)
+    assert "'fake'" in message and "first-plugin" in message and "second-plugin" in message
+    assert registry.targets["fake"].cls is FakeTarget
+
+
+IMPOSTOR = """
+    import edgepack
+    from edgepack.interfaces import Compressor
+
+    class Impostor(Compressor):
+        name = "precision"
+        kind = "precision"
+        def estimate(self, footprint, options, target): return footprint
+        def quality_cost(self, options, facts): return 0.0
+        def apply(self, model, options, context): return model
+
+    @edgepack.hookimpl
+    def edgepack_register_compressors(register):
+        register(Impostor)
+"""
 
 
 def test_duplicate_of_a_builtin_names_both_distributions(fake_dist):
-    fake_dist("""
-        import edgepack
-        from edgepack.interfaces import Compressor
-
-        class Impostor(Compressor):
-            name = "precision"
-            kind = "precision"
-            def estimate(self, footprint, options, target): return footprint
-            def quality_cost(self, options, facts): return 0.0
-            def apply(self, model, options, context): return model
-
-        @edgepack.hookimpl
-        def edgepack_register_compressors(register):
-            register(Impostor)
-    """)
-    with pytest.raises(PluginError) as info:
-        load_registry()
-    message = str(info.value)
+    fake_dist(IMPOSTOR)
+    with pytest.warns(PluginWarning) as record:
+        registry = load_registry()
+    [message] = skipped(record)
     assert "'precision'" in message
-    assert f"edgepack {edgepack.__version__}" in message
-    assert "acme-edgepack 1.2.3" in message
+    assert f"edgepack {edgepack.__version__}" in message and "acme-edgepack 1.2.3" in message
+    assert {"precision", "quantize"} <= set(registry.compressors)  # one of the two, and every other plugin
 
 
 def test_same_entry_point_name_in_two_distributions_is_refused(fake_dist):
-    fake_dist("""
-        import edgepack
-        from edgepack.interfaces import Compressor
-
-        class Fancy(Compressor):
-            name = "fancy"
-            def estimate(self, footprint, options, target): return footprint
-            def quality_cost(self, options, facts): return 0.0
-            def apply(self, model, options, context): return model
-
-        @edgepack.hookimpl
-        def edgepack_register_compressors(register):
-            register(Fancy)
-    """, entry_points={"precision": None})
-    with pytest.raises(PluginError) as info:
-        make_plugin_manager()
-    assert "acme-edgepack 1.2.3" in str(info.value)
-    assert f"edgepack {edgepack.__version__}" in str(info.value)
+    fake_dist(IMPOSTOR.replace('"precision"', '"fancy"'), entry_points={"precision": None})
+    with pytest.warns(PluginWarning) as record:
+        pm = make_plugin_manager()
+    [message] = skipped(record)
+    assert "acme-edgepack 1.2.3" in message and f"edgepack {edgepack.__version__}" in message
+    assert "already taken" in message
+    assert pm.get_plugin("cpu") is not None
 
 
 # ---------------------------------------------------------------------------------------------
-# classes that break the interface
+# classes that break the interface: the plugin is skipped, the others stay
+
+
+def _skips(pm, *needles: str) -> Any:
+    pm.register(HalvePlugin(), name="good-plugin")
+    with pytest.warns(PluginWarning) as record:
+        registry = collect(pm)
+    [message] = skipped(record)
+    assert "'bad-plugin'" in message and f"{DISABLE_ENV}=bad-plugin" in message
+    for needle in needles:
+        assert re.search(needle, message), (needle, message)
+    assert set(registry.compressors) == {"halve"} and set(registry.targets) == {"fake"}
+    return registry
 
 
 def test_class_that_is_not_a_compressor_is_refused(pm):
@@ -146,26 +159,25 @@ def test_class_that_is_not_a_compressor_is_refused(pm):
         kind = "other"
 
     pm.register(_plugin(edgepack_register_compressors=[NotACompressor]), name="bad-plugin")
-    with pytest.raises(PluginError, match=r"bad-plugin.*not a Compressor subclass"):
-        collect(pm)
+    _skips(pm, "not a Compressor subclass")
 
 
 def test_target_registered_as_compressor_is_refused(pm):
-    pm.register(_plugin(edgepack_register_compressors=[FakeTarget]), name="bad-plugin")
-    with pytest.raises(PluginError, match="not a Compressor subclass"):
-        collect(pm)
+    class OtherFake(FakeTarget):
+        name = "other-fake"
+
+    pm.register(_plugin(edgepack_register_compressors=[OtherFake]), name="bad-plugin")
+    _skips(pm, "not a Compressor subclass")
 
 
 def test_compressor_registered_as_target_is_refused(pm):
     pm.register(_plugin(edgepack_register_targets=[Halve]), name="bad-plugin")
-    with pytest.raises(PluginError, match="not a Target subclass"):
-        collect(pm)
+    _skips(pm, "not a Target subclass")
 
 
 def test_instance_instead_of_class_is_refused(pm):
     pm.register(_plugin(edgepack_register_compressors=[Halve()]), name="bad-plugin")
-    with pytest.raises(PluginError, match="not a Compressor subclass"):
-        collect(pm)
+    _skips(pm, "not a Compressor subclass")
 
 
 def test_compressor_without_name_is_refused(pm):
@@ -173,8 +185,7 @@ def test_compressor_without_name_is_refused(pm):
         name = ""
 
     pm.register(_plugin(edgepack_register_compressors=[Nameless]), name="bad-plugin")
-    with pytest.raises(PluginError, match="Nameless without a name"):
-        collect(pm)
+    _skips(pm, "Nameless without a name")
 
 
 def test_compressor_with_unknown_kind_is_refused(pm):
@@ -183,8 +194,29 @@ def test_compressor_with_unknown_kind_is_refused(pm):
         kind = "magic"
 
     pm.register(_plugin(edgepack_register_compressors=[Weird]), name="bad-plugin")
-    with pytest.raises(PluginError, match=r"kind 'magic'; kinds are prune, quantize"):
-        collect(pm)
+    _skips(pm, r"kind 'magic'; kinds are prune, quantize")
+
+
+def test_a_plugin_is_skipped_whole_when_one_of_its_classes_is_bad(pm):
+    class Weird(Halve):
+        name = "weird"
+        kind = "magic"
+
+    class Fine(Halve):
+        name = "fine"
+
+    pm.register(_plugin(edgepack_register_compressors=[Fine, Weird]), name="bad-plugin")
+    _skips(pm, "magic")  # 'fine' is not kept either: a half-registered plugin is worse than none
+
+
+def test_a_register_hook_that_raises_is_skipped(pm):
+    class Raises:
+        @edgepack.hookimpl
+        def edgepack_register_compressors(self, register):
+            raise RuntimeError("cannot find my kernels")
+
+    pm.register(Raises(), name="bad-plugin")
+    _skips(pm, "RuntimeError: cannot find my kernels")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,39 +235,61 @@ def test_misspelt_hook_fails_check_pending(pm):
         pm.check_pending()
 
 
-def test_misspelt_hook_in_installed_plugin_is_a_plugin_error(fake_dist):
-    fake_dist("""
-        import edgepack
+MISSPELT = """
+    import edgepack
 
-        @edgepack.hookimpl
-        def edgepack_register_compresors(register):
-            pass
-    """)
-    with pytest.raises(PluginError, match="edgepack_register_compresors"):
-        make_plugin_manager()
+    @edgepack.hookimpl
+    def edgepack_register_compresors(register):
+        pass
+"""
 
 
-def test_misspelt_hook_makes_the_cli_exit_2(fake_dist):
-    fake_dist("""
-        import edgepack
+def test_misspelt_hook_in_installed_plugin_is_skipped(fake_dist):
+    fake_dist(MISSPELT)
+    with pytest.warns(PluginWarning) as record:
+        pm = make_plugin_manager()
+    [message] = skipped(record)
+    assert "'acme'" in message and "acme-edgepack 1.2.3" in message and "edgepack_register_compresors" in message
+    assert pm.get_plugin("acme") is None and pm.get_plugin("precision") is not None
+    assert pm.statuses["acme"].status == "broken"
 
-        @edgepack.hookimpl
-        def edgepack_register_compresors(register):
-            pass
-    """)
-    from edgepack.cli import cli
 
-    result = CliRunner().invoke(cli, ["plugins"])
-    assert_one_error_line(result, 2, "edgepack_register_compresors")
+def test_cli_lists_a_broken_plugin_warns_once_and_exits_0(fake_dist):
+    import json
+
+    fake_dist(MISSPELT)
+    from edgepack.cli import _show_plugin_warnings, cli
+
+    _show_plugin_warnings()
+    result = CliRunner().invoke(cli, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    warnings_ = [l for l in result.stderr.splitlines() if l.startswith("edgepack: warning:")]
+    assert len(warnings_) == 1 and "'acme'" in warnings_[0] and "acme-edgepack 1.2.3" in warnings_[0]
+    data = json.loads(result.stdout.splitlines()[-1])
+    statuses = {e["name"]: e for e in data["entry_points"]}
+    assert statuses["acme"]["status"] == "broken" and "unknown hook" in statuses["acme"]["reason"]
+    assert statuses["precision"]["status"] == "ok"
+    assert "precision" in {p["name"] for p in data["plugins"]}
 
 
 def test_plugin_that_fails_to_import_names_entry_point_and_distribution(fake_dist):
     fake_dist("raise ImportError('no module named acme_runtime')\n", entry_points={"acme": None})
-    with pytest.raises(PluginError) as info:
-        make_plugin_manager()
-    message = str(info.value)
+    with pytest.warns(PluginWarning) as record:
+        registry = load_registry()
+    [message] = skipped(record)
     assert "'acme'" in message and "acme-edgepack 1.2.3" in message
-    assert "no module named acme_runtime" in message
+    assert "no module named acme_runtime" in message and f"{DISABLE_ENV}=acme" in message
+    assert "precision" in registry.compressors
+
+
+@pytest.mark.parametrize("api, upgrade", [(2, "upgrade edgepack"), (0, "upgrade acme-edgepack")])
+def test_a_plugin_written_for_another_api_says_what_to_upgrade(fake_dist, api, upgrade):
+    fake_dist(IMPOSTOR.replace('"precision"', '"fancy"') + f"    EDGEPACK_PLUGIN_API = {api}\n")
+    with pytest.warns(PluginWarning) as record:
+        registry = load_registry()
+    [message] = skipped(record)
+    assert f"written for edgepack plugin API {api}" in message and upgrade in message
+    assert "fancy" not in registry.compressors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +324,14 @@ def test_disable_drops_a_registered_name(pm_with_plugin, monkeypatch):
     registry = collect(pm_with_plugin)
     assert "halve" not in registry.compressors
     assert "fake" in registry.targets
+
+
+def test_allow_list_loads_only_the_named_plugins(monkeypatch):
+    monkeypatch.setenv(ALLOW_ENV, "cpu, quantize")
+    registry = load_registry()
+    assert set(registry.compressors) == {"quantize"} and set(registry.targets) == {"cpu"}
+    disabled = {s.name: s.reason for s in registry.statuses if s.status == "disabled"}
+    assert disabled["precision"] == f"not listed in {ALLOW_ENV}"
 
 
 def test_plugins_command_respects_disable_env(monkeypatch):

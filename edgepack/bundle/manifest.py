@@ -339,6 +339,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "producer.torch": _string,
     "producer.transformers": _string,
     "producer.plugins": _string_map,
+    "producer.requires": _string_map,
     "source.model": _string,
     "source.sha256": _string_map,
     "target.name": _name,

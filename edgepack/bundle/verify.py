@@ -105,7 +105,7 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     (VerificationError) raises, before there is a bundle to report on.
     """
     from edgepack.host import load_registry
-    from edgepack.runtime import plan_steps
+    from edgepack.runtime import plan_steps, requirement_problems
     from edgepack.smoke import DEFAULT_NEW_TOKENS, check, compare, measure_in_fresh_process
 
     root = open_path(bundle)
@@ -122,8 +122,14 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     # Every field used below was validated by the schema.
     target_name = manifest["target"]["name"]
     task = manifest["model"]["task"]
+    registry = load_registry()
+    missing = requirement_problems(manifest, registry)
+    for key, problem in missing:  # a plugin the bundle needs is missing or too old here
+        report.failures.append(Failure("plugins", key, problem))
+    if missing:
+        return report
     try:
-        target = load_registry().target(target_name, options=manifest["target"].get("options") or {})
+        target = registry.target(target_name, options=manifest["target"].get("options") or {})
     except EdgepackError as exc:
         report.failures.append(Failure("target", f"{MANIFEST}:target", str(exc)))
         return report

@@ -35,6 +35,10 @@ from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts,
 
 __version__ = "0.1.0"
 
+#: The edgepack plugin API this module was written for; edgepack skips it, saying what to
+#: upgrade, when it offers another.
+EDGEPACK_PLUGIN_API = 1
+
 WEIGHTS_FILE = "model.halfemb.safetensors"
 FORMAT = "edgepack-halve-embeddings/1"
 
