@@ -29,7 +29,7 @@ def edgepack_register_compressors(register: Callable[[type["Compressor"]], None]
 
     Call ``register(CompressorClass)`` once per class. The class must subclass
     :class:`edgepack.interfaces.Compressor` and carry a unique ``name``; a name that another
-    plugin already registered is refused with an error naming both distributions.
+    plugin already registered makes the later plugin skipped, with a warning naming both distributions.
 
     :param register: callback that records one :class:`~edgepack.interfaces.Compressor` subclass.
     """
