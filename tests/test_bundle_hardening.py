@@ -549,44 +549,26 @@ def _old_bundle(out: Path) -> tuple[Path, bytes]:
     return final, (final / MANIFEST).read_bytes()
 
 
-def test_failed_exchange_keeps_the_old_bundle(tmp_path, monkeypatch):
+@pytest.mark.parametrize("renameat2_error, into_place_fails", [
+    # the exchange fails (and os.rename onto the bundle, for an implementation using it)
+    (errno.EIO, lambda src: True),
+    # no renameat2 here: the fallback moves the old bundle aside, then moving the new one in fails
+    (errno.EINVAL, lambda src: src.name.startswith(f".{NAME}.partial-")),
+], ids=["exchange-fails", "fallback-swap-fails"])
+def test_a_failed_overwrite_keeps_the_old_bundle(tmp_path, monkeypatch, renameat2_error, into_place_fails):
     out = tmp_path / "dist"
     final, old_manifest = _old_bundle(out)
     real_rename = os.rename
 
     def failing_renameat2(src, dst, flags):
-        raise OSError(errno.EIO, "I/O error (simulated)")
+        raise OSError(renameat2_error, "renameat2 failed (simulated)")
 
-    def failing_rename(src, dst):  # the same failure for an implementation using os.rename
-        if Path(dst) == final:
+    def failing_rename(src, dst):
+        if Path(dst) == final and into_place_fails(Path(src)):
             raise OSError(errno.EIO, "I/O error (simulated)")
         return real_rename(src, dst)
 
     monkeypatch.setattr(writer_module, "_renameat2", failing_renameat2, raising=False)
-    monkeypatch.setattr(writer_module.os, "rename", failing_rename)
-    with pytest.raises((OSError, EdgepackError)):
-        with BundleWriter(out, NAME, overwrite=True) as w:
-            _stage(w, {"README.md": b"new"})
-            w.commit(base_manifest())
-    assert (final / MANIFEST).read_bytes() == old_manifest
-    assert (final / "README.md").read_bytes() == b"old"
-    assert sorted(p.name for p in out.iterdir()) == [NAME]
-
-
-def test_failed_swap_without_renameat2_restores_the_old_bundle(tmp_path, monkeypatch):
-    out = tmp_path / "dist"
-    final, old_manifest = _old_bundle(out)
-    real_rename = os.rename
-
-    def unsupported(src, dst, flags):
-        raise OSError(errno.EINVAL, "renameat2 flags not supported here (simulated)")
-
-    def failing_rename(src, dst):  # moving the new bundle into place fails
-        if Path(dst) == final and Path(src).name.startswith(f".{NAME}.partial-"):
-            raise OSError(errno.EIO, "I/O error (simulated)")
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(writer_module, "_renameat2", unsupported, raising=False)
     monkeypatch.setattr(writer_module.os, "rename", failing_rename)
     with pytest.raises((OSError, EdgepackError)):
         with BundleWriter(out, NAME, overwrite=True) as w:
