@@ -533,15 +533,6 @@ def close_call(budget_bytes: int, result: ProbeResult) -> bool:
     )
 
 
-def __getattr__(name: str) -> Any:
-    """``warm_up`` and ``touch_weights`` moved to :mod:`edgepack.probe`; still reachable here."""
-    if name in ("warm_up", "touch_weights"):
-        from edgepack import probe
-
-        return getattr(probe, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 #: Calibration texts for compressors that score importance or gather statistics; kept apart
 #: from the smoke inputs so that fidelity is judged on inputs the compression never saw.
 CALIBRATION_SAMPLES = (
@@ -563,10 +554,3 @@ CALIBRATION_SAMPLES = (
     "Version 2.3 fixes a memory leak in the image decoder.",
 )
 
-
-if __name__ == "__main__":  # the former entry point of the measuring process
-    import sys
-
-    from edgepack.probe import _entry
-
-    sys.exit(_entry(sys.argv[1]))
