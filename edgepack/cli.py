@@ -293,8 +293,16 @@ def _plan_text(plan: list[dict[str, Any]]) -> str:
     return " + ".join(PlanStep(s["plugin"], s["version"], s["options"]).spec() for s in plan) or "(none)"
 
 
+def _loads_with(manifest: dict[str, Any]) -> str:
+    """How a bundle's model is loaded, in words."""
+    if isinstance(manifest.get("parallel"), dict):
+        return f"one process per rank ({manifest['parallel']['world_size']} ranks, torchrun)"
+    loader = manifest["model"]["loader"]
+    return "stock transformers" if loader is None else f"edgepack.load ({loader})"
+
+
 def _print_result(result: Any) -> None:
-    from edgepack.memory import format_size
+    from edgepack.memory import format_peak, format_size
 
     mem = result.manifest["memory"]
     fid = result.manifest["fidelity"]
@@ -302,7 +310,7 @@ def _print_result(result: Any) -> None:
         f"bundle    {result.bundle}",
         f"plan      {_plan_text(result.manifest['plan'])}",
         f"size      {format_size(result.size_bytes)}",
-        f"memory    predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_size(mem['measured_peak_bytes'])}, budget {format_size(mem['budget_bytes'])}",
+        f"memory    predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_peak(mem['measured_peak_bytes'])}, budget {format_size(mem['budget_bytes'])}",
         f"fidelity  {fid['metric']} {fid['value']} (floor {fid['floor']})",
     ]
     if result.archive:
@@ -337,7 +345,10 @@ def verify(bundle: str, as_json: bool) -> None:
         click.echo(f"ok: {report.bundle}")
         if report.fidelity:
             click.echo(f"  fidelity {report.fidelity['metric']} {report.fidelity['value']}")
-        if report.measured_peak_bytes is not None:
+        if report.rank_peak_bytes is not None:
+            for rank, peak in enumerate(report.rank_peak_bytes):
+                click.echo(f"  rank {rank} peak memory {format_size(peak)} of {format_size(report.budget_bytes)} budget per device")
+        elif report.measured_peak_bytes is not None:
             click.echo(f"  peak memory {format_size(report.measured_peak_bytes)} of {format_size(report.budget_bytes)} budget")
     else:
         click.echo(f"FAILED: {report.bundle}")
@@ -359,7 +370,7 @@ def inspect(bundle: str, as_json: bool) -> None:
       edgepack inspect dist/all-minilm-l6-v2-0.1.0-cpu
     """
     from edgepack.bundle.reader import open_path, read_manifest
-    from edgepack.memory import format_size
+    from edgepack.memory import format_peak, format_size
 
     try:
         root = open_path(bundle)
@@ -377,12 +388,22 @@ def inspect(bundle: str, as_json: bool) -> None:
     click.echo(f"{b['name']} {b['version']} for {manifest['target']['name']}  (format {manifest['format_version']}, created {b['created']})")
     click.echo(f"  source     {manifest['source']['model']}")
     click.echo(f"  model      {manifest['model'].get('architecture')} ({manifest['model']['task']}), "
-               f"loads with {'stock transformers' if manifest['model']['loader'] is None else 'edgepack.load (' + manifest['model']['loader'] + ')'}")
+               f"loads with {_loads_with(manifest)}")
     click.echo(f"  plan       {plan_text}")
     click.echo("  workload   " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["workload"].items())))
     click.echo(f"  budget     {format_size(mem['budget_bytes'])} per device ({manifest['budget']['source']})")
-    click.echo(f"  memory     predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_size(mem['measured_peak_bytes'])}")
+    click.echo(f"  memory     predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_peak(mem['measured_peak_bytes'])}")
     click.echo(f"  fidelity   {fid['metric']} {fid['value']} (floor {fid['floor']})")
+    parallel = manifest.get("parallel")
+    if isinstance(parallel, dict):
+        click.echo(f"  shards     {parallel['world_size']} ranks, {parallel['mode']} parallel ({parallel.get('backend')}); "
+                   f"each rank reads only its own shard")
+        peaks = mem["measured_peak_bytes"] if isinstance(mem["measured_peak_bytes"], list) else []
+        for rank, shard in enumerate(parallel["shards"]):
+            size = sum(f["size"] for f in manifest["files"] if f["path"].startswith(shard + "/"))
+            measured = f", measured peak {format_size(peaks[rank])}" if rank < len(peaks) else ""
+            click.echo(f"               rank {rank}  {shard + '/':<16} {format_size(size):>10}{measured}")
+        click.echo(f"  launch     {parallel['launch']}")
     click.echo(f"  files      {len(manifest['files'])} files, {format_size(total)}")
     for f in manifest["files"]:
         click.echo(f"               {f['path']:<40} {format_size(f['size']):>10}  {f['sha256'][:12]}")
@@ -411,6 +432,9 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, as_json: bool
         texts = [line.strip() for line in sys.stdin if line.strip()]
     if not texts:
         raise UsageError("give at least one INPUT text (or pipe lines on standard input)")
+    if _is_sharded(bundle):
+        _run_sharded(bundle, texts, max_new_tokens, as_json)
+        return
     session = open_bundle(bundle)
     if session.task == "text-generation":
         outputs = session.generate(texts, max_new_tokens=max_new_tokens)
@@ -435,6 +459,45 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, as_json: bool
             click.echo("  " + " ".join(f"{float(sims[i, j]):.3f}" for j in range(len(texts))))
 
 
+def _is_sharded(bundle: str) -> bool:
+    """Whether BUNDLE's manifest describes a sharded (multi-device) bundle (False when it cannot
+    be read: loading then reports why)."""
+    from edgepack.bundle.reader import open_path, read_manifest
+
+    try:
+        manifest, _ = read_manifest(open_path(bundle))
+    except EdgepackError:
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("parallel"), dict)
+
+
+def _run_sharded(bundle: str, texts: list[str], max_new_tokens: int, as_json: bool) -> None:
+    """``edgepack run`` of a sharded bundle: every rank through torchrun, the outputs from rank 0."""
+    from edgepack.memory import format_size
+    from edgepack.runtime import run_sharded
+
+    result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=_progress)
+    peaks = result["rank_peak_bytes"]
+    if "texts" in result:
+        if as_json:
+            _emit_json({"task": "text-generation", "outputs": [{"input": t, "output": o} for t, o in zip(texts, result["texts"])],
+                        "rank_peak_bytes": peaks})
+            return
+        for text, output in zip(texts, result["texts"]):
+            click.echo(f"{text}{output}")
+    else:
+        vectors = result["embeddings"]
+        if as_json:
+            _emit_json({"task": "feature-extraction", "dim": int(vectors.shape[1]), "rank_peak_bytes": peaks,
+                        "embeddings": [[round(float(x), 6) for x in row] for row in vectors]})
+            return
+        for text, row in zip(texts, vectors):
+            head = ", ".join(f"{float(x):+.4f}" for x in row[:6])
+            click.echo(f"{text!r}\n  dim {row.shape[0]}, norm {float(row.norm()):.4f}: [{head}, ...]")
+    click.echo(f"ran on {result['world_size']} ranks ({result['device']}); peak memory per rank (one-time runtime costs included): "
+               + ", ".join(format_size(p) for p in peaks))
+
+
 @cli.command()
 @click.argument("bundle", type=str)
 @click.option("--repeats", type=click.IntRange(min=1), default=10, help="Timed runs after one warm-up.")
@@ -455,6 +518,12 @@ def bench(bundle: str, repeats: int, as_json: bool) -> None:
         click.echo(f"{result['bundle']}: batch {result['batch_size']} x {result['seq_len']} tokens, "
                    f"median {result['median_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms over {repeats} runs "
                    f"on {result['device']}")
+        if "tokens_per_s" in result:
+            click.echo(f"  generating {result['new_tokens']} tokens: {result['tokens_per_s']:.1f} tokens/s")
+        if "rank_peak_bytes" in result:
+            from edgepack.memory import format_size
+
+            click.echo("  peak memory per rank: " + ", ".join(format_size(p) for p in result["rank_peak_bytes"]))
 
 
 def _show_plugin_warnings() -> None:

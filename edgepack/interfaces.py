@@ -261,7 +261,8 @@ class Footprint:
     :param activation_bits: bits per activation element at run time (32 for fp32, 16 for bf16).
     :param row_width: typical input width of a weight row (the hidden size), for per-row scales.
     :param ffn_scale: fraction of FFN neurons kept (structured pruning shrinks it).
-    :param heads_scale: fraction of attention heads kept.
+    :param heads_scale: fraction of attention heads kept (per rank, when heads are split).
+    :param layer_scale: fraction of the layers one device runs (pipeline parallelism).
     :param notes: one line per compressor that changed the footprint.
     :param workspace_bytes: fixed extra memory of the kernels the plan runs on.
     :param weight_scratch: bytes of per-call scratch per element of the weight a matmul uses
@@ -274,6 +275,7 @@ class Footprint:
     row_width: int = 1024
     ffn_scale: float = 1.0
     heads_scale: float = 1.0
+    layer_scale: float = 1.0
     notes: tuple[str, ...] = ()
     workspace_bytes: int = 0
     weight_scratch: float = 0.0
@@ -508,6 +510,12 @@ class Compressor(abc.ABC):
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild the model that :meth:`save` wrote. Only called when save returned True."""
         raise NotImplementedError(f"{self.name} wrote no weights of its own")
+
+    def complete(self, options: Mapping[str, Any], probe: Probe) -> dict[str, Any]:
+        """Options with the values that follow from the target filled in (for example how many
+        ranks a model is split into); called after :meth:`parse_options` for every plan step.
+        The default changes nothing."""
+        return dict(options)
 
     def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
         """Adjust a freshly loaded model for fast execution on this machine (swap kernels, never

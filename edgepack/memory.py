@@ -90,6 +90,14 @@ def format_size(n: int | float | None) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
+def format_peak(value: int | list[int] | None) -> str:
+    """A measured peak as people read it: one size, or for a sharded bundle one per rank
+    (``23.1 MB, 23.0 MB per rank``)."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_size(v) for v in value) + " per rank"
+    return format_size(value)
+
+
 def initial_footprint(facts: ModelFacts) -> Footprint:
     """The footprint of the model as it is: every weight at its current dtype."""
     bits = _DTYPE_BITS.get(facts.dtype, 32)
@@ -155,13 +163,14 @@ def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint
 
 
 def kv_cache_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint) -> int:
-    """Keys and values of every layer at the declared cache length (0 for encoders)."""
+    """Keys and values of every layer a device runs at the declared cache length (0 for encoders)."""
     if not facts.is_decoder:
         return 0
     cache_len = workload.cache_len or workload.seq_len
     kv_heads = max(1, round(facts.num_key_value_heads * footprint.heads_scale))
     elem = footprint.activation_bits / 8
-    return int(2 * facts.num_layers * workload.batch_size * kv_heads * facts.head_dim * cache_len * elem)
+    layers = max(1.0, facts.num_layers * footprint.layer_scale)
+    return int(2 * layers * workload.batch_size * kv_heads * facts.head_dim * cache_len * elem)
 
 
 def estimate_peak(footprint: Footprint, facts: ModelFacts, workload: Workload) -> PeakEstimate:

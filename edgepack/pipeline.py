@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 import edgepack
 from edgepack.errors import EdgepackError, NoPlanFits, UsageError, VerificationError
 from edgepack.interfaces import ApplyContext, Compressor, Workload, format_option_value
-from edgepack.memory import format_size, parse_size
+from edgepack.memory import format_peak, format_size, parse_size
 from edgepack.planner import (
-    DEFAULT_FLOOR, Budget, Candidate, build_candidate, fixed_plan, negotiate, search, smallest,
+    DEFAULT_FLOOR, Budget, Candidate, build_candidate, choose_parallel_mode, fixed_plan, negotiate, search, smallest,
 )
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:[-+][0-9A-Za-z.+-]+)?$")
@@ -94,7 +94,7 @@ Packed by edgepack {manifest['producer']['edgepack']} on {manifest['bundle']['cr
 - Task: {manifest['model']['task']}
 - Plan: {plan}
 - Budget: {format_size(mem['budget_bytes'])} per device ({manifest['budget']['source']} bound)
-- Peak memory: predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_size(mem['measured_peak_bytes'])}
+- Peak memory: predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_peak(mem['measured_peak_bytes'])}
   (scope: {mem['scope']})
 - Fidelity: {fid['metric']} {fid['value']} (floor {fid['floor']}, worst input {fid.get('worst')})
 - Workload: batch {manifest['workload']['batch_size']}, sequence length {manifest['workload']['seq_len']}
@@ -406,7 +406,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     target, budget, apply, devices = request.target, request.budget, request.apply, request.devices
     min_fidelity, version, name = request.min_fidelity, request.version, request.name
     registry = registry or load_registry()
-    tgt = registry.target(target)
+    tgt = target_with_devices(registry, target, devices)
     target = tgt.name
     probe = tgt.planning_probe()  # this machine's device, or the one the target's options describe
     if devices is not None and probe.present and devices != max(1, len(probe.devices)):
@@ -418,7 +418,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     progress(negotiated.describe())
 
     if apply:
-        steps = fixed_plan(registry, apply, probe)
+        steps = choose_parallel_mode(fixed_plan(registry, apply, probe), facts, workload, probe, negotiated)
         candidates = [build_candidate(steps, facts, workload, probe, negotiated)]
     else:
         candidates = search(registry, facts, workload, probe, negotiated)
@@ -490,19 +490,21 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             for rel in source.side_files():
                 (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source.path / rel, model_dir / rel)
-            progress(f"loading the packed model in a fresh process and running the smoke inputs on {probe_target}")
+            sharding = sharded_as(candidate.steps)
+            where = probe_target if sharding is None else (
+                f"{sharding[0]} ranks ({rank_device(tgt, probe)}, launched with torchrun)")
+            progress(f"loading the packed model in a fresh process and running the smoke inputs on {where}")
+            measure = dict(task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
+                           batch_size=session.batch_size)
+            if sharding is not None:
+                measure.update(ranks=sharding[0], target_options=dict(tgt.settings), device=rank_device(tgt, probe))
             try:
-                measured_result = measure_in_fresh_process(
-                    staging, task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
-                    batch_size=session.batch_size,
-                )
+                measured_result = measure_in_fresh_process(staging, **measure)
                 if probe.present and close_call(negotiated.bytes_per_device, measured_result):
                     progress(f"  measured peak {format_size(measured_result.peak_bytes)} is close to the budget: "
                              f"measuring {PACK_REPEATS - 1} more times")
                     measured_result = measured_result.with_more(measure_in_fresh_process(
-                        staging, task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
-                        batch_size=session.batch_size, repeats=PACK_REPEATS - 1,
-                    ))
+                        staging, repeats=PACK_REPEATS - 1, **measure))
             except VerificationError as exc:
                 candidate.rejected_because = str(exc)
                 continue
@@ -512,8 +514,12 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                                   "worst": round(fidelity.worst, 6)}
             if probe.present and len(measured_result.peaks) > 1:
                 candidate.measured["peaks"] = list(measured_result.peaks)
+            if probe.present and measured_result.rank_peaks is not None:
+                candidate.measured["rank_peaks"] = list(measured_result.rank_peaks)
+            per_rank = "" if measured_result.rank_peaks is None or not probe.present else (
+                " per rank " + ", ".join(format_size(p) for p in measured_result.rank_peaks) + "; worst")
             progress(
-                f"  measured peak {format_size(peak)} (predicted {format_size(candidate.estimate.peak_bytes)}), "
+                f"  measured peak{per_rank} {format_size(peak)} (predicted {format_size(candidate.estimate.peak_bytes)}), "
                 f"{fidelity.metric} {fidelity.value:.5f}"
             )
             if peak is not None and peak > acceptance_limit(negotiated.bytes_per_device, measured_result):
@@ -550,12 +556,18 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
         scope = measured_result.scope if probe.present else (
             f"not measured: target {target} is not present on the packing machine; verify on the target measures it"
         )
+        measured_peak: Any = chosen.measured["peak_bytes"]
+        if measured_peak is not None and chosen.measured.get("rank_peaks"):
+            measured_peak = list(chosen.measured["rank_peaks"])  # one entry per rank (DESIGN section 5)
         manifest = _manifest(
             registry=registry, bundle_name=name or source.slug, version=version, source=source, target=tgt, probe=probe,
             workload=workload, budget=negotiated, candidates=candidates, chosen=chosen,
-            measured_peak=chosen.measured["peak_bytes"], scope=scope, fidelity=chosen_fidelity, floor=floor,
+            measured_peak=measured_peak, scope=scope, fidelity=chosen_fidelity, floor=floor,
             loader=chosen_loader, samples=len(session.samples),
         )
+        sharding = sharded_as(chosen.steps)
+        if sharding is not None:
+            manifest["parallel"] = parallel_section(sharding, manifest["bundle"], tgt.name, rank_device(tgt, probe))
         _write_readme(staging / "README.md", manifest)
         progress("writing manifest")
         final = writer.commit(manifest)
@@ -569,6 +581,51 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     return result
 
 
+def target_with_devices(registry: Any, spec: str, devices: int | None) -> Any:
+    """The target ``spec`` names, with ``--devices N`` as its ``devices=N`` option when it has
+    one (``--devices 4`` is the short form of ``--target multi-gpu:devices=4``)."""
+    from edgepack.interfaces import parse_spec
+
+    name, raw = parse_spec(spec, "--target", "target")
+    if devices is not None and name in registry.targets:
+        if any(o.name == "devices" for o in registry.targets[name].cls.options):
+            if "devices" in raw and str(raw["devices"]).strip() != str(devices):
+                raise UsageError(f"--devices {devices} contradicts --target {spec}")
+            return registry.target(spec, options={"devices": devices})
+    return registry.target(spec)
+
+
+def sharded_as(steps: Sequence[tuple[Compressor, dict[str, Any]]]) -> tuple[int, str] | None:
+    """(ranks, mode) when the plan splits the model into shards (a ``parallel``-kind step with
+    two or more ranks), else None."""
+    for compressor, options in steps:
+        if compressor.kind == "parallel" and int(options.get("ranks") or 1) > 1:
+            return int(options["ranks"]), str(options.get("mode") or "tensor")
+    return None
+
+
+def rank_device(target: Any, probe: Any) -> str:
+    """The device each rank of a sharded bundle computes on here: ``cuda`` or ``cpu`` (gloo)."""
+    pick = getattr(target, "rank_device", None)
+    return pick(probe) if callable(pick) else target.device_type
+
+
+def parallel_section(sharding: tuple[int, str], bundle: dict[str, Any], target: str, device: str) -> dict[str, Any]:
+    """The manifest's ``parallel`` object: world size, mode, one shard directory per rank, and
+    how to launch the ranks."""
+    from edgepack.launch import launch_command
+
+    ranks, mode = sharding
+    return {
+        "world_size": ranks,
+        "mode": mode,
+        "shards": [f"model/rank-{r}" for r in range(ranks)],
+        "backend": "nccl" if device == "cuda" else "gloo",
+        "launch": launch_command(ranks),
+        "verify": f"edgepack verify {bundle['name']}-{bundle['version']}-{target}",
+    }
+
+
 def _calibration_batches(tokenizer: Any, seq_len: int, task: str) -> list[dict[str, Any]]:
     """Calibration inputs for compressors that score importance: a text set of its own, so
     the smoke inputs stay unseen by the compression they judge."""
@@ -579,7 +636,7 @@ def _calibration_batches(tokenizer: Any, seq_len: int, task: str) -> list[dict[s
 
 
 def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, target: Any, probe: Any, workload: Workload,
-              budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | None, scope: str,
+              budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | list[int] | None, scope: str,
               fidelity: Any, floor: float, loader: str | None, samples: int) -> dict[str, Any]:
     import torch
     import transformers

@@ -149,13 +149,47 @@ def fixed_plan(registry: Any, specs: Sequence[str | Mapping[str, Any]], probe: P
         else:
             name, raw = parse_apply(spec)
         compressor = registry.compressor(name)
-        options = compressor.parse_options(raw)
+        if steps and steps[-1][0].kind == "parallel":
+            raise UsageError(f"--apply {spec}: comes after {steps[-1][0].name}, which splits the model into "
+                             f"shards; give {steps[-1][0].name} last")
+        options = compressor.complete(compressor.parse_options(raw), probe)
         previous = [PlanStep(c.name, c.version, o) for c, o in steps]
         reason = compressor.check(options, probe, previous)
         if reason:
             raise UsageError(f"--apply {spec}: {reason}")
         steps.append((compressor, options))
+    if len(probe.devices) > 1 and not any(c.kind == "parallel" for c, _ in steps) and "parallel" in registry.compressors:
+        # a target of several devices runs a sharded model: split it with the defaults
+        compressor = registry.compressor("parallel")
+        options = compressor.complete(compressor.parse_options({}), probe)
+        reason = compressor.check(options, probe, [PlanStep(c.name, c.version, o) for c, o in steps])
+        if reason:
+            raise UsageError(f"target {probe.target} has {len(probe.devices)} devices, so the plan needs parallel: {reason}")
+        steps.append((compressor, options))
     return steps
+
+
+def choose_parallel_mode(steps: list[tuple[Compressor, dict[str, Any]]], facts: ModelFacts, workload: Workload,
+                         probe: Probe, budget: Budget) -> list[tuple[Compressor, dict[str, Any]]]:
+    """A fixed plan's ``parallel`` step without a mode gets the mode (among those its plugin
+    offers for this model) whose worst rank has the smaller estimated peak."""
+    out = list(steps)
+    for index, (compressor, options) in enumerate(out):
+        if compressor.kind != "parallel" or options.get("mode") is not None:
+            continue
+        best = None
+        for raw in compressor.candidates(facts, probe):
+            try:
+                trial = compressor.complete(compressor.parse_options({**raw, **{k: v for k, v in options.items() if v is not None}}), probe)
+            except UsageError:
+                continue
+            plan = out[:index] + [(compressor, trial)] + out[index + 1:]
+            peak = build_candidate(plan, facts, workload, probe, budget).estimate.peak_bytes
+            if best is None or peak < best[0]:
+                best = (peak, trial)
+        if best is not None:
+            out[index] = (compressor, best[1])
+    return out
 
 
 def enumerate_plans(registry: Any, facts: ModelFacts, probe: Probe, limit: int = 2000) -> Iterable[list[tuple[Compressor, dict[str, Any]]]]:
@@ -172,10 +206,12 @@ def enumerate_plans(registry: Any, facts: ModelFacts, probe: Probe, limit: int =
         option_sets = []
         for raw in compressor.candidates(facts, probe):
             try:
-                option_sets.append(compressor.parse_options(raw))
+                option_sets.append(compressor.complete(compressor.parse_options(raw), probe))
             except UsageError:
                 continue
         choices.append([None] + [(compressor, opts) for opts in option_sets])
+    # a target of several devices runs a sharded model: every plan splits it
+    sharded = len(probe.devices) > 1 and any(c.kind == "parallel" for c in compressors)
     count = 0
     for combo in itertools.product(*choices):
         steps: list[tuple[Compressor, dict[str, Any]]] = []
@@ -189,6 +225,8 @@ def enumerate_plans(registry: Any, facts: ModelFacts, probe: Probe, limit: int =
                 ok = False
                 break
             steps.append(item)
+        if sharded and not any(c.kind == "parallel" for c, _ in steps):
+            ok = False
         if ok:
             yield steps
             count += 1

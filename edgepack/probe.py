@@ -133,6 +133,167 @@ def main(spec_path: str) -> None:
     print(json.dumps({"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}))
 
 
+def rank_main(spec_path: str) -> None:
+    """One rank of a sharded bundle, started by :func:`edgepack.launch.launch_ranks` through
+    torchrun: join the process group, warm up, load this rank's shard under the target's meter
+    (each rank measures its own process or GPU), run the smoke inputs with the other ranks, and
+    write ``rank-{r}.json`` (rank 0 also writes the outputs). Stages go to ``rank-{r}.stage.json``
+    as they are reached, so a rank that hangs can be named with where it stopped."""
+    import os
+    import time
+
+    from edgepack.environment import quiet_libraries, trim_heap
+
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    reports = Path(spec["reports"])
+
+    def stage(name: str) -> None:
+        data = json.dumps({"rank": rank, "pid": os.getpid(), "stage": name})
+        tmp = reports / f"rank-{rank}.stage.json.tmp"
+        tmp.write_text(data)
+        tmp.replace(reports / f"rank-{rank}.stage.json")
+
+    stage("starting")
+    quiet_libraries()
+    import torch
+    import torch.distributed as dist
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from edgepack.host import load_registry
+    from edgepack.launch import FAULT_ENV
+    from edgepack.plugins.parallel import init_distributed, load_rank, smoke_outputs
+    from edgepack.smoke import INPUTS_FILE, batches
+
+    threads = fix_threads(spec.get("threads") or 1)
+    bundle_dir = Path(spec["bundle_dir"])
+    model_dir = bundle_dir / "model"
+    task, batch_size = spec["task"], int(spec.get("batch_size", 1))
+    stage("joining the process group")
+    rank, world, device = init_distributed(spec["device"], timeout=spec.get("timeout"))
+    stage("reading the bundle")
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault.partition(":")[0] == str(rank):
+        if fault.endswith(":die"):
+            os.kill(os.getpid(), 9)
+        if fault.endswith(":hang"):
+            stage("hanging (fault injected)")
+            time.sleep(10**6)
+    registry = load_registry()
+    target = registry.target(spec["target"], options=spec.get("target_options") or {})
+    if spec.get("job", "measure") != "measure":
+        _rank_job(spec, model_dir, rank, world, device, target, stage)
+        return
+    inputs = load_file(bundle_dir / INPUTS_FILE)
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    stage("warming up")
+    warm_up(config, task, inputs, batch_size, device)
+    first_batch = next(batches(inputs, batch_size))
+    first = load_rank(model_dir, rank, world, device)
+    smoke_outputs(first, first_batch, task, batch_size, 2)
+    del first
+    trim_heap()
+    dist.barrier()
+    meter = target.memory_meter()
+    started = time.perf_counter()
+    meter.start()
+    stage("loading its shard")
+    model = load_rank(model_dir, rank, world, device)
+    touch_weights(model.module)
+    stage("running the smoke inputs")
+    outputs = smoke_outputs(model, inputs, task, batch_size, int(spec["new_tokens"]))
+    peak = meter.peak_bytes()
+    seconds = time.perf_counter() - started
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
+    scope = f"{meter.scope}; each of {world} ranks measured in its own process; {threads} intra-op thread{'s' if threads != 1 else ''} per rank"
+    report = {"rank": rank, "peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads,
+              "device": str(device), "world_size": world, "torch": torch.__version__}
+    (reports / f"rank-{rank}.json").write_text(json.dumps(report))
+    stage("done")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _rank_job(spec: dict[str, Any], model_dir: Path, rank: int, world: int, device: str, target: Any,
+              stage: Any) -> None:
+    """``run`` (outputs of the given inputs) or ``bench`` (timed runs) on every rank; rank 0
+    writes the outputs, every rank its report with its peak memory."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from edgepack.plugins.parallel import load_rank
+    from edgepack.smoke import mean_pool
+
+    reports = Path(spec["reports"])
+    inputs = load_file(spec["inputs"])
+    meter = target.memory_meter()
+    meter.start()
+    stage("loading its shard")
+    model = load_rank(model_dir, rank, world, device)
+    stage("running the inputs")
+    new_tokens = int(spec.get("new_tokens", 32))
+    report: dict[str, Any] = {"rank": rank, "device": str(device), "world_size": world}
+
+    def once() -> dict[str, Any]:
+        if model.is_decoder:
+            return {"tokens": model.generate(inputs, new_tokens).cpu()}
+        hidden = model.forward(inputs)
+        return {"embeddings": mean_pool(hidden, inputs["attention_mask"].to(hidden.device)).cpu()}
+
+    def synchronize() -> None:
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    with torch.inference_mode():
+        outputs = once()
+        if spec["job"] == "bench":
+            times = []
+            for _ in range(int(spec.get("repeats", 10))):
+                synchronize()
+                start = time.perf_counter()
+                once()
+                synchronize()
+                times.append(time.perf_counter() - start)
+            report["seconds"] = times
+    report["peak_bytes"] = meter.peak_bytes()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
+    (reports / f"rank-{rank}.json").write_text(json.dumps(report))
+    stage("done")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def rank_entry(spec_path: str) -> int:
+    """Run :func:`rank_main`; any failure is written to this rank's report as one sentence
+    (the launcher names the rank with it) and the rank exits with code 1."""
+    import os
+
+    try:
+        rank_main(spec_path)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the report
+        if isinstance(exc, SystemExit) and not exc.code:
+            return 0
+        from edgepack.errors import EdgepackError
+
+        rank = int(os.environ.get("RANK", "0"))
+        text = str(exc) if isinstance(exc, EdgepackError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        try:
+            reports = Path(json.loads(Path(spec_path).read_text())["reports"])
+            (reports / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "error": text[:2000]}))
+        except Exception:  # noqa: BLE001 - nowhere to report: the exit code still says it failed
+            pass
+        sys.stderr.write(f"rank {rank}: {text}\n")
+        return 1
+    return 0
+
+
 def _entry(spec_path: str) -> int:
     """Run :func:`main`; an edgepack error is reported as its one sentence on the last line of
     standard error (the parent quotes that line), anything else with its traceback."""

@@ -162,6 +162,69 @@ class Session:
         return tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def run_sharded(bundle: str | Path, texts: list[str] | None = None, *, tensors: dict[str, Any] | None = None,
+                max_new_tokens: int = 32, job: str = "run", repeats: int = 10, progress: Any = None) -> dict[str, Any]:
+    """Run a sharded (multi-device) bundle on ``texts``: integrity first, then every rank
+    through torchrun (:mod:`edgepack.launch`), each reading only its own shard. Returns
+    ``{"embeddings" | "texts", "rank_peak_bytes", "seconds"?, "device", "world_size"}``;
+    ``job="bench"`` times ``repeats`` runs after one warm-up."""
+    import tempfile
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from edgepack.bundle.reader import read_verified
+    from edgepack.host import load_registry
+    from edgepack.launch import launch_ranks
+    from edgepack.pipeline import rank_device
+    from edgepack.smoke import probe_threads, probe_timeout
+
+    path, manifest = read_verified(bundle)
+    parallel = manifest.get("parallel")
+    if not isinstance(parallel, dict):
+        raise UsageError(f"{path} is not a sharded bundle")
+    registry = load_registry()
+    problems = requirement_problems(manifest, registry)
+    if problems:
+        raise VerificationError(f"{problems[0][0]}: {problems[0][1]}")
+    target = registry.target(manifest["target"]["name"], options=manifest["target"].get("options") or {})
+    probe = target.probe()
+    if not probe.present:
+        raise UsageError(f"target {target.name!r} is not present on this machine: {probe.detail.get('reason', '')}")
+    world = int(parallel["world_size"])
+    task = manifest["model"]["task"]
+    tok = transformers.AutoTokenizer.from_pretrained(path / "model", local_files_only=True)
+    if task == "text-generation":
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+    encoded = tensors if tensors is not None else tok(texts, padding=True, truncation=True, return_tensors="pt")
+    keep = ("input_ids", "attention_mask") + (() if task == "text-generation" else ("token_type_ids",))
+    device = rank_device(target, probe)
+    if progress:
+        progress(f"launching {world} ranks with torchrun ({device})")
+    with tempfile.TemporaryDirectory(prefix="edgepack-run-") as tmp:
+        save_file({k: v.contiguous() for k, v in encoded.items() if k in keep}, Path(tmp) / "inputs.safetensors")
+        spec = {"bundle_dir": str(path.resolve()), "job": job, "task": task, "target": target.name,
+                "target_options": manifest["target"].get("options") or {}, "device": device,
+                "inputs": str(Path(tmp) / "inputs.safetensors"), "outputs": str(Path(tmp) / "outputs.safetensors"),
+                "new_tokens": max_new_tokens, "repeats": repeats}
+        threads = max(1, probe_threads() // world)
+        result = launch_ranks(spec, world, timeout=probe_timeout(), threads=threads, workdir=Path(tmp))
+        outputs = load_file(spec["outputs"])
+    reports = sorted(result.reports, key=lambda r: r["rank"])
+    out: dict[str, Any] = {"world_size": world, "device": device,
+                           "rank_peak_bytes": [int(r["peak_bytes"]) for r in reports]}
+    if "seconds" in reports[0]:
+        out["seconds"] = reports[0]["seconds"]
+    if "tokens" in outputs:
+        out["texts"] = tok.batch_decode(outputs["tokens"], skip_special_tokens=True)
+        out["tokens"] = outputs["tokens"]
+    else:
+        out["embeddings"] = outputs["embeddings"]
+    return out
+
+
 def open_bundle(bundle: str | Path) -> Session:
     """Check a bundle's integrity, then load its model and tokenizer on this machine."""
     import transformers
@@ -171,6 +234,12 @@ def open_bundle(bundle: str | Path) -> Session:
     from edgepack.host import load_registry
 
     path, manifest = read_verified(bundle)
+    if isinstance(manifest.get("parallel"), dict):
+        world = manifest["parallel"]["world_size"]
+        raise UsageError(
+            f"{path} is split into {world} shards that run as one process per rank: use edgepack run / bench / "
+            f"verify (they launch the ranks with torchrun) or launch them yourself: {manifest['parallel']['launch']}"
+        )
     registry = load_registry()
     problems = requirement_problems(manifest, registry)
     if problems:
@@ -201,6 +270,11 @@ def benchmark(bundle: str | Path, *, repeats: int = 10) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
+    from edgepack.bundle.reader import read_verified
+
+    path, manifest = read_verified(bundle)
+    if isinstance(manifest.get("parallel"), dict):
+        return _benchmark_sharded(path, manifest, repeats)
     session = open_bundle(bundle)
     workload = session.manifest["workload"]
     inputs = load_file(session.path / session.manifest["smoke"]["inputs"])
@@ -223,3 +297,32 @@ def benchmark(bundle: str | Path, *, repeats: int = 10) -> dict[str, Any]:
         "seq_len": int(workload["seq_len"]), "repeats": repeats,
         "median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
     }
+
+
+def _benchmark_sharded(path: Path, manifest: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """:func:`benchmark` of a sharded bundle: every rank through torchrun, timed on rank 0
+    between barriers (encoders: one forward; decoders: generating the smoke run's tokens)."""
+    import statistics
+
+    import torch
+    from safetensors.torch import load_file
+
+    workload = manifest["workload"]
+    batch_size = int(workload["batch_size"])
+    inputs = load_file(path / manifest["smoke"]["inputs"])
+    rows = next(iter(inputs.values())).shape[0]
+    index = torch.arange(batch_size) % rows
+    batch = {k: v[index] for k, v in inputs.items()}
+    new_tokens = int(manifest["smoke"].get("new_tokens", 8))
+    result = run_sharded(path, tensors=batch, job="bench", repeats=repeats, max_new_tokens=new_tokens)
+    times = sorted(t * 1000 for t in result["seconds"])
+    out = {
+        "bundle": str(path), "device": f"{result['world_size']} ranks ({result['device']})",
+        "batch_size": batch_size, "seq_len": int(workload["seq_len"]), "repeats": repeats,
+        "median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "rank_peak_bytes": result["rank_peak_bytes"],
+    }
+    if manifest["model"]["task"] == "text-generation":
+        out["new_tokens"] = new_tokens
+        out["tokens_per_s"] = batch_size * new_tokens / (out["median_ms"] / 1000)
+    return out

@@ -115,12 +115,12 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
                 except TypeError:
                     out = model(**batch)
                 logits = out.logits[:, -1, :].float().cpu()
-                pad_id = _pad_id(model)
+                pad = pad_id(model)
                 generated = model.generate(
-                    **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
+                    **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
                 )
                 tokens = generated[:, batch["input_ids"].shape[1]:].cpu()
-                parts = {"logits": logits, "tokens": finish_tokens(tokens, new_tokens, eos_ids(model), pad_id)}
+                parts = {"logits": logits, "tokens": finish_tokens(tokens, new_tokens, eos_ids(model), pad)}
             else:
                 out = model(**batch)
                 parts = {"embeddings": mean_pool(out.last_hidden_state, batch["attention_mask"]).cpu()}
@@ -129,7 +129,7 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
     return {k: torch.cat(v) for k, v in collected.items()}
 
 
-def _pad_id(model: Any) -> int:
+def pad_id(model: Any) -> int:
     """The id generation pads ended rows with: the config's pad token, else its first
     end-of-sequence token, else 0."""
     for value in (getattr(model.config, "pad_token_id", None), getattr(model.config, "eos_token_id", None)):
@@ -307,6 +307,7 @@ class ProbeResult:
     seconds: float
     peaks: list[int] = field(default_factory=list)
     threads: int | None = None
+    rank_peaks: list[int] | None = None
 
     @property
     def spread_bytes(self) -> int:
@@ -316,7 +317,11 @@ class ProbeResult:
     def with_more(self, more: "ProbeResult") -> "ProbeResult":
         """This result with ``more``'s measurements added (outputs and scope stay this one's)."""
         peaks = list(self.peaks or [self.peak_bytes]) + list(more.peaks or [more.peak_bytes])
-        return ProbeResult(max(peaks), self.scope, self.outputs, self.seconds, peaks=peaks, threads=self.threads)
+        ranks = self.rank_peaks
+        if ranks is not None and more.rank_peaks is not None:
+            ranks = [max(a, b) for a, b in zip(ranks, more.rank_peaks)]
+        return ProbeResult(max(peaks), self.scope, self.outputs, self.seconds, peaks=peaks, threads=self.threads,
+                           rank_peaks=ranks)
 
 
 def probe_threads() -> int:
@@ -444,7 +449,9 @@ def failure_reason(proc: Any) -> str:
 def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], loader: str | None,
                              target: str, batch_size: int, new_tokens: int = DEFAULT_NEW_TOKENS,
                              timeout: float | None = None, repeats: int = 1,
-                             threads: int | None = None) -> ProbeResult:
+                             threads: int | None = None, ranks: int = 1,
+                             target_options: dict[str, Any] | None = None,
+                             device: str = "cpu") -> ProbeResult:
     """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
     ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
 
@@ -452,6 +459,9 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     :param repeats: how many fresh processes measure; the peak reported is the largest, all
         are in ``ProbeResult.peaks`` and the outputs are the first run's.
     :param threads: intra-op threads of the measuring process (default :func:`probe_threads`).
+    :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
+        torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
+        measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
 
     Raises VerificationError when the bundle cannot be loaded or run there, when the process
     runs out of time, or when it is killed."""
@@ -462,6 +472,11 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     from edgepack.errors import VerificationError
 
     limit = probe_timeout(timeout)
+    if ranks > 1:
+        threads = max(1, probe_threads() // ranks) if threads is None else max(1, int(threads))
+        return _measure_ranks(bundle_dir, task=task, steps=steps, target=target, batch_size=batch_size,
+                              new_tokens=new_tokens, timeout=limit, repeats=repeats, threads=threads, ranks=ranks,
+                              target_options=target_options or {}, device=device)
     threads = probe_threads() if threads is None else max(1, int(threads))
     env = probe_env(threads)
     reports: list[dict[str, Any]] = []
@@ -498,6 +513,39 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     peaks = [int(r["peak_bytes"]) for r in reports]
     return ProbeResult(max(peaks), reports[0]["scope"], outputs, reports[0]["seconds"],
                        peaks=peaks, threads=reports[0].get("threads", threads))
+
+
+def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str, batch_size: int, new_tokens: int,
+                   timeout: float, repeats: int, threads: int, ranks: int, target_options: dict[str, Any],
+                   device: str) -> ProbeResult:
+    """:func:`measure_in_fresh_process` for a sharded bundle: every rank through torchrun."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from edgepack.launch import launch_ranks
+
+    rank_peaks: list[int] | None = None
+    peaks: list[int] = []
+    outputs: dict[str, Any] = {}
+    first: dict[str, Any] = {}
+    for attempt in range(max(1, int(repeats))):
+        with tempfile.TemporaryDirectory(prefix="edgepack-ranks-") as tmp:
+            spec = {
+                "bundle_dir": str(Path(bundle_dir).resolve()), "task": task, "steps": [s.to_json() for s in steps],
+                "target": target, "target_options": target_options, "device": device,
+                "batch_size": batch_size, "new_tokens": new_tokens,
+                "outputs": str(Path(tmp) / "outputs.safetensors"),
+            }
+            result = launch_ranks(spec, ranks, timeout=timeout, threads=threads, workdir=Path(tmp))
+            this = [int(r["peak_bytes"]) for r in sorted(result.reports, key=lambda r: r["rank"])]
+            rank_peaks = this if rank_peaks is None else [max(a, b) for a, b in zip(rank_peaks, this)]
+            peaks.append(max(this))
+            if attempt == 0:
+                outputs = load_file(spec["outputs"])
+                first = result.reports[0]
+    return ProbeResult(max(peaks), first["scope"], outputs, first["seconds"], peaks=peaks,
+                       threads=first.get("threads", threads), rank_peaks=rank_peaks)
 
 
 #: Pack keeps a plan only when its measured peak leaves this margin under the budget, as a

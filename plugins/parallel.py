@@ -84,7 +84,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import edgepack
 from edgepack.errors import UsageError
+from edgepack.interfaces import Compressor, Option
 
 FORMAT = "edgepack.parallel/1"
 SHARD_FILE = "model.safetensors"
@@ -909,10 +911,11 @@ class RankModel:
         params = inspect.signature(self.module.forward).parameters
         return "cache" if "cache" in params else "past_key_values"
 
-    def _step(self, inputs: Mapping[str, Any], cache: Any = None) -> Any:
+    def _step(self, inputs: Mapping[str, Any], cache: Any = None, last_only: bool = False) -> Any:
         """One forward over ``inputs``; returns the final hidden states (encoders) or logits
         (decoders) where this rank has them (every rank in tensor mode, the last in pipeline
-        mode), else None."""
+        mode), else None. ``last_only``: decoders compute the logits of the last position only
+        (a [batch, 1, vocab] tensor instead of [batch, seq, vocab])."""
         import torch
         import torch.distributed as dist
 
@@ -924,6 +927,8 @@ class RankModel:
         elif self.is_decoder:
             kwargs["use_cache"] = False
         pipeline = self.mode == "pipeline" and self.world_size > 1
+        if last_only and self.is_decoder and (not pipeline or self.info["last"]):
+            kwargs["logits_to_keep"] = 1  # the head's rank; the others pass every position on
         if pipeline and not self.info["first"]:
             ids = kwargs.pop("input_ids")
             kwargs.pop("token_type_ids", None)
@@ -952,15 +957,16 @@ class RankModel:
         dist.broadcast(y, src=self.world_size - 1)
         return y
 
-    def forward(self, inputs: Mapping[str, Any]) -> Any:
+    def forward(self, inputs: Mapping[str, Any], last_only: bool = False) -> Any:
         """``last_hidden_state`` (encoders, B x T x hidden) or ``logits`` (decoders, B x T x
-        vocab) on every rank."""
+        vocab; B x 1 x vocab with ``last_only``) on every rank."""
         import torch
 
         ids = inputs["input_ids"]
-        y = self._step(inputs)
+        y = self._step(inputs, last_only=last_only)
         width = int(self.info["hidden_size"]) if not self.is_decoder else self._vocab_size()
-        return self._broadcast_from_last(y, (*ids.shape, width), getattr(torch, self.info["dtype"]))
+        length = 1 if last_only and self.is_decoder else ids.shape[1]
+        return self._broadcast_from_last(y, (ids.shape[0], length, width), getattr(torch, self.info["dtype"]))
 
     __call__ = forward
 
@@ -994,7 +1000,7 @@ class RankModel:
         step = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         tokens = []
         for _ in range(max_new_tokens):
-            logits = self._step(step, cache)
+            logits = self._step(step, cache, last_only=True)
             if logits is not None:
                 nxt = logits[:, -1, :].argmax(-1)
             else:
@@ -1027,10 +1033,11 @@ class RankModel:
         return {task: y}
 
 
-def init_distributed(device: Any = None) -> tuple[int, int, str]:
+def init_distributed(device: Any = None, timeout: float | None = None) -> tuple[int, int, str]:
     """Join the process group from torchrun's environment (gloo on CPU, NCCL on CUDA) unless
     already joined; returns (rank, world size, device). ``device`` None or "cuda" picks this
-    rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    rank's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU. ``timeout``: seconds a
+    collective may wait for the other ranks (torch's default when None)."""
     import torch
     import torch.distributed as dist
 
@@ -1044,7 +1051,12 @@ def init_distributed(device: Any = None) -> tuple[int, int, str]:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend=backend)
+        if timeout is not None:
+            import datetime
+
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(timeout)))
+        else:
+            dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -1122,6 +1134,245 @@ def copy_rank_view(model_dir: str | os.PathLike, rank: int, dest: str | os.PathL
             shutil.copy2(item, out / item.name)
     shutil.copytree(rank_dir(src, rank), rank_dir(out, rank), dirs_exist_ok=True)
     return out
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing shards rank by rank
+
+
+def save_sharded(model: Any, world_size: int, mode: str, model_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Split ``model`` and write ``model_dir/rank-{i}/`` one rank at a time (only one rank's
+    tensors are in memory at once), with ``config.json`` (and ``generation_config.json`` for
+    decoders) beside them; returns each rank's metadata."""
+    from safetensors.torch import save_file
+
+    _, entries, metas = _plan(model, world_size, mode)
+    state = dict(_unique_names(model))
+    root = Path(model_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(root)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and metas and metas[0]["task"] == "text-generation":
+        generation.save_pretrained(root)
+    out = []
+    for r in range(world_size):
+        tensors = {local: _take(state[g], dim, ranges) for local, (g, dim, ranges) in entries[r].items()}
+        meta = dict(metas[r], tensor_bytes=sum(_nbytes(t) for t in tensors.values()))
+        d = rank_dir(root, r)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, d / SHARD_FILE, metadata={"format": FORMAT})
+        (d / SHARD_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        del tensors
+        out.append(meta)
+    return out
+
+
+def smoke_outputs(model: "RankModel", inputs: Mapping[str, Any], task: str, batch_size: int,
+                  new_tokens: int) -> dict[str, Any]:
+    """What :func:`edgepack.smoke.run_outputs` returns for a single-device model, computed by
+    all ranks together (collective; every rank gets the result): mean-pooled, normalised
+    embeddings for encoders; last-position logits and ``new_tokens`` greedy tokens for decoders."""
+    import torch
+
+    from edgepack.smoke import batches, eos_ids, finish_tokens, mean_pool, pad_id
+
+    collected: dict[str, list[Any]] = {}
+    with torch.inference_mode():
+        for batch in batches(dict(inputs), batch_size):
+            if task == "text-generation":
+                logits = model.forward(batch, last_only=True)[:, -1, :].float().cpu().clone()
+                tokens = model.generate(batch, new_tokens).cpu()
+                pad = pad_id(model.module)
+                parts = {"logits": logits, "tokens": finish_tokens(tokens, new_tokens, eos_ids(model.module), pad)}
+            else:
+                hidden = model.forward(batch)
+                parts = {"embeddings": mean_pool(hidden, batch["attention_mask"].to(hidden.device)).cpu()}
+            for key, value in parts.items():
+                collected.setdefault(key, []).append(value)
+    return {k: torch.cat(v) for k, v in collected.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The compression plugin
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def rank_parameters(facts: Any, world_size: int, mode: str) -> list[dict[str, int]]:
+    """Parameters by weight kind that each rank stores, from the model's facts alone (the
+    arithmetic twin of :func:`rank_weight_bytes`, for the planner)."""
+    kinds = {k: int(facts.parameters_by_kind.get(k, 0)) for k in ("embedding", "linear", "norm", "other")}
+    layers = max(1, int(facts.num_layers))
+    shapes = list(facts.linear_shapes)
+    extra = len(shapes) % layers if shapes else 0
+    # Linears outside the layers (BERT's pooler) are replicated / go with the last rank.
+    outside = sum(o * i + o for o, i in shapes[len(shapes) - extra:]) if extra else 0
+    outside = min(outside, kinds["linear"])
+    in_layers = kinds["linear"] - outside
+    word = int(facts.vocab_size) * int(facts.hidden_size)
+    word = min(word, kinds["embedding"])
+    head = word if kinds["other"] >= word and facts.is_decoder else 0  # an untied output head
+    if mode == "tensor":
+        vocab_share = _ceil_div(int(facts.vocab_size), world_size) * int(facts.hidden_size)
+        per = {
+            "embedding": kinds["embedding"] - word + vocab_share,
+            "linear": _ceil_div(in_layers, world_size) + outside,
+            "norm": kinds["norm"],
+            "other": kinds["other"] - head + (vocab_share if head else 0),
+        }
+        return [dict(per) for _ in range(world_size)]
+    norm_layer = kinds["norm"] * 2 // (2 * layers + 1)
+    layer = in_layers // layers + norm_layer
+    first = kinds["embedding"] + (kinds["norm"] - norm_layer * layers if not facts.is_decoder else 0)
+    last = kinds["other"] + outside + (kinds["norm"] - norm_layer * layers if facts.is_decoder else 0)
+    tied = facts.is_decoder and not head
+    if tied and world_size > 1:
+        last += word  # the last rank keeps its own copy of the tied head
+    ranges = _balance([layer] * layers, first, last, world_size)
+    out = []
+    for r, (start, end) in enumerate(ranges):
+        n = end - start
+        per = {"embedding": 0, "linear": n * (in_layers // layers), "norm": n * norm_layer, "other": 0}
+        if r == 0:
+            per["embedding"] += kinds["embedding"]
+        if r == world_size - 1:
+            per["other"] += kinds["other"]
+            per["linear"] += outside
+            if tied and world_size > 1:
+                per["embedding"] += word
+        if r == 0 and not facts.is_decoder:
+            per["norm"] += kinds["norm"] - norm_layer * layers
+        if r == world_size - 1 and facts.is_decoder:
+            per["norm"] += kinds["norm"] - norm_layer * layers
+        per["layers"] = n
+        out.append(per)
+    return out
+
+
+def feasible_modes(facts: Any, world_size: int) -> dict[str, str | None]:
+    """Each mode, with why it cannot split this model across ``world_size`` ranks (None: it can)."""
+    reasons: dict[str, str | None] = {}
+    bad = [f"{n} {what}" for n, what in ((facts.num_attention_heads, "attention heads"),
+                                         (facts.num_key_value_heads, "key/value heads"),
+                                         (facts.intermediate_size, "FFN neurons")) if n % world_size]
+    reasons["tensor"] = (f"{world_size} ranks do not divide the model's {', '.join(bad)}" if bad else None)
+    reasons["pipeline"] = (f"the model has {facts.num_layers} layers, fewer than {world_size} ranks"
+                           if facts.num_layers < world_size else None)
+    return reasons
+
+
+class Parallel(Compressor):
+    """Split the model across the target's devices: one shard per rank (DESIGN section 7)."""
+
+    name = "parallel"
+    kind = "parallel"
+    version = "1"
+    description = ("shard across devices with torch.distributed: tensor (heads, FFN neurons, vocabulary) "
+                   "or pipeline (contiguous layers) parallel")
+    options = (
+        Option("mode", str, choices=MODES,
+               help="tensor: split heads/FFN/vocabulary; pipeline: contiguous layers per rank "
+                    "(default: the one whose worst rank needs less memory)"),
+        Option("ranks", int, minimum=2, maximum=1024,
+               help="number of ranks (default: the target's devices)"),
+    )
+    #: plan steps that may come before parallel: they keep weights as plain dense tensors
+    composes = ("precision",)
+
+    def complete(self, options: Mapping[str, Any], probe: Any) -> dict[str, Any]:
+        """``ranks`` defaults to the number of devices the target has."""
+        options = dict(options)
+        if options.get("ranks") is None and len(probe.devices) > 1:
+            options["ranks"] = len(probe.devices)
+        return options
+
+    def check(self, options: Mapping[str, Any], probe: Any, previous: Sequence[Any]) -> str | None:
+        devices = len(probe.devices)
+        if devices < 2:
+            return (f"parallel splits a model across several devices, but target {probe.target} has "
+                    f"{devices or 'no'} device{'s' if devices != 1 else ''}; use --target multi-gpu")
+        if options.get("ranks") not in (None, devices):
+            return f"parallel:ranks={options['ranks']} but target {probe.target} has {devices} devices"
+        for step in previous:
+            plain = step.plugin in self.composes or (
+                step.plugin == "prune" and "sparsity" in step.options and not
+                any(k in step.options for k in ("heads", "ffn")))
+            if not plain:
+                return (f"parallel cannot yet shard the weights {step.plugin} produces; it composes with "
+                        f"{', '.join(self.composes)} and unstructured prune")
+        return None
+
+    def candidates(self, facts: Any, probe: Any) -> list[dict[str, Any]]:
+        world = len(probe.devices)
+        return [{"mode": m} for m, why in feasible_modes(facts, world).items() if why is None]
+
+    def estimate(self, footprint: Any, options: Mapping[str, Any], target: Any) -> Any:
+        import dataclasses
+
+        facts = footprint.facts
+        world = int(options.get("ranks") or len(target.devices) or 1)
+        mode = options.get("mode") or DEFAULT_MODE
+        if facts is None or world < 2:
+            return footprint
+        per_rank = rank_parameters(facts, world, mode)
+        bits = {g.kind: g.bits for g in footprint.weights}
+        scale = {g.kind: (g.params / max(1, int(facts.parameters_by_kind.get(g.kind, 0))))
+                 for g in footprint.weights}
+
+        def rank_bytes(p: Mapping[str, int]) -> float:
+            return sum(p[k] * scale.get(k, 1.0) * bits.get(k, 32) / 8 for k in bits)
+
+        worst = max(per_rank, key=rank_bytes)
+        groups = tuple(dataclasses.replace(g, params=int(worst[g.kind] * scale.get(g.kind, 1.0)))
+                       for g in footprint.weights)
+        note = f"parallel: {mode} across {world} ranks (worst rank's share)"
+        if mode == "tensor":
+            return dataclasses.replace(
+                footprint, weights=groups, heads_scale=footprint.heads_scale / world,
+                ffn_scale=footprint.ffn_scale / world, notes=footprint.notes + (note,))
+        return dataclasses.replace(footprint, weights=groups,
+                                   layer_scale=footprint.layer_scale * worst["layers"] / max(1, facts.num_layers),
+                                   notes=footprint.notes + (note,))
+
+    def quality_cost(self, options: Mapping[str, Any], facts: Any) -> float:
+        return 0.0  # the same arithmetic, only the order of the sums differs
+
+    def apply(self, model: Any, options: Mapping[str, Any], context: Any) -> Any:
+        world = int(options.get("ranks") or len(context.probe.devices))
+        mode = options.get("mode")
+        if mode is None:  # the planner fills it; here only when no mode can split the model
+            reasons = feasible_modes(context.facts, world)
+            raise UsageError(f"parallel cannot split this model across {world} ranks: "
+                         + "; ".join(f"{m}: {why}" for m, why in reasons.items() if why))
+        arch = _arch(model)
+        _check(arch, world, mode, len(arch.blocks))
+        per_rank = rank_weight_bytes(model, world, mode)
+        from edgepack.memory import format_size
+
+        context.progress(f"  parallel: {mode} across {world} ranks; weights per rank "
+                         f"{', '.join(format_size(b) for b in per_rank)}")
+        return model  # shards are cut while saving, one rank at a time
+
+    def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
+        world = int(options["ranks"])
+        save_sharded(model, world, options.get("mode") or DEFAULT_MODE, model_dir)
+        return True
+
+    def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
+        raise UsageError(
+            f"this bundle is split into {options.get('ranks')} shards and runs as one process per rank: "
+            "use edgepack run / verify / bench, which launch the ranks with torchrun, or the launch "
+            "command in its manifest (parallel.launch)"
+        )
+
+
+@edgepack.hookimpl
+def edgepack_register_compressors(register):
+    """Register the built-in ``parallel`` compressor."""
+    register(Parallel)
 
 
 if __name__ == "__main__":

@@ -279,6 +279,20 @@ def _peak(value: Any) -> str | None:
     return f"must be a non-negative integer or null, got {_show(value)}"
 
 
+def _peaks(value: Any) -> str | None:
+    if _peak(value) is None:
+        return None
+    if isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
+        return None  # a sharded bundle: one peak per rank
+    return f"must be a non-negative integer, a list of them (one per rank) or null, got {_show(value)}"
+
+
+def _shard_dirs(value: Any) -> str | None:
+    if isinstance(value, list) and value and all(isinstance(v, str) and path_problem(v) is None for v in value):
+        return None
+    return f"must be a non-empty list of bundle-relative directories, got {_show(value)}"
+
+
 def _string(value: Any) -> str | None:
     return None if isinstance(value, str) else f"must be a string, got {_show(value)}"
 
@@ -353,7 +367,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "budget.source": _one_of("user", "target"),
     "memory.budget_bytes": _positive_int,
     "memory.predicted_peak_bytes": _peak,
-    "memory.measured_peak_bytes": _peak,
+    "memory.measured_peak_bytes": _peaks,
     "memory.scope": _string,
     "fidelity.metric": _name,
     "fidelity.value": _number,
@@ -364,7 +378,15 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "smoke.new_tokens": _positive_int,
     "model.task": _one_of(*TASKS),
     "model.loader": _loader,
+    "parallel.world_size": _positive_int,
+    "parallel.mode": _name,
+    "parallel.shards": _shard_dirs,
+    "parallel.backend": _string,
+    "parallel.launch": _string,
 }
+
+#: Optional top-level keys (a sharded bundle's ``parallel``) and the keys each requires.
+OPTIONAL: dict[str, tuple[str, ...]] = {"parallel": ("world_size", "mode", "shards", "launch")}
 
 
 def _plan_failures(plan: list[Any]) -> list[tuple[str, str]]:
@@ -437,6 +459,14 @@ def schema_failures(manifest: Any) -> list[Failure]:
             for sub in inner:
                 if sub not in manifest[key]:
                     add(f"{key}.{sub}", "required key is missing")
+    for key, inner in OPTIONAL.items():
+        if key in manifest:
+            if not isinstance(manifest[key], dict):
+                add(key, "must be a JSON object")
+                continue
+            for sub in inner:
+                if sub not in manifest[key]:
+                    add(f"{key}.{sub}", "required key is missing")
     for dotted, check in FIELDS.items():
         section, sub = dotted.split(".")
         node = manifest.get(section)
@@ -472,6 +502,32 @@ def reference_failures(manifest: dict[str, Any]) -> list[Failure]:
             if isinstance(rel, str) and rel not in listed:
                 failures.append(Failure("schema", f"{MANIFEST}:smoke.{key}",
                                         f"names {rel}, which is not among the bundle's listed files"))
+    failures.extend(_sharding_failures(manifest, listed))
+    return failures
+
+
+def _sharding_failures(manifest: dict[str, Any], listed: set[str]) -> list[Failure]:
+    """A sharded bundle's ``parallel`` section against the rest: one shard directory per rank,
+    each holding listed files, the loader, and one measured peak per rank."""
+    failures = []
+    parallel = manifest.get("parallel")
+    peaks = (manifest.get("memory") or {}).get("measured_peak_bytes")
+    if not isinstance(parallel, dict):
+        if isinstance(peaks, list):
+            failures.append(Failure("schema", f"{MANIFEST}:memory.measured_peak_bytes",
+                                    "is a list of per-rank peaks, but the bundle has no parallel section"))
+        return failures
+    world, shards = parallel.get("world_size"), parallel.get("shards")
+    if isinstance(shards, list) and _is_int(world) and len(shards) != world:
+        failures.append(Failure("schema", f"{MANIFEST}:parallel.shards",
+                                f"lists {len(shards)} shard directories for world size {world}"))
+    for i, shard in enumerate(shards if isinstance(shards, list) else []):
+        if isinstance(shard, str) and not any(p.startswith(shard + "/") for p in listed):
+            failures.append(Failure("schema", f"{MANIFEST}:parallel.shards[{i}]",
+                                    f"names {shard}, which holds none of the bundle's listed files"))
+    if isinstance(peaks, list) and _is_int(world) and len(peaks) != world:
+        failures.append(Failure("schema", f"{MANIFEST}:memory.measured_peak_bytes",
+                                f"has {len(peaks)} per-rank peaks for world size {world}"))
     return failures
 
 

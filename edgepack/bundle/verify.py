@@ -25,6 +25,7 @@ class VerifyReport:
     failures: list[Failure] = field(default_factory=list)
     measured_peak_bytes: int | None = None
     budget_bytes: int | None = None
+    rank_peak_bytes: list[int] | None = None
     fidelity: dict[str, Any] | None = None
     checks: list[str] = field(default_factory=list)
 
@@ -40,7 +41,8 @@ class VerifyReport:
             "bundle": self.bundle,
             "failures": [f.to_json() for f in self.failures],
             "checks": self.checks,
-            "memory": {"budget_bytes": self.budget_bytes, "measured_peak_bytes": self.measured_peak_bytes},
+            "memory": {"budget_bytes": self.budget_bytes, "measured_peak_bytes": self.measured_peak_bytes,
+                       **({"rank_peak_bytes": self.rank_peak_bytes} if self.rank_peak_bytes is not None else {})},
             "fidelity": self.fidelity,
         }
 
@@ -151,13 +153,24 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
         report.failures.append(failure)
         return report
 
-    progress(f"loading the bundle on {target_name} in a fresh process and running the smoke inputs")
+    parallel = manifest.get("parallel")
+    measure: dict[str, Any] = {}
+    if parallel is not None:
+        from edgepack.pipeline import rank_device
+
+        device = rank_device(target, probe)
+        measure = dict(ranks=parallel["world_size"], target_options=manifest["target"].get("options") or {},
+                       device=device)
+        progress(f"launching the bundle's {parallel['world_size']} ranks with torchrun ({device}"
+                 f"{', emulated devices' if probe.detail.get('emulated') else ''}) and running the smoke inputs")
+    else:
+        progress(f"loading the bundle on {target_name} in a fresh process and running the smoke inputs")
     try:
         measured = measure_in_fresh_process(
             root, task=task, steps=plan_steps(manifest),
             loader=manifest["model"]["loader"], target=target_name,
             batch_size=manifest["workload"]["batch_size"],
-            new_tokens=smoke.get("new_tokens", DEFAULT_NEW_TOKENS),
+            new_tokens=smoke.get("new_tokens", DEFAULT_NEW_TOKENS), **measure,
         )
     except VerificationError as exc:
         report.failures.append(Failure("load", "model/", str(exc)))
@@ -182,7 +195,16 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     budget = manifest["memory"]["budget_bytes"]
     report.budget_bytes = budget
     report.measured_peak_bytes = measured.peak_bytes
-    if measured.peak_bytes > budget:
+    if measured.rank_peaks is not None:
+        report.rank_peak_bytes = list(measured.rank_peaks)
+        for rank, peak in enumerate(measured.rank_peaks):
+            if peak > budget:
+                report.failures.append(Failure(
+                    "memory", f"{MANIFEST}:memory.budget_bytes",
+                    f"rank {rank}'s measured peak {peak} bytes exceeds the budget of {budget} bytes per device "
+                    f"({measured.scope})",
+                ))
+    elif measured.peak_bytes > budget:
         report.failures.append(Failure(
             "memory", f"{MANIFEST}:memory.budget_bytes",
             f"measured peak {measured.peak_bytes} bytes exceeds the budget of {budget} bytes "
