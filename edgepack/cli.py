@@ -544,8 +544,23 @@ def _show_plugin_warnings() -> None:
     warnings.simplefilter("once", PluginWarning)
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into an orderly exit (code 143), so that the cleanup on the way out runs:
+    a half-written bundle is removed, and the measuring processes and ranks are killed."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (embedded use): leave the handler alone
+        pass
+
+
 def main() -> None:
     """Console-script entry point: adds plugin commands, then runs the group."""
+    _exit_on_sigterm()
     quiet_libraries()
     _show_plugin_warnings()
     try:

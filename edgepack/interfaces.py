@@ -267,6 +267,9 @@ class Footprint:
     :param workspace_bytes: fixed extra memory of the kernels the plan runs on.
     :param weight_scratch: bytes of per-call scratch per element of the weight a matmul uses
         (a weight dequantized for one call: 4 in fp32); compressors add theirs.
+    :param generation_workspace: bytes of a decoder's generation loop (logits processors,
+        per-step scores); None: what transformers' ``generate`` needs
+        (:data:`edgepack.memory.GENERATION_WORKSPACE_BYTES`).
     :param facts: the model's facts, for estimates that depend on its architecture.
     """
 
@@ -279,6 +282,7 @@ class Footprint:
     notes: tuple[str, ...] = ()
     workspace_bytes: int = 0
     weight_scratch: float = 0.0
+    generation_workspace: int | None = None
     facts: ModelFacts | None = field(default=None, compare=False, repr=False)
 
     @property

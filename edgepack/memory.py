@@ -178,7 +178,7 @@ def estimate_peak(footprint: Footprint, facts: ModelFacts, workload: Workload) -
     weights = footprint.weights_bytes
     workspace = WORKSPACE_FIXED_BYTES + WORKSPACE_WEIGHT_FRACTION * weights + footprint.workspace_bytes
     if facts.is_decoder:
-        workspace += GENERATION_WORKSPACE_BYTES
+        workspace += GENERATION_WORKSPACE_BYTES if footprint.generation_workspace is None else footprint.generation_workspace
     workspace = int(workspace)
     return PeakEstimate(
         weights_bytes=weights,

@@ -1264,6 +1264,16 @@ def feasible_modes(facts: Any, world_size: int) -> dict[str, str | None]:
     return reasons
 
 
+#: Per-rank workspace of tensor parallelism's collectives while a decoder generates (two
+#: all-reduces per layer and the head's all-gather at every step, each step's shapes new to the
+#: backend); an encoder's single forward adds nothing measurable. Fitted to gloo runs of
+#: MiniLM and a small Llama (``examples/benchmark_parallel.py``).
+TENSOR_GENERATION_COMM_BYTES = 3_800_000
+#: A rank's greedy generation loop (:meth:`RankModel.generate`): leaner than transformers'
+#: ``generate`` (no logits processors or per-step score copies); fitted as above.
+RANK_GENERATION_BYTES = 2_800_000
+
+
 class Parallel(Compressor):
     """Split the model across the target's devices: one shard per rank (DESIGN section 7)."""
 
@@ -1329,13 +1339,14 @@ class Parallel(Compressor):
         groups = tuple(dataclasses.replace(g, params=int(worst[g.kind] * scale.get(g.kind, 1.0)))
                        for g in footprint.weights)
         note = f"parallel: {mode} across {world} ranks (worst rank's share)"
+        common = dict(weights=groups, notes=footprint.notes + (note,), generation_workspace=RANK_GENERATION_BYTES)
         if mode == "tensor":
             return dataclasses.replace(
-                footprint, weights=groups, heads_scale=footprint.heads_scale / world,
-                ffn_scale=footprint.ffn_scale / world, notes=footprint.notes + (note,))
-        return dataclasses.replace(footprint, weights=groups,
-                                   layer_scale=footprint.layer_scale * worst["layers"] / max(1, facts.num_layers),
-                                   notes=footprint.notes + (note,))
+                footprint, heads_scale=footprint.heads_scale / world, ffn_scale=footprint.ffn_scale / world,
+                workspace_bytes=footprint.workspace_bytes + (TENSOR_GENERATION_COMM_BYTES if facts.is_decoder else 0),
+                **common)
+        return dataclasses.replace(footprint, layer_scale=footprint.layer_scale * worst["layers"] / max(1, facts.num_layers),
+                                   **common)
 
     def quality_cost(self, options: Mapping[str, Any], facts: Any) -> float:
         return 0.0  # the same arithmetic, only the order of the sums differs
