@@ -29,14 +29,34 @@ CASES = [
     ("llama", 2, "tensor", []),
     ("llama", 2, "pipeline", []),
     ("llama", 4, "pipeline", ["precision:dtype=bf16"]),
+    ("minilm", 2, "tensor", ["quantize:scheme=int8"]),
+    ("llama", 2, "tensor", ["quantize:scheme=int4,method=rtn"]),
+    ("llama", 2, "pipeline", ["quantize:scheme=int8"]),
 ]
+
+#: int4 with round-to-nearest on a random-weight decoder misses the default floor on one
+#: device too; the row shows that sharding keeps the one-device fidelity (compare with --cpu).
+FLOORS = {"quantize:scheme=int4,method=rtn": 0.0}
+
+
+def _one_device_estimate(path: Path, before: list[str]) -> int:
+    """The estimated peak of the same plan, unsharded, on one CPU."""
+    from edgepack.host import load_registry
+    from edgepack.pipeline import open_source
+    from edgepack.planner import build_candidate, fixed_plan, negotiate
+
+    registry = load_registry()
+    target = registry.target("cpu")
+    probe = target.planning_probe()
+    session = open_source(path)
+    steps = fixed_plan(registry, before, probe)
+    return build_candidate(steps, session.facts, session.workload, probe, negotiate(None, target, probe)).estimate.peak_bytes
 
 
 def main() -> int:
     import edgepack
     from edgepack.bundle.verify import verify
     from edgepack.memory import format_size
-    from edgepack.planner import plan_model
     from edgepack.testing import build_decoder, minilm_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,19 +69,20 @@ def main() -> int:
     if "llama" in args.models:
         models["llama"] = build_decoder("llama", work / "tiny-llama")
     rows = []
-    print(f"{'model':7} {'ranks':5} {'mode':8} {'plan':22} {'single':>9} {'budget':>9} {'est.worst':>9} "
+    print(f"{'model':7} {'ranks':5} {'mode':8} {'plan':34} {'single':>9} {'budget':>9} {'est.worst':>9} "
           f"{'measured per rank':36} {'error':>7} {'fidelity':>9} verify")
     for name, ranks, mode, before in CASES:
         if name not in args.models.split(","):
             continue
         path = models[name]
-        _, single = plan_model(str(path), target="cpu")
-        unsharded = next(c for c in single if [c2.name for c2, _ in c.steps] == [s.split(":")[0] for s in before])
-        budget = int(unsharded.estimate.peak_bytes * 0.8)  # one device of this size cannot hold the model
+        unsharded = _one_device_estimate(path, before)
+        budget = int(unsharded * 0.8)  # one device of this size cannot hold the model
+        floor = min((FLOORS[s] for s in before if s in FLOORS), default=None)
         started = time.perf_counter()
+        label = f"{name}-{ranks}-{mode}-{len(rows)}"
         result = edgepack.pack(str(path), target=f"multi-gpu:devices={ranks}", budget=budget,
-                               apply=before + [f"parallel:mode={mode}"], out=str(work / f"{name}-{ranks}-{mode}"),
-                               name=f"{name}-{ranks}-{mode}", force=True)
+                               apply=before + [f"parallel:mode={mode}"], out=str(work / label),
+                               name=label, force=True, min_fidelity=floor)
         pack_s = time.perf_counter() - started
         manifest = result.manifest
         peaks = manifest["memory"]["measured_peak_bytes"]
@@ -71,14 +92,14 @@ def main() -> int:
         verify_s = time.perf_counter() - started
         error = predicted / max(peaks) - 1
         row = {"model": name, "ranks": ranks, "mode": mode, "plan": " + ".join(before) or "-",
-               "single_device_estimate": unsharded.estimate.peak_bytes, "budget": budget,
+               "single_device_estimate": unsharded, "budget": budget,
                "estimated_worst_rank": predicted, "measured_per_rank": peaks,
                "verify_per_rank": report.rank_peak_bytes, "error": round(error, 4),
                "fidelity": manifest["fidelity"], "verify_ok": report.ok,
                "failures": [f.to_json() for f in report.failures],
                "pack_seconds": round(pack_s, 1), "verify_seconds": round(verify_s, 1)}
         rows.append(row)
-        print(f"{name:7} {ranks:<5} {mode:8} {row['plan']:22} {format_size(row['single_device_estimate']):>9} "
+        print(f"{name:7} {ranks:<5} {mode:8} {row['plan']:34} {format_size(row['single_device_estimate']):>9} "
               f"{format_size(budget):>9} {format_size(predicted):>9} "
               f"{', '.join(format_size(p) for p in peaks):36} {error:+7.1%} "
               f"{manifest['fidelity']['value']:>9.4f} {'ok' if report.ok else 'FAILED'}", flush=True)

@@ -76,6 +76,7 @@ Rank-side runner (each rank of ``torchrun`` runs it; rank 0 writes the outputs):
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -221,10 +222,14 @@ def _arch(model: Any) -> _Arch:
 
     def out_features(name: str) -> int:
         mod = modules[name]
+        if hasattr(mod, "qdata"):  # quantize's QuantLinear
+            return int(mod.out_features)
         return mod.weight.shape[1] if _is_conv1d(mod) else mod.weight.shape[0]
 
     def in_features(name: str) -> int:
         mod = modules[name]
+        if hasattr(mod, "qdata"):
+            return int(mod.in_features)
         return mod.weight.shape[0] if _is_conv1d(mod) else mod.weight.shape[1]
 
     attn = modules[first_block.attn]
@@ -248,7 +253,9 @@ def _arch(model: Any) -> _Arch:
     embed = _name_of(model, emb)
     head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head = _name_of(model, head_module)
-    tied = bool(head_module is not None and head_module.weight is emb.weight)
+    quantized_emb = hasattr(emb, "qdata")
+    tied = bool(head_module is not None and not quantized_emb and head_module.weight is emb.weight)
+    emb_rows, emb_dim = ((emb.num_embeddings, emb.embedding_dim) if quantized_emb else tuple(emb.weight.shape))
     base = container.rpartition(".")[0]
     if layout == "bert":
         base = base.rpartition(".")[0]  # "encoder.layer" -> ""
@@ -268,8 +275,7 @@ def _arch(model: Any) -> _Arch:
         last_stubs = {n: "identity" for n in (_join(base, "ln_f"), head) if n and n in modules}
     conv = {n for n, m in modules.items() if _is_conv1d(m)}
     return _Arch(layout, getattr(config, "model_type", "?"), task_of(config), container, blocks, embed, head,
-                 tied, first, last_stubs, first_stubs, int(emb.weight.shape[1]), heads, kv, d, ffn,
-                 int(emb.weight.shape[0]), conv)
+                 tied, first, last_stubs, first_stubs, int(emb_dim), heads, kv, d, ffn, int(emb_rows), conv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +379,7 @@ def _entry_shape(shape: Sequence[int], dim: int | None, ranges: Sequence[tuple[i
 
 def _plan(model: Any, world_size: int, mode: str) -> tuple[_Arch, list[dict[str, _Entry]], list[dict[str, Any]]]:
     """Per rank: the tensors it stores (local name -> entry) and its JSON metadata."""
+    quantized = _quantized_modules(model)
     arch = _arch(model)
     num_layers = len(arch.blocks)
     _check(arch, world_size, mode, num_layers)
@@ -383,13 +390,18 @@ def _plan(model: Any, world_size: int, mode: str) -> tuple[_Arch, list[dict[str,
             f"parallel needs plain tensors but {odd[0][0]} is a {odd[0][1]}: apply parallel before "
             "steps that change how weights are stored (quantize, sparsify)"
         )
-    dtype = next(str(t.dtype).replace("torch.", "") for _, t in named if t.is_floating_point())
+    floats = [p for p in model.parameters() if p.is_floating_point()] or [t for _, t in named if t.is_floating_point()]
+    dtype = str(floats[0].dtype).replace("torch.", "")
     config = model.config
     common = {
         "format": FORMAT, "mode": mode, "world_size": world_size, "layout": arch.layout,
         "model_type": arch.model_type, "task": arch.task, "dtype": dtype, "num_layers": num_layers,
         "hidden_size": arch.hidden,
     }
+    row_units: dict[str, int] = {}  # a row-parallel quantized module's input features
+    for name, info in quantized.items():
+        if info["kind"] == "linear":
+            row_units[name] = info["shape"][1]
     entries: list[dict[str, _Entry]] = [{} for _ in range(world_size)]
     metas: list[dict[str, Any]] = []
     if mode == "tensor":
@@ -440,6 +452,10 @@ def _plan(model: Any, world_size: int, mode: str) -> tuple[_Arch, list[dict[str,
                     dim, ranges = (out_dim if is_weight else 0), (fr,)
                 elif role in ("o", "ffn_out") and is_weight:
                     dim, ranges = in_dim, ((qr,) if role == "o" else (fr,))
+                elif (role in ("o", "ffn_out") and module in quantized and attr in ("qdata", "scale", "offset")
+                      and tensor.dim() == 2 and tensor.shape[1] > 1):  # a per-row scale stays whole
+                    # quantized: columns are packed codes or groups; input features scale to them
+                    dim, ranges = 1, _scaled((qr if role == "o" else fr), tensor.shape[1], row_units[module], name)
                 elif role == "vocab":
                     dim, ranges = 0, (vr,)
                 entries[r][name] = (name, dim, tuple(ranges))
@@ -469,6 +485,7 @@ def _plan(model: Any, world_size: int, mode: str) -> tuple[_Arch, list[dict[str,
                 "tie": arch.tied, "first": True, "last": True, "layers": [0, num_layers],
                 "first_stubs": {}, "last_stubs": {},
                 "sharded_bytes": sharded, "replicated_bytes": replicated,
+                "quantized": _local_quantized(quantized, entries[r], state_shapes=dict(named)),
             })
         return arch, entries, metas
 
@@ -524,8 +541,69 @@ def _plan(model: Any, world_size: int, mode: str) -> tuple[_Arch, list[dict[str,
             "last_stubs": {} if is_last else arch.last_stubs,
             "row_parallel": [], "vocab_embedding": None, "vocab_head": None,
             "sharded_bytes": size, "replicated_bytes": 0,
+            "quantized": _local_quantized(quantized, entries[r], state_shapes=state),
         })
     return arch, entries, metas
+
+
+def _quantized_modules(model: Any) -> dict[str, dict[str, Any]]:
+    """Modules whose weights ``quantize`` stored as codes (its QuantLinear / QuantEmbedding;
+    torchao int8 tensors are first turned into them): name -> {kind, bits, shape, padding_idx}.
+    int8-dynamic (torchao's activation-quantized Linear) has no sharded form: UsageError."""
+    from edgepack.plugins import quantize
+
+    quantize._define_modules()
+    if any(type(getattr(m, "weight", None)).__name__ not in ("Tensor", "Parameter", "NoneType")
+           for m in model.modules()):
+        quantize.Quantize()._swap_torchao(model, {"scheme": "int8"})
+        odd = [n for n, m in model.named_modules()
+               if type(getattr(m, "weight", None)).__name__ not in ("Tensor", "Parameter", "NoneType")
+               and not isinstance(m, (quantize.QuantLinear, quantize.QuantEmbedding))]
+        if odd:
+            raise UsageError(f"parallel cannot shard {odd[0]}: its weight is a "
+                             f"{type(model.get_submodule(odd[0]).weight).__name__} (int8-dynamic has no sharded form)")
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, quantize.QuantLinear):
+            found[name] = {"kind": "linear", "bits": module.bits, "shape": [module.out_features, module.in_features]}
+        elif isinstance(module, quantize.QuantEmbedding):
+            found[name] = {"kind": "embedding", "bits": module.bits, "padding_idx": module.padding_idx,
+                           "shape": [module.num_embeddings, module.embedding_dim],
+                           "dtype": str(module.out_dtype).replace("torch.", "")}
+    return found
+
+
+def _scaled(features: tuple[int, int], columns: int, in_features: int, name: str) -> tuple[tuple[int, int]]:
+    """A range of input features as a range of a quantized tensor's ``columns`` (packed codes:
+    in/2; group scales: in/group); UsageError when a rank's share does not fall on whole columns."""
+    start, end = features
+    if (start * columns) % in_features or (end * columns) % in_features:
+        raise UsageError(
+            f"parallel cannot split {name} ({columns} quantized columns for {in_features} inputs) at input "
+            f"{start}..{end}: each rank's share must hold whole int4 groups; use fewer ranks or a smaller group_size"
+        )
+    return ((start * columns // in_features, end * columns // in_features),)
+
+
+def _local_quantized(quantized: Mapping[str, Any], entries: Mapping[str, _Entry],
+                     state_shapes: Mapping[str, Any]) -> dict[str, Any]:
+    """The quantized modules of one rank under its local names, with their local shapes."""
+    out = {}
+    for local, (global_name, dim, ranges) in entries.items():
+        module, _, attr = local.rpartition(".")
+        gmodule = global_name.rpartition(".")[0]
+        if attr != "qdata" or gmodule not in quantized:
+            continue
+        info = dict(quantized[gmodule])
+        rows, cols = info["shape"]
+        if dim == 0:
+            rows = sum(e - s for s, e in ranges)
+        elif dim == 1:
+            full = state_shapes[global_name].shape[1]
+            cols = cols * sum(e - s for s, e in ranges) // full
+        info["shape"] = [rows, cols]
+        out[module] = info
+    return out
 
 
 def _entry_bytes(tensor: Any, dim: int | None, ranges: Sequence[tuple[int, int]]) -> int:
@@ -670,6 +748,35 @@ def _nn() -> Any:
         def forward(self, x):  # noqa: D401
             return _reduce_add_bias(F.linear(x, self.weight), self.bias, self.world_size)
 
+    class RowParallelQuant(torch.nn.Module):
+        """A quantized Linear (``quantize``'s QuantLinear, no bias) holding some input
+        features: partial product, one all-reduce, bias once."""
+
+        def __init__(self, inner, bias, world_size):
+            super().__init__()
+            self.inner, self.world_size = inner, world_size
+            self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+        def forward(self, x):
+            return _reduce_add_bias(self.inner(x), self.bias, self.world_size)
+
+    class VocabParallelQuantEmbedding(torch.nn.Module):
+        """Rows ``[start, end)`` of a quantized embedding (``quantize``'s QuantEmbedding):
+        ids outside give zeros; all-reduce."""
+
+        def __init__(self, inner, start, end, size, world_size):
+            super().__init__()
+            self.inner, self.start, self.end, self.size, self.world_size = inner, start, end, size, world_size
+            self.embedding_dim, self.num_embeddings = inner.embedding_dim, size
+
+        def forward(self, ids):
+            outside = (ids < self.start) | (ids >= self.end)
+            local = (ids - self.start).masked_fill(outside, 0)
+            y = self.inner(local).masked_fill(outside.unsqueeze(-1), 0.0)
+            if _dist_active(self.world_size):
+                dist.all_reduce(y)
+            return y
+
     class RowParallelConv1D(Conv1D):
         """GPT-2's Conv1D (weight in x out) holding some input features."""
 
@@ -748,6 +855,7 @@ def _nn() -> Any:
     return type("ParallelModules", (), {
         "RowParallelLinear": RowParallelLinear, "RowParallelConv1D": RowParallelConv1D,
         "VocabParallelEmbedding": VocabParallelEmbedding, "VocabParallelHead": VocabParallelHead,
+        "RowParallelQuant": RowParallelQuant, "VocabParallelQuantEmbedding": VocabParallelQuantEmbedding,
         "Absent": Absent, "ZeroPositions": ZeroPositions, "PassThroughEmbeddings": PassThroughEmbeddings,
         "Conv1D": Conv1D,
     })
@@ -831,7 +939,8 @@ def load_rank(model_dir: str | os.PathLike, rank: int, world_size: int | None = 
         raise UsageError(f"{file} cannot be read as safetensors: {exc}") from None
 
     row_parallel = set(meta.get("row_parallel", []))
-    modules = dict(model.named_modules())
+    handled = _place_quantized(model, meta, tensors, row_parallel, world, nn)
+    modules = {n: m for n, m in model.named_modules() if n not in handled}
     with torch.device("meta"):
         for name, module in modules.items():
             weight = tensors.get(f"{name}.weight")
@@ -856,7 +965,7 @@ def load_rank(model_dir: str | os.PathLike, rank: int, world_size: int | None = 
             _replace(model, name, new)
     for key in ("vocab_embedding", "vocab_head"):
         spec = meta.get(key)
-        if not spec:
+        if not spec or spec["module"] in handled:
             continue
         old = model.get_submodule(spec["module"])
         dim = int(meta["hidden_size"])
@@ -882,6 +991,40 @@ def load_rank(model_dir: str | os.PathLike, rank: int, world_size: int | None = 
     model.to(device)  # the buffers (rotary frequencies, position ids); the weights are there already
     model.eval()
     return RankModel(model, meta, device)
+
+
+def _place_quantized(model: Any, meta: Mapping[str, Any], tensors: dict[str, Any], row_parallel: set[str],
+                     world: int, nn: Any) -> set[str]:
+    """Build the rank's quantized modules (``quantize``'s QuantLinear / QuantEmbedding) from its
+    shard's codes, scales and offsets (popped from ``tensors``), wrapped for row or vocabulary
+    parallelism where the shard says; returns their names."""
+    quantized = meta.get("quantized") or {}
+    if not quantized:
+        return set()
+    import torch
+
+    from edgepack.plugins import quantize
+
+    quantize._define_modules()
+    vocab = meta.get("vocab_embedding") or {}
+    for name, info in quantized.items():
+        p = f"{name}."
+        codes, scale, offset = tensors.pop(p + "qdata"), tensors.pop(p + "scale"), tensors.pop(p + "offset", None)
+        rows, cols = info["shape"]
+        if info["kind"] == "embedding":
+            dtype = getattr(torch, info.get("dtype") or meta.get("dtype", "float32"))
+            new = quantize.QuantEmbedding(rows, cols, int(info["bits"]), codes, scale, offset, None, dtype)
+            if vocab.get("module") == name and world > 1:
+                new = nn.VocabParallelQuantEmbedding(new, vocab["start"], vocab["end"], vocab["size"], world)
+        else:
+            bias = tensors.pop(p + "bias", None)
+            if name in row_parallel:
+                new = nn.RowParallelQuant(quantize.QuantLinear(cols, rows, int(info["bits"]), codes, scale, offset),
+                                          bias, world)
+            else:
+                new = quantize.QuantLinear(cols, rows, int(info["bits"]), codes, scale, offset, bias)
+        _replace(model, name, new)
+    return set(quantized)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1151,7 +1294,10 @@ def save_sharded(model: Any, world_size: int, mode: str, model_dir: str | os.Pat
     state = dict(_unique_names(model))
     root = Path(model_dir)
     root.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(root)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # the shards say how their weights are stored
+        del config.quantization_config
+    config.save_pretrained(root)
     generation = getattr(model, "generation_config", None)
     if generation is not None and metas and metas[0]["task"] == "text-generation":
         generation.save_pretrained(root)
@@ -1310,9 +1456,14 @@ class Parallel(Compressor):
             plain = step.plugin in self.composes or (
                 step.plugin == "prune" and "sparsity" in step.options and not
                 any(k in step.options for k in ("heads", "ffn")))
+            if step.plugin == "quantize":
+                if step.options.get("scheme") not in ("int8", "int4"):
+                    return (f"parallel cannot shard quantize:scheme={step.options.get('scheme')} (its activation-"
+                            "quantized Linear has no sharded form); use scheme=int8 or int4")
+                continue
             if not plain:
                 return (f"parallel cannot yet shard the weights {step.plugin} produces; it composes with "
-                        f"{', '.join(self.composes)} and unstructured prune")
+                        f"{', '.join(self.composes)}, quantize (int8, int4) and unstructured prune")
         return None
 
     def candidates(self, facts: Any, probe: Any) -> list[dict[str, Any]]:

@@ -122,7 +122,8 @@ def test_a_bare_parallel_gets_the_mode_that_can_split_the_model(llama, tmp_path)
 
 @pytest.mark.parametrize("apply, needle", [
     (["parallel"], "target cpu has 1 device; use --target multi-gpu"),
-    (["quantize:scheme=int8", "parallel"], "parallel cannot yet shard the weights quantize produces"),
+    (["quantize:scheme=int8-dynamic", "parallel"], "parallel cannot shard quantize:scheme=int8-dynamic"),
+    (["sparsify", "parallel"], "parallel cannot yet shard the weights sparsify produces"),
     (["parallel", "precision:dtype=bf16"], "comes after parallel, which splits the model into shards"),
 ])
 def test_plans_parallel_cannot_run_are_refused(model_dir, tmp_path, apply, needle):

@@ -352,3 +352,35 @@ def test_four_ranks_match_single_process(minilm, decoders, tmp_path):
     mode and the 4-layer llama in pipeline mode (one layer per rank)."""
     cases = [("minilm", "tensor"), ("minilm", "pipeline"), ("llama-kv4", "tensor"), ("llama", "pipeline")]
     _run_matrix(4, cases, minilm, decoders, tmp_path)
+
+
+@pytest.mark.slow
+def test_quantized_shards_match_the_quantized_model(decoders, tmp_path):
+    """quantize (int8, int4) then parallel: each rank stores only its slice of the codes,
+    scales and offsets, and 2 ranks compute what the one-process quantized model computes."""
+    import copy
+
+    from edgepack.plugins.quantize import Quantize
+
+    jobs, checks = [], []
+    for scheme, mode in (("int8", "tensor"), ("int4", "tensor"), ("int4", "pipeline")):
+        model = copy.deepcopy(decoders["llama"]["model"])
+        options = Quantize().parse_options({"scheme": scheme, "method": "rtn"} if scheme == "int4" else {"scheme": scheme})
+        model = Quantize().apply(model, options, None)
+        inputs = decoders["llama"]["inputs"]
+        with torch.no_grad():
+            want = model(**inputs).logits
+        work = tmp_path / f"{scheme}-{mode}"
+        parallel.save_sharded(model, 2, mode, work)
+        meta = json.loads((work / "rank-1" / "shard.json").read_text())
+        assert meta["quantized"] and all(i["bits"] == (8 if scheme == "int8" else 4) for i in meta["quantized"].values())
+        if mode == "tensor":  # the down projection's codes are split by input features
+            down = meta["quantized"]["model.layers.0.mlp.down_proj"]
+            assert down["shape"] == [128, 384 // 2]
+        job = _job(work, f"{scheme}-{mode}", str(work), inputs, "logits")
+        jobs.append(job)
+        checks.append((scheme, mode, job, want))
+    _launch(2, jobs, tmp_path)
+    for scheme, mode, job, want in checks:
+        diff = _max_diff(_result(job)["logits"], want)
+        assert diff < 1e-3 * float(want.abs().max()), (scheme, mode, diff)
