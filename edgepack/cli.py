@@ -106,6 +106,8 @@ def targets(as_json: bool) -> None:
         return
     for row in rows:
         state = f"present, capacity {format_size(row['capacity_bytes'])} per device" if row["present"] else "not present here"
+        if row["present"] and row["probe"]["detail"].get("emulated"):
+            state += f" (emulated: {len(row['probe']['devices'])} CPU processes over gloo)"
         click.echo(f"{row['name']:<10} {state}")
         click.echo(f"{'':<10} {row['description']} [{row['distribution']}]")
         click.echo(f"{'':<10} capabilities: {', '.join(row['probe']['capabilities']) or '-'}")

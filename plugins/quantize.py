@@ -37,6 +37,12 @@ import edgepack
 from edgepack.errors import UsageError
 from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts, Option, PlanStep, Probe
 
+#: int8 Linear inputs of at most this many rows (a decoding step at small batch) run in torch's
+#: fused int8 weight-only CPU kernel; larger ones (prefill, encoder batches) dequantize the
+#: weight once per call and run one GEMM, which is faster there
+#: (``python examples/benchmark_speed.py --kernels``).
+FUSED_MAX_ROWS = 32
+
 INT4_FILE = "model.int4.safetensors"
 INT4_FORMAT = "edgepack.int4/1"
 
@@ -203,12 +209,32 @@ def _define_modules() -> None:
             self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
             #: dtype of the matmul; None means the activations' dtype (see Quantize.prepare)
             self.compute_dtype = None
+            #: int8 on CPU: inputs of at most this many rows (decoding steps) go through torch's
+            #: fused weight-only kernel, which never materialises the dequantized weight; 0 = off
+            #: (see Quantize.prepare)
+            self.fused_rows = 0
+            self._fused_scale = None
 
         def forward(self, x: Any) -> Any:
+            if self.fused_rows and x.numel() <= self.fused_rows * self.in_features and x.device.type == "cpu":
+                return self._forward_fused(x)
             dtype = self.compute_dtype or x.dtype
             weight = dequantize(self.qdata, self.scale, self.offset, self.bits, dtype)
             bias = self.bias.to(dtype) if self.bias is not None else None
             return nn.functional.linear(x.to(dtype), weight, bias).to(x.dtype)
+
+        def _forward_fused(self, x: Any) -> Any:
+            """int8 weights times bf16 activations in torch's fused CPU kernel
+            (``_weight_int8pack_mm``: per-row scales applied in the kernel, fp32 accumulation);
+            its fp32-input variant is several times slower than an fp32 matmul, so the
+            activations go in as bf16."""
+            if self._fused_scale is None:
+                self._fused_scale = self.scale.reshape(-1).to(torch.bfloat16)
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.qdata, self._fused_scale).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
 
         def extra_repr(self) -> str:
             return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -347,11 +373,11 @@ class Quantize(Compressor):
         act_bytes = footprint.activation_bits / 8
         if options["scheme"] == "int8-dynamic":
             # torchao's CPU path: int8 activations, int32 accumulators and a dequantized weight
-            # per call; ~11 bytes per weight element measured on MiniLM
-            scratch = 11.0
+            # per call; refitted on MiniLM (fp32 and bf16) under the fixed-allocator probe
+            scratch = 3.0
         elif options["scheme"] == "int4":
-            # unpacked codes, the weight dequantized for one matmul and its bf16 copy
-            scratch = act_bytes + 4
+            # unpacked codes and the weight dequantized for one matmul (in place); refitted as above
+            scratch = act_bytes + 1
         else:
             scratch = act_bytes + 2  # the weight dequantized for one matmul, and its bf16 copy
         return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch))
@@ -490,6 +516,10 @@ class Quantize(Compressor):
             for module in model.modules():
                 if isinstance(module, QuantLinear):
                     module.compute_dtype = torch.bfloat16
+        if device == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            for module in model.modules():
+                if isinstance(module, QuantLinear) and module.bits == 8:
+                    module.fused_rows = FUSED_MAX_ROWS
         return model
 
     def _swap_torchao(self, model: Any, options: Mapping[str, Any]) -> Any:

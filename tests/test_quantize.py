@@ -342,3 +342,28 @@ def test_second_quantize_and_int8_dynamic_without_int8_compute_are_refused(regis
     no_int8 = Probe("cpu", True, FULL_PROBE.devices, frozenset({"fp32"}))
     with pytest.raises(UsageError, match="int8-dynamic needs int8 compute"):
         fixed_plan(registry, ["quantize:scheme=int8-dynamic"], no_int8)
+
+
+def test_int8_decoding_steps_run_in_the_fused_kernel():
+    """Inputs of at most FUSED_MAX_ROWS rows (decoding steps) go through torch's fused int8
+    kernel, bf16 activations, and agree with the dequantizing path; larger inputs keep it."""
+    from edgepack.plugins.quantize import FUSED_MAX_ROWS, quantize_int8_rows
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 64, generator=gen), torch.randn(48, generator=gen)
+    q, scale = quantize_int8_rows(weight)
+    layer = QuantLinear(64, 48, 8, q, scale, None, bias)
+    model = torch.nn.Sequential(layer)
+    probe = Probe("cpu", True, (DeviceInfo(0, "cpu", 1, 1),), frozenset({"fp32", "int8"}))
+    Quantize().prepare(model, {"scheme": "int8"}, "cpu", probe)
+    assert layer.fused_rows == FUSED_MAX_ROWS
+    calls = []
+    original = layer._forward_fused
+    layer._forward_fused = lambda x: calls.append(x.shape) or original(x)
+    for rows in (1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1):
+        x = torch.randn(rows, 64, generator=gen)
+        want = x @ dequantize(q, scale, None, 8, torch.float32).T + bias
+        got = layer(x.unsqueeze(0))[0]
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max() < 0.02 * want.abs().max(), rows
+    assert calls == [(1, 1, 64), (1, FUSED_MAX_ROWS, 64)]  # not the larger input
