@@ -108,7 +108,8 @@ def decoders(args: argparse.Namespace) -> None:
         return model.eval()
 
     variants = {"fp32 source": source, "bf16": packed(["precision:dtype=bf16"]),
-                "int8": packed(["quantize:scheme=int8"])}
+                "int8": packed(["quantize:scheme=int8"]),
+                "int8 + head": packed(["quantize:scheme=int8,head=true"])}
     off = packed(["quantize:scheme=int8"])
     for module in off.modules():
         if hasattr(module, "fused_rows"):

@@ -278,23 +278,30 @@ def __getattr__(name: str) -> Any:
 # Module selection
 
 
-def _targets(model: Any, embeddings: bool, keep: Sequence[str]) -> list[tuple[str, Any]]:
-    """(name, module) of every Linear (and Embedding) to quantize, skipping kept ones and the
-    output head: weight-only kernels dequantize a whole weight per call, and a vocabulary-sized
-    head dequantized at every generated token costs more memory and time than it saves (it is
-    also the layer whose quantization hurts greedy decoding most)."""
+def _targets(model: Any, embeddings: bool, keep: Sequence[str], head: bool = False) -> list[tuple[str, Any]]:
+    """(name, module) of every Linear (and Embedding) to quantize, skipping kept ones and, unless
+    ``head``, the output head (the layer whose quantization hurts greedy decoding most; with
+    ``head`` it is quantized per channel and decoding runs it in the fused int8 kernel).
+    UsageError when ``head`` is asked of a head tied to the input embedding."""
     skip = set()
     head_weight = None
     if hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
-        if head is not None:
-            skip.add(id(head))
-            head_weight = getattr(head, "weight", None)
+        output = model.get_output_embeddings()
+        if output is not None:
+            head_weight = getattr(output, "weight", None)
+            tied = head_weight is not None and any(
+                getattr(m, "weight", None) is head_weight for m in model.modules() if m is not output)
+            if head and tied:
+                raise UsageError("quantize:head=true needs an output head of its own, but this model's head "
+                                 "shares its weights with the input embedding (tie_word_embeddings)")
+            if not head:
+                skip.add(id(output))
     chosen = []
     for name, module in model.named_modules():
         if any(fragment in name for fragment in keep) or id(module) in skip:
             continue
-        if head_weight is not None and getattr(module, "weight", None) is head_weight:
+        if not head and head_weight is not None and getattr(module, "weight", None) is head_weight \
+                and id(module) not in skip:
             continue  # an input embedding tied to the output head stays shared and unquantized
         if isinstance(module, nn.Linear) or (embeddings and isinstance(module, nn.Embedding)):
             chosen.append((name, module))
@@ -313,6 +320,10 @@ def _embeddings(options: Mapping[str, Any]) -> bool:
     return options.get("embeddings") is not False
 
 
+def _head(options: Mapping[str, Any]) -> bool:
+    return options.get("head") is True
+
+
 class Quantize(Compressor):
     """int8 / int8-dynamic / int4 quantization of Linear and Embedding weights."""
 
@@ -327,6 +338,8 @@ class Quantize(Compressor):
         Option("keep", list, (), None, help="module-name fragments kept unquantized, as keep=[layer.0.,layer.5.]"),
         Option("method", str, ("gptq", "rtn"), None,
                help="int4 rounding: gptq (error-compensating, uses calibration inputs; default) or rtn"),
+        Option("head", bool, (), None,
+               help="int8: quantize the output head too, per channel (decoders; default false)"),
         Option("compute", str, ("auto", "input"), None,
                help="matmul dtype: auto = bf16 on CPUs with native bf16 (default), input = the activations' dtype"),
     )
@@ -344,6 +357,8 @@ class Quantize(Compressor):
                 return "int8 schemes cannot follow prune:heads (both would own the weight file); use scheme=int4"
             if step.plugin == "sparsify":
                 return "quantize cannot follow sparsify: no storage format combines both yet"
+        if _head(options) and options["scheme"] != "int8":
+            return "head=true needs scheme=int8 (the fused decoding kernel is int8 weight-only)"
         if options["scheme"] == "int8-dynamic" and "int8" not in probe.capabilities:
             return f"int8-dynamic needs int8 compute, which target {probe.target} lacks"
         return super().check(options, probe, previous)
@@ -354,10 +369,13 @@ class Quantize(Compressor):
         if "int8" in probe.capabilities:
             sets.append({"scheme": "int8-dynamic"})
         sets += [{"scheme": "int4", "group_size": 32}, {"scheme": "int4", "group_size": 128}]
+        if facts.is_decoder and facts.parameters_by_kind.get("other", 0) >= facts.vocab_size * facts.hidden_size:
+            sets.append({"scheme": "int8", "head": True})  # an untied head of its own
         return sets
 
     def _kinds(self, options: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("linear", "embedding") if _embeddings(options) else ("linear",)
+        kinds = ("linear", "embedding") if _embeddings(options) else ("linear",)
+        return kinds + (("other",) if _head(options) else ())  # output heads are counted as "other"
 
     @staticmethod
     def bits_per_weight(options: Mapping[str, Any], row_width: int) -> float:
@@ -387,7 +405,8 @@ class Quantize(Compressor):
         int4 at group 32 about 3e-2, growing with the group size."""
         scheme = options["scheme"]
         if scheme == "int8":
-            return 0.0007
+            # the head decides greedy tokens: quantizing it is ranked after the rest of int8
+            return 0.0007 + (0.01 if _head(options) else 0.0)
         if scheme == "int8-dynamic":
             return 0.004
         return 0.03 * (_group_size(options) / 32) ** 0.5
@@ -397,7 +416,7 @@ class Quantize(Compressor):
     def apply(self, model: Any, options: Mapping[str, Any], context: ApplyContext) -> Any:
         """Quantize the selected modules in place."""
         keep = list(options.get("keep") or ())
-        chosen = _targets(model, _embeddings(options), keep)
+        chosen = _targets(model, _embeddings(options), keep, head=_head(options))
         if not chosen:
             raise UsageError("quantize found no Linear or Embedding modules to quantize (check keep=)")
         if options["scheme"] == "int4":
@@ -419,7 +438,7 @@ class Quantize(Compressor):
         quantize_(model, linear_cfg, filter_fn=lambda m, fqn: id(m) in ids and isinstance(m, nn.Linear))
         quantize_(model, weight_only, filter_fn=lambda m, fqn: id(m) in ids and isinstance(m, nn.Embedding))
         # Stock save_pretrained serialises torchao tensors only with a quantizer attached.
-        qconfig = TorchAoConfig(linear_cfg, include_input_output_embeddings=_embeddings(options))
+        qconfig = TorchAoConfig(linear_cfg, include_input_output_embeddings=_embeddings(options) or _head(options))
         model.config.quantization_config = qconfig
         model.hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
         return model

@@ -367,3 +367,32 @@ def test_int8_decoding_steps_run_in_the_fused_kernel():
         assert got.dtype == torch.float32
         assert (got - want).abs().max() < 0.02 * want.abs().max(), rows
     assert calls == [(1, 1, 64), (1, FUSED_MAX_ROWS, 64)]  # not the larger input
+
+
+def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_path, registry):
+    """quantize:head=true (int8): an untied head is quantized per channel, offered to the
+    planner for decoders with a head of their own, refused for tied heads and other schemes."""
+    import transformers
+
+    from edgepack.model import ModelSource
+    from edgepack.testing import build_decoder
+
+    llama = build_decoder("llama", tmp_path / "llama")
+    gpt2 = build_decoder("gpt2", tmp_path / "gpt2", tie_word_embeddings=True)
+    probe = registry.target("cpu").probe()
+    quantize = Quantize()
+    offered = quantize.candidates(ModelSource.open(llama).facts, probe)
+    assert {"scheme": "int8", "head": True} in offered
+    assert {"scheme": "int8", "head": True} not in quantize.candidates(ModelSource.open(gpt2).facts, probe)
+    with pytest.raises(UsageError, match="head=true needs scheme=int8"):
+        fixed_plan(registry, ["quantize:scheme=int4,head=true"], probe)
+
+    options = quantize.parse_options({"scheme": "int8", "head": "true"})
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama)
+    model = quantize.apply(model, options, None)
+    assert type(model.lm_head.weight).__name__ == "Int8Tensor"
+    model = quantize.prepare(model, options, "cpu", probe)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.fused_rows > 0
+    tied = transformers.AutoModelForCausalLM.from_pretrained(gpt2)
+    with pytest.raises(UsageError, match="tie_word_embeddings"):
+        quantize.apply(tied, options, None)
