@@ -222,7 +222,7 @@ def _load_recipe(path: str | None) -> dict[str, Any]:
 @_fid_opt
 @click.option("--version", "bundle_version", default=None, help="Semantic version of this bundle.  [default: 0.1.0]")
 @click.option("--samples", type=click.Path(dir_okay=False), default=None, help="Smoke sample texts: a JSON list or one per line.")
-@click.option("--devices", type=click.IntRange(min=1), default=None, help="How many devices a multi-device target has.")
+@click.option("--devices", type=click.IntRange(min=1), default=None, help="How many devices a multi-device target has: --target multi-gpu --devices 4 is --target multi-gpu:devices=4.")
 @click.option("--name", default=None, help="Bundle name.  [default: the model directory's name]")
 @click.option("--archive", is_flag=True, default=None, help="Also write a deterministic .tar.gz of the bundle.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle of the same name.")
@@ -244,6 +244,7 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
       edgepack pack ./all-MiniLM-L6-v2 --target cpu --budget 100MB \\
           --apply precision:dtype=bf16 --out dist/
       edgepack pack ./all-MiniLM-L6-v2 --target cpu --budget 30MB --out dist/
+      edgepack pack ./all-MiniLM-L6-v2 --target multi-gpu --devices 2 --budget 70MB --out dist/
     """
     from edgepack import pipeline
     from edgepack.recipe import merge
