@@ -521,7 +521,10 @@ def bench(bundle: str, repeats: int, as_json: bool) -> None:
         click.echo(f"{result['bundle']}: batch {result['batch_size']} x {result['seq_len']} tokens, "
                    f"median {result['median_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms over {repeats} runs "
                    f"on {result['device']}")
-        if "tokens_per_s" in result:
+        if "prefill_ms" in result:
+            click.echo(f"  batch 1: prefill {result['prefill_ms']:.2f} ms, decoding {result['tokens_per_s']:.1f} tokens/s "
+                       f"(median of runs generating {result['new_tokens']} tokens, less the prefill)")
+        elif "tokens_per_s" in result:
             click.echo(f"  generating {result['new_tokens']} tokens: {result['tokens_per_s']:.1f} tokens/s")
         if "rank_peak_bytes" in result:
             from edgepack.memory import format_size

@@ -292,11 +292,46 @@ def benchmark(bundle: str | Path, *, repeats: int = 10) -> dict[str, Any]:
             if i:
                 times.append((time.perf_counter() - start) * 1000)
     times.sort()
-    return {
+    result = {
         "bundle": str(session.path), "device": session.device, "batch_size": batch_size,
         "seq_len": int(workload["seq_len"]), "repeats": repeats,
         "median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
     }
+    if session.task == "text-generation":
+        result.update(_decode_speed(session, {k: v[:1] for k, v in batch.items()}, repeats))
+    return result
+
+
+#: Tokens generated per timed run when ``bench`` measures decoding.
+DECODE_TOKENS = 32
+
+
+def _decode_speed(session: Session, row: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Batch-1 greedy decoding from one smoke prompt: decode tokens/s (the time of generating
+    DECODE_TOKENS tokens less that of generating one, i.e. without the prefill) and the prefill
+    latency; medians of ``max(3, repeats // 2)`` runs after a warm-up."""
+    import statistics
+    import time
+
+    import torch
+
+    from edgepack.smoke import pad_id
+
+    def run(tokens: int) -> float:
+        start = time.perf_counter()
+        session.model.generate(**row, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                               pad_token_id=pad_id(session.model))
+        if session.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    runs = max(3, repeats // 2)
+    with torch.inference_mode():
+        run(2)  # warm-up
+        first = statistics.median(run(1) for _ in range(runs))
+        full = statistics.median(run(DECODE_TOKENS) for _ in range(runs))
+    return {"prefill_ms": first * 1000, "new_tokens": DECODE_TOKENS,
+            "tokens_per_s": (DECODE_TOKENS - 1) / max(full - first, 1e-9)}
 
 
 def _benchmark_sharded(path: Path, manifest: dict[str, Any], repeats: int) -> dict[str, Any]:

@@ -134,3 +134,10 @@ def test_cli_run_json_for_a_decoder(packed):
     assert data["task"] == "text-generation"
     assert [o["input"] for o in data["outputs"]] == ["hello world", "an edge device"]
     assert all(o["output"].strip() for o in data["outputs"])
+
+
+def test_bench_reports_decode_tokens_per_second(packed):
+    result = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--repeats", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["new_tokens"] == 32 and data["tokens_per_s"] > 0 and data["prefill_ms"] > 0
