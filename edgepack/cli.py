@@ -435,31 +435,43 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, as_json: bool
         texts = [line.strip() for line in sys.stdin if line.strip()]
     if not texts:
         raise UsageError("give at least one INPUT text (or pipe lines on standard input)")
-    if _is_sharded(bundle):
-        _run_sharded(bundle, texts, max_new_tokens, as_json)
-        return
-    session = open_bundle(bundle)
-    if session.task == "text-generation":
-        outputs = session.generate(texts, max_new_tokens=max_new_tokens)
-        if as_json:
-            _emit_json({"task": session.task, "outputs": [{"input": t, "output": o} for t, o in zip(texts, outputs)]})
-        else:
-            for text, output in zip(texts, outputs):
-                click.echo(f"{text}{output}")
-        return
-    vectors = session.embed(texts)
+    extra: dict[str, Any] = {}
+    if _is_sharded(bundle):  # every rank through torchrun, the outputs from rank 0
+        from edgepack.runtime import run_sharded
+
+        result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=_progress)
+        task = "text-generation" if "texts" in result else "feature-extraction"
+        generated, vectors = result.get("texts"), result.get("embeddings")
+        extra = {"rank_peak_bytes": result["rank_peak_bytes"]}
+    else:
+        session = open_bundle(bundle)
+        task = session.task
+        generated = session.generate(texts, max_new_tokens=max_new_tokens) if task == "text-generation" else None
+        vectors = session.embed(texts) if generated is None else None
     if as_json:
-        _emit_json({"task": session.task, "dim": int(vectors.shape[1]),
-                    "embeddings": [[round(float(x), 6) for x in row] for row in vectors]})
+        if generated is not None:
+            _emit_json({"task": task, "outputs": [{"input": t, "output": o} for t, o in zip(texts, generated)], **extra})
+        else:
+            _emit_json({"task": task, "dim": int(vectors.shape[1]), **extra,
+                        "embeddings": [[round(float(x), 6) for x in row] for row in vectors]})
         return
-    for text, row in zip(texts, vectors):
-        head = ", ".join(f"{float(x):+.4f}" for x in row[:6])
-        click.echo(f"{text!r}\n  dim {row.shape[0]}, norm {float(row.norm()):.4f}: [{head}, ...]")
-    if len(texts) > 1:
-        sims = vectors @ vectors.T
-        click.echo("cosine similarities:")
-        for i in range(len(texts)):
-            click.echo("  " + " ".join(f"{float(sims[i, j]):.3f}" for j in range(len(texts))))
+    if generated is not None:
+        for text, output in zip(texts, generated):
+            click.echo(f"{text}{output}")
+    else:
+        for text, row in zip(texts, vectors):
+            head = ", ".join(f"{float(x):+.4f}" for x in row[:6])
+            click.echo(f"{text!r}\n  dim {row.shape[0]}, norm {float(row.norm()):.4f}: [{head}, ...]")
+        if len(texts) > 1:
+            sims = vectors @ vectors.T
+            click.echo("cosine similarities:")
+            for i in range(len(texts)):
+                click.echo("  " + " ".join(f"{float(sims[i, j]):.3f}" for j in range(len(texts))))
+    if extra:
+        from edgepack.memory import format_size
+
+        click.echo(f"ran on {result['world_size']} ranks ({result['device']}); peak memory per rank "
+                   "(one-time runtime costs included): " + ", ".join(format_size(p) for p in extra["rank_peak_bytes"]))
 
 
 def _is_sharded(bundle: str) -> bool:
@@ -472,33 +484,6 @@ def _is_sharded(bundle: str) -> bool:
     except EdgepackError:
         return False
     return isinstance(manifest, dict) and isinstance(manifest.get("parallel"), dict)
-
-
-def _run_sharded(bundle: str, texts: list[str], max_new_tokens: int, as_json: bool) -> None:
-    """``edgepack run`` of a sharded bundle: every rank through torchrun, the outputs from rank 0."""
-    from edgepack.memory import format_size
-    from edgepack.runtime import run_sharded
-
-    result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=_progress)
-    peaks = result["rank_peak_bytes"]
-    if "texts" in result:
-        if as_json:
-            _emit_json({"task": "text-generation", "outputs": [{"input": t, "output": o} for t, o in zip(texts, result["texts"])],
-                        "rank_peak_bytes": peaks})
-            return
-        for text, output in zip(texts, result["texts"]):
-            click.echo(f"{text}{output}")
-    else:
-        vectors = result["embeddings"]
-        if as_json:
-            _emit_json({"task": "feature-extraction", "dim": int(vectors.shape[1]), "rank_peak_bytes": peaks,
-                        "embeddings": [[round(float(x), 6) for x in row] for row in vectors]})
-            return
-        for text, row in zip(texts, vectors):
-            head = ", ".join(f"{float(x):+.4f}" for x in row[:6])
-            click.echo(f"{text!r}\n  dim {row.shape[0]}, norm {float(row.norm()):.4f}: [{head}, ...]")
-    click.echo(f"ran on {result['world_size']} ranks ({result['device']}); peak memory per rank (one-time runtime costs included): "
-               + ", ".join(format_size(p) for p in peaks))
 
 
 @cli.command()

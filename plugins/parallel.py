@@ -553,12 +553,14 @@ def _quantized_modules(model: Any) -> dict[str, dict[str, Any]]:
     from edgepack.plugins import quantize
 
     quantize._define_modules()
-    if any(type(getattr(m, "weight", None)).__name__ not in ("Tensor", "Parameter", "NoneType")
-           for m in model.modules()):
+
+    def odd_weight(module: Any) -> bool:  # a tensor subclass (torchao), not a plain weight
+        return type(getattr(module, "weight", None)).__name__ not in ("Tensor", "Parameter", "NoneType")
+
+    if any(odd_weight(m) for m in model.modules()):
         quantize.Quantize()._swap_torchao(model, {"scheme": "int8"})
         odd = [n for n, m in model.named_modules()
-               if type(getattr(m, "weight", None)).__name__ not in ("Tensor", "Parameter", "NoneType")
-               and not isinstance(m, (quantize.QuantLinear, quantize.QuantEmbedding))]
+               if odd_weight(m) and not isinstance(m, (quantize.QuantLinear, quantize.QuantEmbedding))]
         if odd:
             raise UsageError(f"parallel cannot shard {odd[0]}: its weight is a "
                              f"{type(model.get_submodule(odd[0]).weight).__name__} (int8-dynamic has no sharded form)")

@@ -55,9 +55,7 @@ class CudaTarget(Target):
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
-        capability = self.settings.get("capability")
-        if capability is not None and _capability(capability) is None:
-            raise UsageError(f"option cuda:capability={capability} is not MAJOR.MINOR, e.g. 8.7")
+        check_capability_option(self, "8.7")
 
     def probe(self) -> Probe:
         """The first GPU's memory and the kernels its compute capability has."""
@@ -109,6 +107,13 @@ class CudaTarget(Target):
     def memory_meter(self) -> MemoryMeter:
         """CUDA allocator meter (see :class:`CudaAllocatorMeter`)."""
         return CudaAllocatorMeter()
+
+
+def check_capability_option(target: Target, example: str) -> None:
+    """UsageError when ``target``'s ``capability`` option is not MAJOR.MINOR."""
+    capability = target.settings.get("capability")
+    if capability is not None and _capability(capability) is None:
+        raise UsageError(f"option {target.name}:capability={capability} is not MAJOR.MINOR, e.g. {example}")
 
 
 def _capability(text: str) -> tuple[int, int] | None:

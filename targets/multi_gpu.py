@@ -13,7 +13,6 @@ from dataclasses import replace
 from typing import Any
 
 import edgepack
-from edgepack.errors import UsageError
 from edgepack.interfaces import DeviceInfo, MemoryMeter, Option, Probe, Size, Target
 
 #: Devices of an emulated target when the options do not say.
@@ -38,11 +37,9 @@ class MultiGpuTarget(Target):
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
-        from edgepack.targets.cuda import _capability
+        from edgepack.targets.cuda import check_capability_option
 
-        capability = self.settings.get("capability")
-        if capability is not None and _capability(capability) is None:
-            raise UsageError(f"option multi-gpu:capability={capability} is not MAJOR.MINOR, e.g. 8.0")
+        check_capability_option(self, "8.0")
 
     # -- probing ---------------------------------------------------------------------------
 
