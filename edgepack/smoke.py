@@ -602,3 +602,24 @@ CALIBRATION_SAMPLES = (
     "Version 2.3 fixes a memory leak in the image decoder.",
 )
 
+
+#: Texts for judging fidelity outside the bundle (tests, benchmarks): neither smoke inputs nor
+#: calibration texts, so no compression has seen them.
+HELD_OUT_SAMPLES = (
+    "The ferry to the island runs every two hours in summer.",
+    "Backpropagation computes gradients layer by layer from the output.",
+    "Add the onions and fry them until they turn golden.",
+    "The telescope detected a faint signal from a distant galaxy.",
+    "Refunds are processed within five working days of the request.",
+    "Les enfants jouent dans le parc après l'école.",
+    "while queue: node = queue.pop(0)",
+    "The jury found the defendant not guilty on all counts.",
+    "Solar panels produce less electricity on cloudy days.",
+    "How many bones are there in the human hand?",
+    "The committee postponed the vote until next Thursday.",
+    "Fresh basil loses its aroma quickly once it is cut.",
+    "Our flight was delayed because of fog over the airport.",
+    "Compile the kernel with debugging symbols enabled.",
+    "She practised the violin for three hours every morning.",
+    "The river flooded the lower part of the village last spring.",
+)

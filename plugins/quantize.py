@@ -21,9 +21,20 @@ Schemes:
 ``keep=`` lists module-name fragments kept in higher precision (for example ``keep=word_embeddings``
 or ``keep=[layer.0.,layer.5.]``).
 
-At run time int8 and int4 weights stay packed in memory and are dequantized per call to the
-activations' dtype (:class:`QuantLinear`, :class:`QuantEmbedding`; embeddings dequantize only
-the rows looked up).
+At run time int8 and int4 weights stay packed in memory (:class:`QuantLinear`,
+:class:`QuantEmbedding`; embeddings dequantize only the rows looked up). Which kernel a Linear
+runs in is chosen when the bundle is loaded, by the machine and the shape of the call, and is
+stored nowhere in the bundle (the stored layout is portable):
+
+* int8 on an x86 CPU with AVX2 or AVX-512: inputs of at most :data:`FUSED_MAX_ROWS` rows (decoding
+  steps) run in torch's fused weight-only kernel ``_weight_int8pack_mm`` with bf16 activations;
+  larger inputs dequantize the weight once per call and run one GEMM.
+* int4 in a decoder on such a CPU: every call runs in torch's fused ``_weight_int4pack_mm_for_cpu``
+  (bf16 activations), after the nibbles are repacked at load time into the layout that kernel
+  wants on this CPU (:func:`pack_int4_for_cpu`; the layout differs between AVX2 and AVX-512, so
+  it is never stored). The repacked weight replaces the portable one: memory stays the same.
+* everywhere else: dequantize to the activations' dtype (bf16 with ``compute=auto`` on CPUs with
+  native bf16), then one matmul.
 """
 
 from __future__ import annotations
@@ -42,6 +53,14 @@ from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts,
 #: weight once per call and run one GEMM, which is faster there
 #: (``python examples/benchmark_speed.py --kernels``).
 FUSED_MAX_ROWS = 32
+
+#: Group sizes torch's CPU int4 kernel accepts; int4 bundles at other group sizes dequantize.
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+#: torch CPU kernel builds (``torch.backends.cpu.get_cpu_capability()``) on which the fused
+#: weight-only kernels were measured to beat dequantize-then-matmul; elsewhere (no AVX2, other
+#: architectures) the portable dequantizing path runs.
+FUSED_CAPABILITIES = ("AVX2", "AVX512")
 
 INT4_FILE = "model.int4.safetensors"
 INT4_FORMAT = "edgepack.int4/1"
@@ -190,6 +209,35 @@ def dequantize(qdata: Any, scale: Any, offset: Any | None, bits: int, dtype: Any
     return w.reshape(*w.shape[:-2], -1)
 
 
+def fused_kernels_available() -> bool:
+    """Whether this torch build and CPU run the fused int8/int4 weight-only kernels fast."""
+    return (torch.backends.cpu.get_cpu_capability() in FUSED_CAPABILITIES
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def pack_int4_for_cpu(qdata: Any, scale: Any, offset: Any, chunk_rows: int = 256) -> tuple[Any, Any]:
+    """Repack portable int4 (:func:`quantize_int4_groups`'s layout) for
+    ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on this CPU.
+
+    The kernel computes ``w = (q - 8) * scale + zero`` from a ``[K/g, N, 2]`` table of (scale,
+    zero) pairs; ours is ``w = q * scale + offset``, so ``zero = offset + 8 * scale`` (rounded to
+    bf16, the kernel's dtype). Rows are converted ``chunk_rows`` at a time (a multiple of the
+    kernel's 64-row block, so the bytes are those of one whole conversion) so that the int32
+    codes the converter takes never exist for the whole matrix at once.
+
+    :returns: (packed uint8 [N, K/2] in this CPU's layout, scale_and_zero bf16 [K/g, N, 2])
+    """
+    rows = qdata.shape[0]
+    packed = torch.empty_like(qdata)
+    for start in range(0, rows, chunk_rows):
+        codes = unpack_int4(qdata[start:start + chunk_rows]).to(torch.int32)
+        packed[start:start + chunk_rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scale32 = scale.float()
+    zero = offset.float() + 8 * scale32
+    return packed, torch.stack((scale32.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+
+
 def _define_modules() -> None:
     """Define QuantLinear, QuantEmbedding on first use (subclassing nn.Module needs torch)."""
     global QuantLinear, QuantEmbedding
@@ -197,7 +245,8 @@ def _define_modules() -> None:
         return
 
     class QuantLinear(nn.Module):
-        """A Linear whose weight stays int8 or packed int4; dequantized per call."""
+        """A Linear whose weight stays int8 or packed int4: dequantized per call, or run in a
+        fused kernel that never materialises the dequantized weight (see the module docstring)."""
 
         def __init__(self, in_features: int, out_features: int, bits: int, qdata: Any, scale: Any,
                      offset: Any | None = None, bias: Any | None = None) -> None:
@@ -214,8 +263,13 @@ def _define_modules() -> None:
             #: (see Quantize.prepare)
             self.fused_rows = 0
             self._fused_scale = None
+            #: int4 repacked for torch's CPU kernel by :meth:`use_int4_kernel` (then every call
+            #: runs fused and the portable buffers are gone); None otherwise
+            self.int4_group = None
 
         def forward(self, x: Any) -> Any:
+            if self.int4_group is not None:
+                return self._forward_int4(x)
             if self.fused_rows and x.numel() <= self.fused_rows * self.in_features and x.device.type == "cpu":
                 return self._forward_fused(x)
             dtype = self.compute_dtype or x.dtype
@@ -236,8 +290,29 @@ def _define_modules() -> None:
                 y = y + self.bias.to(x.dtype)
             return y.reshape(*x.shape[:-1], self.out_features)
 
+        def use_int4_kernel(self) -> bool:
+            """Repack this int4 Linear for torch's fused CPU kernel, in place; False (and nothing
+            changed) when its shape or group size is one the kernel does not take."""
+            if self.bits != 4 or self.int4_group is not None:
+                return False
+            group = self.in_features // self.scale.shape[-1]
+            if group not in INT4_KERNEL_GROUPS or self.out_features % 16 or self.in_features % 2:
+                return False
+            packed, scale_zero = pack_int4_for_cpu(self.qdata, self.scale, self.offset)
+            self.qdata, self.scale, self.offset = packed, scale_zero, None
+            self.int4_group = group
+            return True
+
+        def _forward_int4(self, x: Any) -> Any:
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qdata, self.int4_group, self.scale).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
+
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+            kernel = ", kernel=int4pack" if self.int4_group else (", kernel=int8pack" if self.fused_rows else "")
+            return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{kernel}"
 
     class QuantEmbedding(nn.Module):
         """An Embedding whose table stays int8 or packed int4; only looked-up rows are dequantized."""
@@ -526,7 +601,10 @@ class Quantize(Compressor):
         and, for ``int8``, :class:`QuantLinear`, sharing the same int8 data; int8-dynamic keeps
         torchao's Linear kernels. With ``compute=auto`` on a CPU with native bf16 (AMX,
         avx512_bf16), matmuls run in bf16: dequantizing to bf16 and a bf16 matmul cost less than
-        the fp32 matmul the weights came from."""
+        the fp32 matmul the weights came from. On CPUs where torch's fused weight-only kernels
+        are fast (:func:`fused_kernels_available`), int8 decoding steps run in
+        ``_weight_int8pack_mm`` and the int4 Linears of decoders are repacked for
+        ``_weight_int4pack_mm_for_cpu`` (see the module docstring)."""
         _define_modules()
         if options["scheme"] != "int4":
             model = self._swap_torchao(model, options)
@@ -535,10 +613,15 @@ class Quantize(Compressor):
             for module in model.modules():
                 if isinstance(module, QuantLinear):
                     module.compute_dtype = torch.bfloat16
-        if device == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        if device == "cpu" and fused_kernels_available():
+            decoder = bool(getattr(model, "can_generate", lambda: False)())
             for module in model.modules():
                 if isinstance(module, QuantLinear) and module.bits == 8:
                     module.fused_rows = FUSED_MAX_ROWS
+                elif isinstance(module, QuantLinear) and decoder:
+                    # decoding is a long run of one-row calls, where the fused kernel reads 4-bit
+                    # weights in place of dequantizing them; encoders' large batches keep the GEMM
+                    module.use_int4_kernel()
         return model
 
     def _swap_torchao(self, model: Any, options: Mapping[str, Any]) -> Any:

@@ -12,7 +12,7 @@ from edgepack.errors import UsageError
 from edgepack.host import collect, make_plugin_manager
 from edgepack.interfaces import DeviceInfo, PlanStep, Probe
 from edgepack.planner import fixed_plan
-from edgepack.smoke import CALIBRATION_SAMPLES, DEFAULT_SAMPLES
+from edgepack.smoke import CALIBRATION_SAMPLES, DEFAULT_SAMPLES, HELD_OUT_SAMPLES
 
 torch = pytest.importorskip("torch")
 
@@ -22,18 +22,7 @@ from edgepack.plugins.quantize import (  # noqa: E402
 )
 
 #: Sentences for fidelity: neither smoke nor calibration samples.
-HELD_OUT = [
-    "The ferry to the island runs every two hours in summer.",
-    "Backpropagation computes gradients layer by layer from the output.",
-    "Add the onions and fry them until they turn golden.",
-    "The telescope detected a faint signal from a distant galaxy.",
-    "Refunds are processed within five working days of the request.",
-    "Les enfants jouent dans le parc après l'école.",
-    "while queue: node = queue.pop(0)",
-    "The jury found the defendant not guilty on all counts.",
-    "Solar panels produce less electricity on cloudy days.",
-    "How many bones are there in the human hand?",
-]
+HELD_OUT = list(HELD_OUT_SAMPLES)
 
 #: A probe with every capability the built-ins ask for, so refusals come from the plan alone.
 FULL_PROBE = Probe("cpu", True, (DeviceInfo(0, "cpu", 2**34, 2**33),),
@@ -367,6 +356,87 @@ def test_int8_decoding_steps_run_in_the_fused_kernel():
         assert got.dtype == torch.float32
         assert (got - want).abs().max() < 0.02 * want.abs().max(), rows
     assert calls == [(1, 1, 64), (1, FUSED_MAX_ROWS, 64)]  # not the larger input
+
+
+needs_int4_kernel = pytest.mark.skipif(
+    not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"), reason="this torch has no CPU int4 kernel")
+
+
+@needs_int4_kernel
+def test_int4_repacking_for_the_cpu_kernel_does_not_depend_on_the_chunking():
+    """pack_int4_for_cpu converts a few rows at a time (the int32 codes of a whole output head
+    would be 8x its packed size); the bytes equal those of one whole conversion, including a
+    last block shorter than the kernel's 64 rows."""
+    from edgepack.plugins.quantize import pack_int4_for_cpu
+
+    q, scale, offset = quantize_int4_groups(torch.randn(304, 128, generator=torch.Generator().manual_seed(0)), 32)
+    whole = pack_int4_for_cpu(q, scale, offset, chunk_rows=4096)
+    chunked = pack_int4_for_cpu(q, scale, offset, chunk_rows=64)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert whole[0].shape == q.shape and whole[0].dtype == torch.uint8  # no more memory than before
+    assert whole[1].shape == (128 // 32, 304, 2)
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_kernel_matches_dequantize_then_matmul(group_size):
+    """An int4 Linear repacked for torch's fused CPU kernel gives the outputs of the portable
+    dequantize-then-matmul path (bf16 activations: within 2% of the largest output) at every
+    number of rows, and refuses shapes and group sizes the kernel does not take."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 256, generator=gen), torch.randn(96, generator=gen)
+    q, scale, offset = quantize_int4_groups(weight, group_size)
+    reference = dequantize(q, scale, offset, 4, torch.float32)
+    layer = QuantLinear(256, 96, 4, q, scale, offset, bias)
+    assert layer.use_int4_kernel()
+    assert layer.int4_group == group_size and layer.offset is None
+    assert "kernel=int4pack" in repr(layer)
+    for rows in (1, 7, 40):
+        x = torch.randn(2, rows, 256, generator=gen)
+        want = x @ reference.T + bias
+        with torch.inference_mode():
+            got = layer(x)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got - want).abs().max() < 0.02 * want.abs().max(), rows
+    q16, s16, o16 = quantize_int4_groups(weight, 16)
+    assert not QuantLinear(256, 96, 4, q16, s16, o16).use_int4_kernel()  # group 16: no kernel
+    q40, s40, o40 = quantize_int4_groups(weight[:40], 32)
+    assert not QuantLinear(256, 40, 4, q40, s40, o40).use_int4_kernel()  # rows not a multiple of 16
+
+
+@needs_int4_kernel
+def test_int4_decoder_bundle_decodes_in_the_fused_kernel_and_loads_without_it(tmp_path, monkeypatch):
+    """An int4 decoder bundle's Linears run in the fused kernel where this CPU has it; the same
+    bundle loaded where the fast path is missing (simulated) runs the portable dequantizing path
+    with the same logits: the kernel layout is made at load time and never stored."""
+    from edgepack.plugins import quantize as quantize_module
+    from edgepack.testing import build_decoder
+
+    llama = build_decoder("llama", tmp_path / "llama")
+    # round-to-nearest int4 keeps about half of this random model's greedy tokens, with or
+    # without the kernel; the floor is lowered since the test compares the two paths directly
+    result = edgepack.pack(str(llama), target="cpu", budget="500MB", apply=["quantize:scheme=int4,method=rtn"],
+                           min_fidelity=0.0, out=str(tmp_path / "dist"), registry=builtin_registry())
+    ids = torch.randint(200, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    fast = edgepack.load(result.bundle)
+    linears = [m for m in fast.modules() if isinstance(m, QuantLinear)]
+    assert linears
+    if quantize_module.fused_kernels_available():
+        assert all(m.int4_group == 32 for m in linears)
+    monkeypatch.setattr(quantize_module, "fused_kernels_available", lambda: False)
+    portable = edgepack.load(result.bundle)
+    assert all(m.int4_group is None and m.offset is not None for m in portable.modules() if isinstance(m, QuantLinear))
+    with torch.inference_mode():
+        a, b = fast(input_ids=ids).logits, portable(input_ids=ids).logits
+    assert (a - b).abs().max() < 0.02 * b.abs().max()
+
+
+def test_int4_encoder_keeps_the_gemm_path(int4):
+    """Encoders run large batches, where dequantize-then-GEMM beats the fused int4 kernel
+    (``python examples/benchmark_speed.py --kernels``): their int4 Linears are not repacked."""
+    model = edgepack.load(int4.bundle)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.int4_group is None for m in linears)
 
 
 def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_path, registry):
