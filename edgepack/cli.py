@@ -106,8 +106,9 @@ def targets(as_json: bool) -> None:
         return
     for row in rows:
         state = f"present, capacity {format_size(row['capacity_bytes'])} per device" if row["present"] else "not present here"
-        if row["present"] and row["probe"]["detail"].get("emulated"):
-            state += f" (emulated: {len(row['probe']['devices'])} CPU processes over gloo)"
+        detail = row["probe"]["detail"] if row["present"] else {}
+        if detail.get("emulated"):
+            state += f" (emulated: {detail.get('reason') or 'on this machine'})"
         click.echo(f"{row['name']:<10} {state}")
         click.echo(f"{'':<10} {row['description']} [{row['distribution']}]")
         click.echo(f"{'':<10} capabilities: {', '.join(row['probe']['capabilities']) or '-'}")
@@ -188,16 +189,23 @@ def plan(model: str, target: str | None, budget: int | None, batch_size: int | N
     Example:
       edgepack plan ./all-MiniLM-L6-v2 --target cpu --budget 30MB
     """
-    from edgepack.planner import explain, plan_model
+    from edgepack.model import ModelSource
+    from edgepack.planner import DEFAULT_FLOOR, explain, plan_model
 
     budget_obj, candidates = plan_model(
         model, target=target or "cpu", budget=budget, batch_size=batch_size or 1,
         seq_len=seq_len or 128, cache_len=cache_len,
     )
+    task = ModelSource.open(model).facts.task
+    floor = {"value": DEFAULT_FLOOR[task] if min_fidelity is None else min_fidelity,
+             "source": "default for " + task if min_fidelity is None else "--min-fidelity"}
     if as_json:
-        _emit_json({"budget": budget_obj.to_json(), "candidates": [c.to_json() for c in candidates]})
+        _emit_json({"budget": budget_obj.to_json(), "fidelity_floor": floor,
+                    "candidates": [c.to_json() for c in candidates]})
     else:
         click.echo(explain(candidates, budget_obj))
+        click.echo(f"\nfidelity floor {floor['value']} ({floor['source']}): pack measures the plans that fit, "
+                   f"in this order, and keeps the first that reaches it")
 
 
 def _load_recipe(path: str | None) -> dict[str, Any]:

@@ -495,9 +495,9 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                 f"{sharding[0]} ranks ({rank_device(tgt, probe)}, launched with torchrun)")
             progress(f"loading the packed model in a fresh process and running the smoke inputs on {where}")
             measure = dict(task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
-                           batch_size=session.batch_size)
+                           batch_size=session.batch_size, target_options=dict(tgt.settings))
             if sharding is not None:
-                measure.update(ranks=sharding[0], target_options=dict(tgt.settings), device=rank_device(tgt, probe))
+                measure.update(ranks=sharding[0], device=rank_device(tgt, probe))
             try:
                 measured_result = measure_in_fresh_process(staging, **measure)
                 if probe.present and close_call(negotiated.bytes_per_device, measured_result):

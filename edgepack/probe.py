@@ -104,7 +104,7 @@ def main(spec_path: str) -> None:
     threads = fix_threads(spec.get("threads") or 1)
     bundle_dir = Path(spec["bundle_dir"])
     registry = load_registry()
-    target = registry.target(spec["target"])
+    target = registry.target(spec["target"], options=spec.get("target_options") or {})
     steps = [PlanStep(s["plugin"], s["version"], s["options"]) for s in spec["steps"]]
     inputs = load_file(bundle_dir / INPUTS_FILE)
     config = transformers.AutoConfig.from_pretrained(bundle_dir / "model", local_files_only=True)
@@ -113,7 +113,7 @@ def main(spec_path: str) -> None:
     # A first load and one batch pay what the plan's kernels cost the process once (kernel
     # selection, lazy imports of the plugins' libraries); then everything is freed.
     first, _ = load_model_dir(bundle_dir / "model", task=spec["task"], steps=steps, loader=spec["loader"],
-                              target_name=spec["target"], registry=registry, probe=probe)
+                              target_name=spec["target"], registry=registry, probe=probe, target=target)
     run_outputs(first, {k: v[: spec["batch_size"]] for k, v in inputs.items()}, spec["task"],
                 spec["batch_size"], 2, device=target.device_type)
     del first
@@ -122,7 +122,7 @@ def main(spec_path: str) -> None:
     started = time.perf_counter()
     meter.start()
     model, _ = load_model_dir(bundle_dir / "model", task=spec["task"], steps=steps, loader=spec["loader"],
-                              target_name=spec["target"], registry=registry, probe=probe)
+                              target_name=spec["target"], registry=registry, probe=probe, target=target)
     touch_weights(model)
     outputs = run_outputs(model, inputs, spec["task"], spec["batch_size"], spec["new_tokens"],
                           device=target.device_type)

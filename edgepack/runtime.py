@@ -87,19 +87,20 @@ def refuse_pickles(model_dir: Path) -> None:
 
 
 def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loader: str | None,
-                   target_name: str, registry: Any = None, probe: Any = None) -> tuple[Any, Any]:
+                   target_name: str, registry: Any = None, probe: Any = None, target: Any = None) -> tuple[Any, Any]:
     """Load ``model_dir`` as the plan stored it and place it on the target.
 
     :param loader: name of the plugin whose ``restore`` rebuilds the model, or None for stock
         ``transformers`` loading.
     :param probe: the target's probe, when the caller has it already.
+    :param target: the target built with the bundle's options (default: ``target_name`` without options).
     :returns: (model in eval mode on the target's device, the target's probe)
     """
     from edgepack.host import load_registry
     from edgepack.model import auto_class
 
     registry = registry or load_registry()
-    target = registry.target(target_name)
+    target = target or registry.target(target_name)
     probe = probe or target.probe()
     if not probe.present:
         raise UsageError(f"target {target_name!r} is not present on this machine: {probe.detail.get('reason', '')}".rstrip(": "))
@@ -250,6 +251,7 @@ def open_bundle(bundle: str | Path) -> Session:
         steps=plan_steps(manifest),
         loader=manifest["model"].get("loader"),
         target_name=manifest["target"]["name"], registry=registry,
+        target=registry.target(manifest["target"]["name"], options=manifest["target"].get("options") or {}),
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(path / "model", local_files_only=True)
     device = str(next(model.parameters()).device)

@@ -459,6 +459,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     :param repeats: how many fresh processes measure; the peak reported is the largest, all
         are in ``ProbeResult.peaks`` and the outputs are the first run's.
     :param threads: intra-op threads of the measuring process (default :func:`probe_threads`).
+    :param target_options: the target's options as the manifest records them (the probe
+        and the loading run on the target they describe).
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -489,6 +491,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "steps": [s.to_json() for s in steps],
                 "loader": loader,
                 "target": target,
+                "target_options": target_options or {},
                 "batch_size": batch_size,
                 "new_tokens": new_tokens,
                 "threads": threads,

@@ -28,7 +28,7 @@ class Precision(Compressor):
         """Refuse a dtype the target cannot compute in, or a second cast."""
         dtype = options["dtype"]
         if _CAPABILITY[dtype] not in probe.capabilities:
-            return f"target {probe.target} cannot compute in {dtype} on this machine"
+            return f"target {probe.target} cannot compute in {dtype} (its capabilities: {', '.join(sorted(probe.capabilities))})"
         if any(step.plugin == self.name for step in previous):
             return "precision is already in the plan"
         if any(step.plugin == "quantize" for step in previous):

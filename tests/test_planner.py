@@ -414,6 +414,15 @@ def test_cli_plan_json_is_fast_and_complete(model_dir):
     chosen = [i for i, c in enumerate(candidates) if c["chosen"]]
     assert chosen == [0] and candidates[0]["fits"]
     assert any(not c["fits"] for c in candidates)
+    assert data["fidelity_floor"] == {"value": 0.99, "source": "default for feature-extraction"}
+
+
+def test_cli_plan_states_the_fidelity_floor_pack_would_hold_the_plans_to(model_dir):
+    given = CliRunner().invoke(cli, ["plan", str(model_dir), "--budget", "30MB", "--min-fidelity", "0.95", "--json"])
+    assert given.exit_code == 0, given.output
+    assert json.loads(given.stdout.strip().splitlines()[-1])["fidelity_floor"] == {"value": 0.95, "source": "--min-fidelity"}
+    text = CliRunner().invoke(cli, ["plan", str(model_dir), "--budget", "30MB", "--min-fidelity", "0.97"])
+    assert "fidelity floor 0.97 (--min-fidelity)" in text.output
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
         progress(f"launching the bundle's {parallel['world_size']} ranks with torchrun ({device}"
                  f"{', emulated devices' if probe.detail.get('emulated') else ''}) and running the smoke inputs")
     else:
+        measure = dict(target_options=manifest["target"].get("options") or {})
         progress(f"loading the bundle on {target_name} in a fresh process and running the smoke inputs")
     try:
         measured = measure_in_fresh_process(
