@@ -54,11 +54,11 @@ def rank_bootstrap() -> str:
 
 def torchrun_command(world_size: int, spec_path: str | Path) -> list[str]:
     """``python -I -m torch.distributed.run --standalone --nproc-per-node N --no-python --
-    python -I -c <bootstrap> USER_SITE EDGEPACK_ROOT SPEC``: the launcher and every rank in
+    python -I -c <bootstrap> SITE_DIRS EDGEPACK_ROOT SPEC``: the launcher and every rank in
     isolated mode."""
     from edgepack.smoke import probe_command
 
-    single = probe_command(spec_path)  # [python, -I, -c, bootstrap, user_site, root, spec]
+    single = probe_command(spec_path)  # [python, -I, -c, bootstrap, site_dirs, root, spec]
     return [sys.executable, "-I", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
             "--nproc-per-node", str(int(world_size)), "--max-restarts", "0", "--no-python", "--",
             sys.executable, "-I", "-c", rank_bootstrap(), *single[4:]]

@@ -126,6 +126,45 @@ def safetensors_layout(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + size
 
 
+def normalize_safetensors(path: Path) -> bool:
+    """Rewrite ``path``'s header with the metadata keys in sorted order, in place; True when
+    the bytes changed.
+
+    safetensors (0.8) writes the ``__metadata__`` map in a random order, so saving the same
+    tensors and metadata twice gives different bytes whenever there are two keys or more
+    (stock transformers' files and plugins' own formats alike), and a bundle's hashes would
+    change between identical packs. Only the order of keys changes: the header keeps its
+    length (padded with spaces, as safetensors pads it) and every data offset stays valid."""
+    header, start = safetensors_layout(path)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or len(meta) < 2:
+        return False
+    ordered = {"__metadata__": dict(sorted(meta.items()))}
+    ordered.update((k, v) for k, v in header.items() if k != "__metadata__")
+    with open(path, "r+b") as handle:
+        handle.seek(8)
+        old = handle.read(start - 8)
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > len(old):  # a writer that spells JSON differently: leave its file as it is
+            return False
+        text = text.ljust(len(old), b" ")
+        if text == old:
+            return False
+        handle.seek(8)
+        handle.write(text)
+    return True
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the metadata written in a fixed order
+    (:func:`normalize_safetensors`): the same tensors and metadata give the same bytes. Plugins
+    with a weight format of their own save through this."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    normalize_safetensors(Path(path))
+
+
 def safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file: name → {dtype, shape, data_offsets}."""
     return safetensors_layout(path)[0]

@@ -60,12 +60,22 @@ class PackResult:
 
 
 def _save_model(model: Any, steps: Sequence[tuple[Compressor, dict[str, Any]]], model_dir: Path) -> str | None:
-    """Write the model's weights and config; return the plugin that owns loading, if any."""
+    """Write the model's weights and config; return the plugin that owns loading, if any.
+    Every safetensors file's metadata is put in a fixed order (safetensors writes it in a
+    random one), so the same plan gives the same bytes."""
+    from edgepack.model import normalize_safetensors
+
+    loader = None
     for compressor, options in reversed(steps):
         if compressor.save(model, model_dir, options):
-            return compressor.name
-    model.save_pretrained(model_dir, safe_serialization=True)
-    return None
+            loader = compressor.name
+            break
+    else:
+        model.save_pretrained(model_dir, safe_serialization=True)
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        if path.is_file() and not path.is_symlink():  # the bundle writer refuses links later
+            normalize_safetensors(path)
+    return loader
 
 
 def _write_readme(path: Path, manifest: dict[str, Any]) -> None:

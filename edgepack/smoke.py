@@ -274,8 +274,9 @@ import sys
 from importlib.machinery import PathFinder
 
 if sys.argv[1]:
-    import site
-    site.addsitedir(sys.argv[1])
+    import os, site
+    for directory in sys.argv[1].split(os.pathsep):
+        site.addsitedir(directory)
 
 class _EdgepackFromParent:
     root = sys.argv[2]
@@ -369,12 +370,20 @@ def probe_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
+#: Site directories the measuring processes add to their path, besides site-packages and the
+#: user site: where a plugin lives that is installed for one test or session only
+#: (:func:`edgepack.testing.registered`). Nothing else from the caller's path reaches them.
+PROBE_SITE_DIRS: list[str] = []
+
+
 def probe_command(spec_path: str | Path, root: str | Path | None = None) -> list[str]:
     """The measuring process's command line: this interpreter in isolated mode (``-I``: no
     PYTHON* variables, no user site, no current or script directory on sys.path), importing
     edgepack from ``root`` (by default the directory this edgepack was imported from, so a
     checkout found only through PYTHONPATH works too). The user site directory is kept when
-    this process uses it."""
+    this process uses it, and the directories of :data:`PROBE_SITE_DIRS` are added as site
+    directories (their ``.pth`` files are read)."""
+    import os
     import site
     import sys
 
@@ -382,10 +391,11 @@ def probe_command(spec_path: str | Path, root: str | Path | None = None) -> list
         import edgepack
 
         root = Path(edgepack.__file__).resolve().parent.parent if getattr(edgepack, "__file__", None) else ""
-    user_site = ""
+    sites = []
     if site.ENABLE_USER_SITE and site.USER_SITE and site.USER_SITE in sys.path:
-        user_site = site.USER_SITE  # where a ``pip install --user`` put edgepack or its libraries
-    return [sys.executable, "-I", "-c", _BOOTSTRAP, user_site, str(root), str(spec_path)]
+        sites.append(site.USER_SITE)  # where a ``pip install --user`` put edgepack or its libraries
+    sites += [d for d in PROBE_SITE_DIRS if d not in sites]
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, os.pathsep.join(sites), str(root), str(spec_path)]
 
 
 def run_isolated(command: list[str], *, timeout: float, env: dict[str, str] | None = None) -> Any:

@@ -580,7 +580,7 @@ class Prune(Compressor):
         """BERT with pruned heads: ``config.json`` + ``model.pruned.safetensors`` whose metadata
         gives each shrunk module's shape. Anything else: stock saving (returns False)."""
         import torch
-        from safetensors.torch import save_file
+        from edgepack.model import save_safetensors
 
         heads = getattr(model, "_edgepack_pruned_heads", None)
         if not heads:
@@ -604,7 +604,7 @@ class Prune(Compressor):
             "linear_shapes": json.dumps(shapes, sort_keys=True),
             "dtype": float_dtype_name(model),
         }
-        save_file(tensors, model_dir / PRUNED_FILE, metadata=metadata)
+        save_safetensors(tensors, model_dir / PRUNED_FILE, metadata=metadata)
         return True
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:

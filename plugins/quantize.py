@@ -551,7 +551,7 @@ class Quantize(Compressor):
         _define_modules()
         if options["scheme"] != "int4":
             return False
-        from safetensors.torch import save_file
+        from edgepack.model import save_safetensors
 
         model_dir.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(model_dir)
@@ -569,7 +569,7 @@ class Quantize(Compressor):
             "quantized": json.dumps(quantized, sort_keys=True),
             "dtype": float_dtype_name(model),
         }
-        save_file(tensors, model_dir / INT4_FILE, metadata=metadata)
+        save_safetensors(tensors, model_dir / INT4_FILE, metadata=metadata)
         return True
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:

@@ -387,7 +387,7 @@ class Sparsify(Compressor):
         ``bitmask`` (uint8 [out, ceil(in/8)]) and ``values`` (nonzeros, the weight's dtype),
         every other tensor as it is. Always returns True (this plugin owns loading)."""
         _define_modules()
-        from safetensors.torch import save_file
+        from edgepack.model import save_safetensors
 
         info = getattr(model, "_edgepack_sparse", None)
         if info is None:
@@ -416,7 +416,7 @@ class Sparsify(Compressor):
             "sparse": json.dumps(sparse, sort_keys=True),
             "dtype": float_dtype_name(model),
         }
-        save_file(tensors, model_dir / SPARSE_FILE, metadata=metadata)
+        save_safetensors(tensors, model_dir / SPARSE_FILE, metadata=metadata)
         return True
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:

@@ -27,6 +27,26 @@ PROGRESS_LINE = re.compile(r"^\[\d+:\d\d\.\d\] ")
 
 
 # ---------------------------------------------------------------------------------------------
+# Extended checks: long end-to-end runs that repeat what faster tests already cover (every
+# built-in through pack, verify and load again). ``pytest --extended`` runs them; the default
+# run, which CI makes, keeps within its time.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true", default=False,
+                     help="also run the tests marked extended (long end-to-end checks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--extended"):
+        return
+    skip = pytest.mark.skip(reason="extended check: run with pytest --extended")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------
 # A test compressor, a test target, and a plugin object that registers both
 
 

@@ -109,7 +109,7 @@ def fake_probe(monkeypatch):
 
     calls = []
 
-    def fake(bundle_dir, *, task, steps, loader, target, batch_size, new_tokens=8):
+    def fake(bundle_dir, *, task, steps, loader, target, batch_size, new_tokens=8, target_options=None):
         calls.append(dict(task=task, loader=loader, target=target, batch_size=batch_size, new_tokens=new_tokens))
         outputs = load_file(Path(bundle_dir) / "smoke/expected.safetensors")
         return edgepack.smoke.ProbeResult(10, "test scope", outputs, 0.0)

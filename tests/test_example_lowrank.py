@@ -15,7 +15,6 @@ import importlib
 import json
 import math
 import shutil
-import site
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgepack
+from edgepack import smoke
 from edgepack.cli import cli
 from edgepack.errors import UsageError
 from edgepack.host import load_registry
@@ -56,8 +56,8 @@ def installed(tmp_path_factory):
     whose entry points are the package's own ``pyproject.toml`` ones, first on sys.path.
 
     The fresh process in which pack and verify measure memory (``python -I``) does not inherit
-    sys.path; it adds the user site directory when the parent uses one, so that is where this
-    fixture points it (a ``.pth`` file there keeps a real user site directory in use)."""
+    sys.path; it adds the directories of ``edgepack.smoke.PROBE_SITE_DIRS``, so this one is
+    listed there."""
     project = tomllib.loads((PACKAGE_DIR / "pyproject.toml").read_text())["project"]
     root = tmp_path_factory.mktemp("site-lowrank")
     shutil.copytree(PACKAGE_DIR / "edgepack_lowrank", root / "edgepack_lowrank",
@@ -68,11 +68,8 @@ def installed(tmp_path_factory):
     entry_points = "".join(f"{k} = {v}\n" for k, v in project["entry-points"]["edgepack"].items())
     (info / "entry_points.txt").write_text("[edgepack]\n" + entry_points)
     with pytest.MonkeyPatch.context() as mp:
-        if site.ENABLE_USER_SITE and site.USER_SITE and site.USER_SITE in sys.path:
-            (root / "zz-user-site.pth").write_text(site.USER_SITE + "\n")
         mp.syspath_prepend(str(root))
-        mp.setattr(site, "ENABLE_USER_SITE", True)
-        mp.setattr(site, "USER_SITE", str(root))
+        mp.setattr(smoke, "PROBE_SITE_DIRS", [*smoke.PROBE_SITE_DIRS, str(root)])
         yield root
     for name in [n for n in sys.modules if n == "edgepack_lowrank" or n.startswith("edgepack_lowrank.")]:
         sys.modules.pop(name)

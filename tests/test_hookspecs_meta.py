@@ -52,3 +52,51 @@ def test_hook_is_exercised_by_a_test(hook):
     sources = [p for p in TESTS.glob("test_*.py") if p.resolve() != Path(__file__).resolve()]
     users = [p.name for p in sources if hook in p.read_text(encoding="utf-8")]
     assert users, f"no test in {TESTS} mentions {hook}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The author guide documents the whole contract
+
+
+PLUGIN_GUIDE = TESTS.parent / "docs" / "plugins.md"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hook_is_documented_in_the_plugin_guide(hook):
+    text = PLUGIN_GUIDE.read_text(encoding="utf-8")
+    assert f"### `{hook}(" in text, f"docs/plugins.md has no section for {hook}"
+
+
+def _public_methods(cls: type) -> list[str]:
+    return sorted(name for name, member in vars(cls).items()
+                  if callable(member) and not name.startswith("_"))
+
+
+@pytest.mark.parametrize("cls_name", ["Compressor", "Target"])
+def test_every_interface_method_is_documented_in_the_plugin_guide(cls_name):
+    from edgepack import interfaces
+
+    cls = getattr(interfaces, cls_name)
+    text = PLUGIN_GUIDE.read_text(encoding="utf-8")
+    missing = [m for m in _public_methods(cls) if f"`{m}(" not in text]
+    assert not missing, f"docs/plugins.md does not document {cls_name}.{', '.join(missing)}"
+    for attribute in ("name", "version", "description", "options"):
+        assert f"`{attribute}`" in text
+
+
+def test_the_plugin_guide_names_only_helpers_that_exist():
+    """Every ``edgepack.module.helper`` the guide tells authors to call exists."""
+    import importlib
+    import re
+
+    text = PLUGIN_GUIDE.read_text(encoding="utf-8")
+    names = set(re.findall(r"`(edgepack(?:\.\w+)+)", text))
+    assert names
+    for dotted in sorted(names):
+        module_name, _, attr = dotted.rpartition(".")
+        try:
+            module = importlib.import_module(dotted)
+            continue
+        except ImportError:
+            module = importlib.import_module(module_name)
+        assert hasattr(module, attr), f"docs/plugins.md names {dotted}, which does not exist"

@@ -42,3 +42,56 @@ def test_a_file_that_is_not_safetensors_is_refused(tmp_path):
     bad.write_bytes(b"\xff" * 64)
     with pytest.raises(UsageError, match="not a safetensors file"):
         safetensors_header(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducible weight files
+
+
+def test_safetensors_metadata_is_written_in_one_order(tmp_path):
+    """safetensors writes its metadata map in a random order; save_safetensors (and
+    normalize_safetensors on a file written elsewhere) give one byte sequence for the same
+    tensors and metadata, and the file reads back the same."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from edgepack.model import normalize_safetensors, save_safetensors
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    metadata = {"format": "x/1", "group_size": "32", "quantized": '{"layer.é": 1}', "dtype": "float32"}
+    written = set()
+    for i in range(6):
+        save_safetensors(tensors, tmp_path / f"ours-{i}.safetensors", metadata)
+        written.add(hashlib.sha256((tmp_path / f"ours-{i}.safetensors").read_bytes()).hexdigest())
+    assert len(written) == 1
+    stock = tmp_path / "stock.safetensors"
+    save_file(tensors, stock, metadata=metadata)
+    normalize_safetensors(stock)
+    assert stock.read_bytes() == (tmp_path / "ours-0.safetensors").read_bytes()
+    loaded = load_file(stock)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(stock, "pt") as handle:
+        assert handle.metadata() == metadata
+
+
+def test_two_saves_of_a_stock_int8_model_are_byte_identical(tmp_path):
+    """Stock transformers writes one metadata entry per torchao tensor, in a random order: the
+    pipeline normalises every weight file it writes, so two packs of one int8 plan agree."""
+    import transformers
+
+    from edgepack.pipeline import _save_model
+    from edgepack.plugins.quantize import Quantize
+    from edgepack.testing import decoder_config
+
+    quantize = Quantize()
+    options = quantize.parse_options({"scheme": "int8"})
+    files = []
+    for i in range(3):
+        transformers.set_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(decoder_config("llama", 500)).eval()
+        _save_model(quantize.apply(model, options, None), [(quantize, options)], tmp_path / str(i))
+        files.append((tmp_path / str(i) / "model.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]

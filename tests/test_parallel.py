@@ -347,6 +347,7 @@ def test_two_ranks_match_single_process(minilm, decoders, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the two-rank tests cover the same sharding and collectives
 def test_four_ranks_match_single_process(minilm, decoders, tmp_path):
     """4 ranks: MiniLM (3 heads per rank) tensor and pipeline; a llama with 4 KV heads in tensor
     mode and the 4-layer llama in pipeline mode (one layer per rank)."""

@@ -124,14 +124,14 @@ class HalveEmbeddings(Compressor):
 
     def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
         """Write ``config.json`` and ``model.halfemb.safetensors`` (tied tensors stored once)."""
-        from safetensors.torch import save_file
+        from edgepack.model import save_safetensors
 
         model_dir.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(model_dir)
         halves = {name: {"padding_idx": m.padding_idx, "dtype": str(m.out_dtype).replace("torch.", "")}
                   for name, m in model.named_modules() if isinstance(m, HalfEmbedding)}
         tensors = unique_tensors(model)
-        save_file(tensors, model_dir / WEIGHTS_FILE,
+        save_safetensors(tensors, model_dir / WEIGHTS_FILE,
                   metadata={"format": FORMAT, "embeddings": json.dumps(halves, sort_keys=True)})
         return True
 

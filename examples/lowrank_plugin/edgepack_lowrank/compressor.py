@@ -358,7 +358,7 @@ class LowRank(Compressor):
         tag, the float dtype and each factorised layer's shape and rank (keys sorted, so the
         same model gives the same bytes)."""
         import torch
-        from safetensors.torch import save_file
+        from edgepack.model import save_safetensors
 
         from edgepack.model import float_dtype_name, unique_tensors
 
@@ -374,8 +374,7 @@ class LowRank(Compressor):
         model.config.save_pretrained(model_dir)
         metadata = {"format": FORMAT, "dtype": float_dtype_name(model),
                     "factorised": json.dumps(factorised, sort_keys=True)}
-        save_file(tensors, model_dir / WEIGHTS_FILE, metadata=metadata)
-        sort_metadata(model_dir / WEIGHTS_FILE)
+        save_safetensors(tensors, model_dir / WEIGHTS_FILE, metadata=metadata)
         return True
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
@@ -406,25 +405,6 @@ class LowRank(Compressor):
                                  f"(u {want[0]}, v {want[1]}, bias {info['bias']})")
             replace_module(model, name, layer(u, v, bias))
         return assign_weights(model, tensors, file)
-
-
-def sort_metadata(file: Path) -> None:
-    """Rewrite a safetensors file's header with its metadata keys sorted, in place.
-
-    safetensors (0.8) writes the metadata map in a random order, so the same tensors and
-    metadata would give different bytes from one save to the next; a bundle's ``model/`` files
-    must be byte-identical for the same source and plan. Only the order changes, so the header
-    keeps its length and every data offset stays valid."""
-    with open(file, "r+b") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:  # pragma: no cover - a writer that escapes differently; keep its file
-            return
-        handle.seek(8)
-        handle.write(text.ljust(size, b" "))
 
 
 def _linears(model: Any, keep: Sequence[str]) -> list[tuple[str, Any, Any]]:
