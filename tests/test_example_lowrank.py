@@ -503,3 +503,16 @@ def test_pack_for_the_edge_board_verifies_and_loads_close_to_the_source(installe
     _, source, batch = tiny
     cosine = (embed(model, batch) * embed(source, batch)).sum(-1)
     assert cosine.min().item() >= 0.999, cosine
+
+
+# ---------------------------------------------------------------------------------------------
+# The conformance kit passes on the example's plugins
+
+
+def test_lowrank_and_the_edge_board_pass_the_conformance_kit(installed, lowrank_module, board_module, tiny_dir):
+    from edgepack.testing import check_compressor, check_target
+
+    report = check_compressor(lowrank_module.LowRank, {"rank": 4}, model=tiny_dir, pipeline=False)
+    report.raise_for_problems()
+    assert {"estimate-pure", "apply", "save", "restore"} <= set(report.checked)
+    check_target(board_module.EdgeBoardTarget, model=tiny_dir).raise_for_problems()

@@ -588,3 +588,13 @@ def test_example_plugin_really_halves_the_embeddings(llama_dir, tmp_path):
     with torch.inference_mode():
         again = restored(input_ids=ids).logits
     assert torch.equal(again, halved)
+
+
+def test_example_plugin_passes_the_conformance_kit(tmp_path):
+    """check_compressor runs halve-embeddings through the contract, save and restore included."""
+    from edgepack.testing import build_encoder, check_compressor
+
+    module = load_example_module()
+    report = check_compressor(module.HalveEmbeddings, model=build_encoder(tmp_path / "tiny"), pipeline=False)
+    report.raise_for_problems()
+    assert {"estimate-pure", "apply", "save", "restore"} <= set(report.checked)
