@@ -201,12 +201,16 @@ def dequantize(qdata: Any, scale: Any, offset: Any | None, bits: int, dtype: Any
     # In-place arithmetic: one weight-sized temporary per call, not three.
     if bits == 8:
         return qdata.to(dtype).mul_(scale.to(dtype))
-    q = unpack_int4(qdata)
+    # int4: each nibble plane is written straight into its interleaved place in the output
+    # (cast on copy), with no unpacked uint8 copy in between
+    rows, half = qdata.shape[:-1], qdata.shape[-1]
+    w = torch.empty(*rows, half, 2, dtype=dtype, device=qdata.device)
+    w[..., 0].copy_(qdata & 0xF)
+    w[..., 1].copy_(qdata >> 4)
     groups = scale.shape[-1]
-    w = q.reshape(*q.shape[:-1], groups, q.shape[-1] // groups).to(dtype)
-    del q
+    w = w.view(*rows, groups, 2 * half // groups)
     w.mul_(scale.to(dtype).unsqueeze(-1)).add_(offset.to(dtype).unsqueeze(-1))
-    return w.reshape(*w.shape[:-2], -1)
+    return w.view(*rows, 2 * half)
 
 
 def fused_kernels_available() -> bool:
