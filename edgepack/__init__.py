@@ -6,6 +6,7 @@ Python API (the CLI calls the same functions)::
     result = edgepack.pack("./all-MiniLM-L6-v2", target="cpu", budget="100MB",
                            apply=["precision:dtype=bf16"], out="dist")
     report = edgepack.verify(result.bundle)
+    report = edgepack.verify(result.bundle, keys=["release.pub"], min_version="0.1.0")  # signed, no rollback
     model = edgepack.load(result.bundle)
 
 Writing a plugin: implement hooks from :mod:`edgepack.hookspecs`, mark them with

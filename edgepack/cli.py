@@ -1,7 +1,8 @@
 """The ``edgepack`` command line: parse, call the library, print.
 
-Exit codes: 0 success; 1 a verification or smoke failure; 2 bad usage or bad input;
-3 no plan fits the budget. Errors are one sentence on standard error.
+Exit codes: 0 success; 1 a verification or smoke failure (a bad, untrusted, expired or missing
+signature included); 2 bad usage or bad input (a key file that is not a key included); 3 no plan
+fits the budget. Errors are one sentence on standard error.
 """
 
 from __future__ import annotations
@@ -234,12 +235,14 @@ def _load_recipe(path: str | None) -> dict[str, Any]:
 @click.option("--name", default=None, help="Bundle name.  [default: the model directory's name]")
 @click.option("--archive", is_flag=True, default=None, help="Also write a deterministic .tar.gz of the bundle.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle of the same name.")
+@click.option("--sign", "sign_key", default=None, metavar="KEY",
+              help="Sign the bundle with this private key (edgepack keygen) before it is published.")
 @click.option("--out", "-o", default=None, help="Directory to write the bundle into.  [required, or set in the recipe]")
 @_json_opt
 def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, ...], recipe: str | None,
          batch_size: int | None, seq_len: int | None, cache_len: int | None, min_fidelity: float | None, bundle_version: str | None,
          samples: str | None, devices: int | None, name: str | None, archive: bool | None, force: bool,
-         out: str | None, as_json: bool) -> None:
+         sign_key: str | None, out: str | None, as_json: bool) -> None:
     """Pack MODEL for a target under a memory budget into a verified bundle.
 
     MODEL is a local Hugging Face model directory (or a hub id already in the local cache;
@@ -262,7 +265,7 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
         "target": target, "budget": budget, "apply": list(apply_) or None, "batch_size": batch_size,
         "seq_len": seq_len, "cache_len": cache_len, "min_fidelity": min_fidelity, "version": bundle_version,
         "samples": samples, "devices": devices, "name": name, "archive": archive, "out": out,
-        "force": force or None,
+        "force": force or None, "sign": sign_key,
     }
     workload, requests = merge(recipe_settings, flags)
     if not all(r.get("out") for r in requests):
@@ -326,6 +329,8 @@ def _print_result(result: Any) -> None:
     ]
     if result.archive:
         lines.append(f"archive   {result.archive}")
+    if result.signed_by:
+        lines.append(f"signed    by key {result.signed_by}")
     click.echo("\n".join(lines))
 
 
@@ -335,23 +340,29 @@ def _print_result(result: Any) -> None:
 
 @cli.command()
 @click.argument("bundle", type=str)
+@click.option("--key", "keys", multiple=True, metavar="PUB",
+              help="A trusted public key (NAME.pub); repeat: any of them may have signed. A signature is then required.")
+@click.option("--min-version", default=None, metavar="V",
+              help="Refuse a bundle whose version is older than V (PEP 440): no rollback.")
 @_json_opt
-def verify(bundle: str, as_json: bool) -> None:
+def verify(bundle: str, keys: tuple[str, ...], min_version: str | None, as_json: bool) -> None:
     """Verify BUNDLE on this machine before release.
 
     Checks the format version and schema, every file's size and sha256 (changed, missing and
-    unlisted files are named), loads the model on the bundle's target in a fresh process,
-    compares the smoke outputs with the golden outputs, and checks peak memory against the
-    budget. Exit 0 when all hold, 1 otherwise.
+    unlisted files are named), the signature (with --key: signed by one of those keys, not
+    expired), the bundle version (--min-version), loads the model on the bundle's target in a
+    fresh process, compares the smoke outputs with the golden outputs, and checks peak memory
+    against the budget. Exit 0 when all hold, 1 otherwise.
 
     \b
-    Example:
+    Examples:
       edgepack verify dist/all-minilm-l6-v2-0.1.0-cpu --json
+      edgepack verify dist/all-minilm-l6-v2-0.1.0-cpu --key release.pub --min-version 0.1.0
     """
     from edgepack.bundle.verify import verify as run_verify
     from edgepack.memory import format_size
 
-    report = run_verify(bundle, progress=_progress)
+    report = run_verify(bundle, progress=_progress, keys=keys, min_version=min_version)
     if report.ok:
         click.echo(f"ok: {report.bundle}")
         if report.fidelity:
@@ -361,6 +372,11 @@ def verify(bundle: str, as_json: bool) -> None:
                 click.echo(f"  rank {rank} peak memory {format_size(peak)} of {format_size(report.budget_bytes)} budget per device")
         elif report.measured_peak_bytes is not None:
             click.echo(f"  peak memory {format_size(report.measured_peak_bytes)} of {format_size(report.budget_bytes)} budget")
+        if report.signature is not None:
+            click.echo(f"  signature {report.signature['detail']}")
+        if report.untrusted_keys:
+            click.echo(f"  note: manifest keys {', '.join(report.untrusted_keys)} are from a newer format "
+                       f"version; kept, but not checked or used")
     else:
         click.echo(f"FAILED: {report.bundle}")
         for failure in report.failures:
@@ -368,6 +384,58 @@ def verify(bundle: str, as_json: bool) -> None:
     if as_json:
         _emit_json(report.to_json())
     sys.exit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.option("--out", required=True, metavar="NAME", help="Write NAME.key (private, mode 0600) and NAME.pub.")
+@_json_opt
+def keygen(out: str, as_json: bool) -> None:
+    """Create an Ed25519 key pair for signing bundles: NAME.key and NAME.pub.
+
+    Keep NAME.key secret, on the signing machine only (never in a bundle or a repository);
+    give NAME.pub to whoever runs `edgepack verify --key`. Existing files are never replaced.
+
+    \b
+    Example:
+      edgepack keygen --out release
+    """
+    from edgepack.bundle.signing import keygen as make_keys
+
+    files = make_keys(out)
+    click.echo(f"private key  {files.private}  (mode 0600: keep it secret)")
+    click.echo(f"public key   {files.public}")
+    click.echo(f"fingerprint  {files.fingerprint}")
+    if as_json:
+        _emit_json({"private": str(files.private), "public": str(files.public), "fingerprint": files.fingerprint})
+
+
+@cli.command()
+@click.argument("bundle", type=str)
+@click.option("--key", required=True, metavar="KEY", help="The private key (NAME.key from edgepack keygen).")
+@click.option("--expires", default=None, metavar="DATE|DAYS",
+              help="The signature expires after DAYS days, or at 00:00 UTC on DATE (2027-01-31).")
+@_json_opt
+def sign(bundle: str, key: str, expires: str | None, as_json: bool) -> None:
+    """Sign BUNDLE (a directory or a .tar.gz archive) with a private key.
+
+    The bundle's manifest and every file's hash are checked first. The signature covers the
+    manifest's exact bytes (which list every file's sha256), the signing time and the expiry;
+    it is written to manifest.sig.json beside the manifest (replacing an earlier signature), so
+    the manifest itself does not change. An archive is re-packed and replaced in one rename.
+
+    \b
+    Example:
+      edgepack sign dist/all-minilm-l6-v2-0.1.0-cpu --key release.key --expires 365
+    """
+    from edgepack.bundle.signing import load_private_key, parse_expires, sign as sign_bundle
+
+    private_key = load_private_key(key)
+    until = parse_expires(expires) if expires is not None else None
+    document = sign_bundle(bundle, private_key, expires=until)
+    click.echo(f"signed {bundle} with key {document['key']}"
+               + (f", expires {document['expires']}" if document["expires"] else ""))
+    if as_json:
+        _emit_json({"bundle": bundle, "signature": {k: document[k] for k in ("key", "signed_at", "expires")}})
 
 
 @cli.command()

@@ -39,6 +39,8 @@ class PackResult:
     manifest: dict[str, Any]
     archive: Path | None = None
     candidates: list[Candidate] = field(default_factory=list)
+    #: The fingerprint of the key that signed the bundle (``--sign``), None when unsigned.
+    signed_by: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -51,6 +53,7 @@ class PackResult:
         return {
             "bundle": str(self.bundle),
             "archive": str(self.archive) if self.archive else None,
+            "signed_by": self.signed_by,
             "plan": self.manifest["plan"],
             "memory": {k: memory[k] for k in ("budget_bytes", "predicted_peak_bytes", "measured_peak_bytes")},
             "fidelity": {k: self.manifest["fidelity"][k] for k in ("metric", "value", "floor")},
@@ -280,6 +283,8 @@ class PackRequest:
     :param archive: also write a deterministic ``.tar.gz``.
     :param name: bundle name (default: the model directory's name).
     :param force: replace an existing bundle of the same name.
+    :param sign: a private key file (``edgepack keygen``): the bundle is signed before it is
+        published (``manifest.sig.json``, see :mod:`edgepack.bundle.signing`).
     """
 
     target: str = "cpu"
@@ -292,6 +297,7 @@ class PackRequest:
     archive: bool = False
     name: str | None = None
     force: bool = False
+    sign: str | Path | None = None
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "PackRequest":
@@ -312,6 +318,10 @@ class PackRequest:
             check_bundle_name(self.name)
         if self.budget is not None:
             parse_size(self.budget, "--budget")
+        if self.sign is not None:  # a bad key is refused before any work, not after packing
+            from edgepack.bundle.signing import load_private_key
+
+            load_private_key(self.sign, "--sign")
 
     @property
     def target_name(self) -> str:
@@ -453,6 +463,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     # An absent target (a CUDA bundle built on a CPU box) is measured for fidelity on this
     # machine's CPU; its memory is measured by verify on the target itself.
     probe_target = target if probe.present else "cpu"
+    signature: dict[str, Any] = {}  # filled by the signer when --sign is given
     with BundleWriter(request.out, bundle_name, overwrite=request.force) as writer:
         staging = writer.staging
         assert staging is not None
@@ -580,15 +591,33 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             manifest["parallel"] = parallel_section(sharding, manifest["bundle"], tgt.name, rank_device(tgt, probe))
         _write_readme(staging / "README.md", manifest)
         progress("writing manifest")
-        final = writer.commit(manifest)
+        final = writer.commit(manifest, finish=_signer(request.sign, signature, progress))
 
-    result = PackResult(final, writer.manifest, candidates=candidates)
+    result = PackResult(final, writer.manifest, candidates=candidates,
+                        signed_by=signature.get("key"))
     if request.archive:
         from edgepack.bundle.archive import create_archive
 
         progress("writing archive")
         result.archive = create_archive(final)
     return result
+
+
+def _signer(key_file: str | Path | None, signature: dict[str, Any],
+            progress: Callable[[str], None]) -> Callable[[Path], None] | None:
+    """For ``--sign KEY``: the writer's ``finish`` step, which signs the staged manifest before
+    the bundle is published (its content goes into ``signature``); None without a key."""
+    if key_file is None:
+        return None
+    from edgepack.bundle.signing import load_private_key, write_signature
+
+    key = load_private_key(key_file, "--sign")
+
+    def sign_staged(staging: Path) -> None:
+        progress("signing the manifest")
+        signature.update(write_signature(staging, key))
+
+    return sign_staged
 
 
 def target_with_devices(registry: Any, spec: str, devices: int | None) -> Any:

@@ -476,7 +476,9 @@ class Quantize(Compressor):
             # unpacked codes and the weight dequantized for one matmul (in place); refitted as above
             scratch = act_bytes + 1
         else:
-            scratch = act_bytes + 2  # the weight dequantized for one matmul, and its bf16 copy
+            # the weight dequantized for one matmul (and, for fp32 activations on a native-bf16
+            # CPU, its bf16 copy); 16-bit activations dequantize straight into their dtype
+            scratch = act_bytes + 2 if act_bytes > 2 else act_bytes
         return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch))
 
     def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:

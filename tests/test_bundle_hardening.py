@@ -830,3 +830,143 @@ def test_unreadable_manifest_is_a_failure(tiny, monkeypatch):
     manifest, failures = read_manifest(tiny)
     assert manifest is None
     assert failures[0].path == MANIFEST and "Permission denied" in failures[0].detail
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Strict manifest reading (issue 11): one text, one meaning; bounded sizes; one sentence each
+
+
+def _write_text(bundle: Path, text: str) -> None:
+    (bundle / MANIFEST).write_bytes(text.encode("utf-8"))
+
+
+def _canonical_text(bundle: Path, mutate: Callable[[dict], Any] | None = None) -> str:
+    manifest = _load(bundle)
+    if mutate is not None:
+        mutate(manifest)
+    return canonical_json(manifest).decode("utf-8")
+
+
+@pytest.mark.parametrize("original, doubled, key", [
+    ('"name": "tiny",', '"name": "tiny", "version": "9.9.9",', "bundle.version"),  # nested
+    ('"format": "edgepack.bundle",', '"format": "edgepack.bundle", "format_version": "1.0",', "format_version"),
+    ('"path": "README.md",', '"path": "README.md", "path": "model/x",', "files[0].path"),
+])
+def test_duplicate_json_keys_are_refused_and_named(tiny, original, doubled, key):
+    text = _canonical_text(tiny)
+    assert original in text
+    _write_text(tiny, text.replace(original, doubled, 1))
+    manifest, failures = read_manifest(tiny)
+    assert manifest is None
+    assert [(f.check, f.path) for f in failures] == [("manifest", f"{MANIFEST}:{key}")]
+    assert "appears twice in one JSON object" in failures[0].detail and "\n" not in failures[0].detail
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_refused_and_named(tiny, literal):
+    # candidates[0] is a field the schema does not look into: only the strict reader sees it.
+    text = _canonical_text(tiny, _set("candidates[0].estimated_peak_bytes", 12345))
+    _write_text(tiny, text.replace("12345", literal, 1))
+    manifest, failures = read_manifest(tiny)
+    assert manifest is None
+    assert failures[0].path == f"{MANIFEST}:candidates[0].estimated_peak_bytes"
+    assert f"is {literal}, which is not a JSON number" in failures[0].detail
+
+
+def test_integers_beyond_64_bits_are_refused(tiny):
+    _rewrite(tiny, dict(_load(tiny), candidates=[{"plan": [], "estimated_peak_bytes": 2**64}]))
+    manifest, failures = read_manifest(tiny)
+    assert manifest is None and failures[0].path == f"{MANIFEST}:candidates[0].estimated_peak_bytes"
+    assert "beyond 64 bits" in failures[0].detail
+
+
+def test_nesting_deeper_than_the_bound_is_refused(tiny):
+    deep: Any = 1
+    for _ in range(manifest_module.MAX_DEPTH + 2):
+        deep = {"x": deep}
+    _rewrite(tiny, dict(_load(tiny), candidates=[deep]))
+    manifest, failures = read_manifest(tiny)
+    assert manifest is None and failures[0].path.startswith(f"{MANIFEST}:candidates[0].x.x")
+    assert f"deeper than {manifest_module.MAX_DEPTH} levels" in failures[0].detail
+
+
+def test_unknown_top_level_key_of_this_format_version_is_refused(tiny):
+    _rewrite(tiny, dict(_load(tiny), trusted_by_everyone=True))
+    manifest, failures = read_manifest(tiny)
+    assert manifest is None
+    assert [(f.check, f.path) for f in failures] == [("schema", f"{MANIFEST}:trusted_by_everyone")]
+    assert "unknown key is refused" in failures[0].detail
+
+
+def test_unknown_top_level_key_of_a_newer_minor_version_is_kept_not_trusted(tiny, fake_probe):
+    _rewrite(tiny, dict(_load(tiny), format_version="1.3", provenance={"builder": "ci"}))
+    manifest, failures = read_manifest(tiny)
+    assert failures == [] and manifest["provenance"] == {"builder": "ci"}  # kept
+    report = verify(tiny)
+    assert report.ok and report.untrusted_keys == ["provenance"]  # and said to be untrusted
+    result = CliRunner().invoke(cli, ["verify", str(tiny), "--json"])
+    assert result.exit_code == 0 and "provenance" in result.stdout and "not checked or used" in result.stdout
+    assert json.loads(result.stdout.strip().splitlines()[-1])["untrusted_keys"] == ["provenance"]
+
+
+@pytest.mark.parametrize("version", ["1", "1.x", "1.0.0", "01.0", 1.0])
+def test_malformed_format_version_of_this_major_is_refused(tiny, version):
+    _rewrite(tiny, dict(_load(tiny), format_version=version))
+    manifest, failures = read_manifest(tiny)
+    assert manifest is None
+    assert (failures[0].check, failures[0].path) == ("format_version", f"{MANIFEST}:format_version")
+    assert "MAJOR.MINOR" in failures[0].detail
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha512", "md5"])
+def test_unknown_hash_algorithm_in_a_files_entry_is_refused(tiny, algorithm):
+    manifest = _load(tiny)
+    manifest["files"][0][algorithm] = "00" * 32
+    _rewrite(tiny, manifest)
+    _, failures = read_manifest(tiny)
+    found = _paths(failures)
+    assert f"{MANIFEST}:files[0].{algorithm}" in found
+    assert "knows no hash algorithm but sha256" in found[f"{MANIFEST}:files[0].{algorithm}"]
+
+
+def test_source_digests_must_be_sha256(tiny):
+    _rewrite(tiny, dict(_load(tiny), source={"model": "/m", "sha256": {"model.safetensors": "md5:abc"}}))
+    _, failures = read_manifest(tiny)
+    assert f"{MANIFEST}:source.sha256" in _paths(failures)
+
+
+def test_number_of_files_is_bounded(tiny, monkeypatch):
+    monkeypatch.setattr(manifest_module, "MAX_FILES", 3)
+    _, failures = read_manifest(tiny)
+    assert [(f.path, f.detail) for f in failures] == [
+        (f"{MANIFEST}:files", "lists 6 files, more than the 3 a bundle may hold")]
+
+
+@pytest.mark.parametrize("path, needle", [
+    ("model/" + "a" * 1100, "more than the 1024 a bundle path may have"),
+    ("model/" + "b" * 300, "component longer than the 255 bytes"),
+])
+def test_path_length_is_bounded(path, needle):
+    manifest = dict(base_manifest(), files=entries_for(_files()))
+    manifest["files"][0]["path"] = path
+    found = _paths(schema_failures(manifest))
+    assert needle in found[f"{MANIFEST}:files[0].path"]
+
+
+def test_cli_verify_duplicate_key_exits_1_with_one_failure(tiny):
+    _write_text(tiny, _canonical_text(tiny).replace('"name": "tiny",', '"name": "tiny", "name": "evil",', 1))
+    result = CliRunner().invoke(cli, ["verify", str(tiny), "--json"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["failures"] == [{"check": "manifest", "path": f"{MANIFEST}:bundle.name",
+                                   "detail": report["failures"][0]["detail"]}]
+    inspect = CliRunner().invoke(cli, ["inspect", str(tiny)])
+    assert_one_error_line(inspect, 2, "bundle.name", "appears twice")
+
+
+def test_archive_with_a_duplicate_key_manifest_is_refused_before_extraction(tiny, tmp_path):
+    _write_text(tiny, _canonical_text(tiny).replace('"name": "tiny",', '"name": "tiny", "name": "evil",', 1))
+    archive = create_archive(tiny)
+    with pytest.raises(VerificationError, match=r"bundle\.name: appears twice"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out" / NAME).exists()

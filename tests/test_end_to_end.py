@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -212,7 +211,7 @@ def test_load_refuses_a_tampered_bundle(bundle_copy):
 def test_verify_passes_on_the_packed_bundle(packed):
     report = edgepack.verify(packed.bundle)
     assert report.ok, report.failures
-    assert report.checks == ["integrity", "load", "smoke", "memory"]
+    assert report.checks == ["integrity", "signature", "load", "smoke", "memory"]
     assert 0 < report.measured_peak_bytes <= report.budget_bytes == 200_000_000
     assert report.fidelity["value"] >= packed.manifest["fidelity"]["floor"]
 
@@ -225,7 +224,7 @@ def test_verify_names_the_tampered_file(bundle_copy, how):
     assert not report.ok
     assert [f.path for f in report.failures] == [path]
     assert report.failures[0].check == "files"
-    assert report.checks == ["integrity"]  # nothing was loaded
+    assert report.checks == ["integrity", "signature"]  # nothing was loaded
 
 
 @pytest.mark.parametrize("how", sorted(TAMPERINGS))
@@ -259,7 +258,7 @@ def test_verify_checks_the_smoke_outputs(bundle_copy):
     assert not report.ok
     assert report.failures
     assert {(f.check, f.path) for f in report.failures} == {("smoke", "smoke/expected.safetensors")}
-    assert report.checks == ["integrity", "load", "smoke", "memory"]
+    assert report.checks == ["integrity", "signature", "load", "smoke", "memory"]
 
 
 # ---------------------------------------------------------------------------------------------

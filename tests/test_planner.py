@@ -547,8 +547,6 @@ def test_example_plugin_really_halves_the_embeddings(llama_dir, tmp_path):
     import torch
     from safetensors import safe_open
 
-    from edgepack.interfaces import ApplyContext
-
     module = load_example_module()
     pm = make_plugin_manager(entrypoints=False)
     pm.register(module, name="halve-embeddings")

@@ -12,7 +12,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import edgepack  # noqa: E402
 from edgepack.errors import UsageError  # noqa: E402
 from edgepack.host import collect, make_plugin_manager  # noqa: E402
 from edgepack.interfaces import ApplyContext, PlanStep, Probe  # noqa: E402

@@ -1,1 +1,1 @@
-"""The bundle format 1.0: manifest, atomic writer, reader, archive and verification."""
+"""The bundle format 1.0: manifest, atomic writer, reader, archive, signing and verification."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import json
 import os
 import shutil
 import tarfile
@@ -14,7 +13,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from edgepack.bundle.manifest import (
-    MANIFEST, MAX_MANIFEST_BYTES, NotRegularFile, path_sort_key, open_regular, path_problem, scan_tree, unsafe_path,
+    MANIFEST, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, SIGNATURE, NotRegularFile, path_sort_key, open_regular,
+    path_problem, scan_tree, strict_json, unsafe_path,
 )
 from edgepack.errors import VerificationError
 
@@ -163,11 +163,12 @@ def _check_members(archive: Path, tar: tarfile.TarFile) -> tuple[str, list[tarfi
                                 f"more than the {MAX_MANIFEST_BYTES} a manifest may have")
     data = tar.extractfile(manifest_member).read()
     try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        manifest = strict_json(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and StrictJSONError are ValueErrors
         raise VerificationError(f"{archive}: {top}/{MANIFEST} is not a valid manifest: {exc}") from None
     listed = _listed_files(archive, top, manifest)
     listed[f"{top}/{MANIFEST}"] = MAX_MANIFEST_BYTES
+    listed[f"{top}/{SIGNATURE}"] = MAX_SIGNATURE_BYTES  # the one file beside the manifest it signs
     parents = {"/".join(name.split("/")[:n]) for name in listed for n in range(1, name.count("/") + 1)}
     seen: set[str] = set()
     for m in members:

@@ -1,9 +1,16 @@
 """The bundle manifest (format 1.0): schema, canonical JSON, file hashing and integrity.
 
-Everything a reader takes from a manifest is checked here before it is used: the schema
-(:func:`schema_failures`) validates the type and range of every field that edgepack reads
-(``verify``, ``inspect``, ``load``), and :func:`integrity_failures` compares the bundle tree with
-the manifest's ``files`` without following links.
+Everything a reader takes from a manifest is checked here before it is used: the text is
+parsed strictly (:func:`strict_json`: no key twice in one object, no NaN or Infinity, bounded
+integers and nesting), the schema (:func:`schema_failures`) validates the type and range of every
+field that edgepack reads (``verify``, ``inspect``, ``load``) and bounds the number of files and
+the length of paths, and :func:`integrity_failures` compares the bundle tree with the manifest's
+``files`` without following links.
+
+Format versions: another major version is refused. A manifest of this edgepack's minor version
+(or an older one) must hold only the keys this edgepack knows; one of a newer minor version may
+hold top-level keys it does not know, which are kept (they stay in the manifest, its hash and
+its signature) but never read or trusted (:func:`untrusted_keys`; ``verify`` lists them).
 
 Links: nothing inside a bundle may be a symbolic link (file or directory) or a special file
 (FIFO, socket, device); the tree is walked with ``lstat`` and never through a link. The bundle
@@ -29,9 +36,24 @@ from edgepack.errors import UsageError
 FORMAT = "edgepack.bundle"
 FORMAT_VERSION = "1.0"
 MANIFEST = "manifest.json"
+#: The detached signature beside the manifest (see :mod:`edgepack.bundle.signing`): the one
+#: file of a bundle that ``files`` does not list, since it signs the manifest that lists them.
+SIGNATURE = "manifest.sig.json"
+#: A signature file larger than this is refused before it is read (a real one is under 1 kB).
+MAX_SIGNATURE_BYTES = 64 * 2**10
 
 #: A manifest larger than this is refused before it is read (real ones are a few kB).
 MAX_MANIFEST_BYTES = 64 * 2**20
+#: Bounds on what a manifest may hold (real ones list tens of files and nest six levels deep):
+#: files listed, bytes of one path and of one path component, JSON nesting, integer magnitude
+#: (a 64-bit reader in another language must read the same numbers).
+MAX_FILES = 100_000
+MAX_PATH_BYTES = 1024
+MAX_NAME_BYTES = 255
+MAX_DEPTH = 32
+MAX_INT = 2**63 - 1
+#: The hash algorithms a ``files`` entry may use; any other is refused, never skipped.
+HASH_ALGORITHMS = ("sha256",)
 
 #: The tasks a bundle can declare (``model.task``).
 TASKS = ("feature-extraction", "text-generation")
@@ -79,6 +101,7 @@ FILE_KEYS = ("path", "size", "sha256")
 SMOKE_FILES = ("inputs", "expected", "tolerances")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_FORMAT_VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,89 @@ class Failure:
 def canonical_json(data: Any) -> bytes:
     """UTF-8 JSON with sorted keys and a trailing newline: the same data, the same bytes."""
     return (json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict JSON: one text, one meaning
+
+
+class StrictJSONError(ValueError):
+    """JSON text that parses but is refused: ``key`` is the dotted key at fault (``""`` for the
+    whole document) and ``detail`` the rest of one sentence."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"{key}: {detail}" if key else detail)
+        self.key = key
+        self.detail = detail
+
+
+class _NonFinite:
+    """Stands for NaN, Infinity or an overflowing number until the walk names its key."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse JSON text that every reader reads alike, or raise.
+
+    Refused beyond what :func:`json.loads` refuses (StrictJSONError naming the key): a key
+    twice in one object (a reader keeping the first value and one keeping the last would
+    disagree), ``NaN``, ``Infinity`` and numbers that overflow to them (not JSON), integers
+    beyond 64 bits, and nesting deeper than :data:`MAX_DEPTH`. Malformed text raises
+    ValueError (UnicodeDecodeError for bytes that are not UTF-8) or RecursionError as
+    json.loads does.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    duplicates: dict[int, tuple[dict[str, Any], str]] = {}
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj and id(obj) not in duplicates:
+                duplicates[id(obj)] = (obj, key)  # holding obj keeps its id from being reused
+            obj[key] = value
+        return obj
+
+    def number(literal: str) -> Any:
+        value = float(literal)
+        return value if math.isfinite(value) else _NonFinite(literal)
+
+    data = json.loads(text, object_pairs_hook=pairs, parse_constant=_NonFinite, parse_float=number)
+    problem = _strict_problem(data, "", 0, duplicates)
+    if problem is not None:
+        raise StrictJSONError(*problem)
+    return data
+
+
+def _strict_problem(value: Any, key: str, depth: int,
+                    duplicates: dict[int, tuple[dict[str, Any], str]]) -> tuple[str, str] | None:
+    """The first refused value below ``value`` (document order) as (dotted key, detail)."""
+    if isinstance(value, _NonFinite):
+        return key, f"is {value.text}, which is not a JSON number (only finite numbers are allowed)"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        return key, f"is an integer beyond 64 bits ({str(value)[:20]}...), which readers disagree on"
+    if not isinstance(value, (dict, list)):
+        return None
+    if depth >= MAX_DEPTH:
+        return key, f"nests JSON objects and arrays deeper than {MAX_DEPTH} levels"
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if (problem := _strict_problem(item, f"{key}[{i}]", depth + 1, duplicates)) is not None:
+                return problem
+        return None
+    if id(value) in duplicates and duplicates[id(value)][0] is value:
+        twice = duplicates[id(value)][1]
+        return (f"{key}.{twice}" if key else twice,
+                "appears twice in one JSON object; a reader keeping the first value and one keeping "
+                "the last would disagree")
+    for sub, item in value.items():
+        if (problem := _strict_problem(item, f"{key}.{sub}" if key else sub, depth + 1, duplicates)) is not None:
+            return problem
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +225,11 @@ def path_problem(rel: Any) -> str | None:
         return "must be a POSIX path without backslashes or NUL characters"
     if posixpath.normpath(rel) != rel or rel == ".":
         return "must be a normalised relative path (no '.', empty components or trailing '/')"
+    encoded = rel.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_PATH_BYTES:
+        return f"is {len(encoded)} bytes long, more than the {MAX_PATH_BYTES} a bundle path may have"
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in rel.split("/")):
+        return f"has a component longer than the {MAX_NAME_BYTES} bytes a file name may have"
     return None
 
 
@@ -220,7 +331,8 @@ def hash_regular(path: str | os.PathLike[str], chunk: int = 1 << 20) -> tuple[in
 
 
 def file_entries(root: Path) -> list[dict[str, Any]]:
-    """``{path, size, sha256}`` of every file below ``root`` except the manifest, by path.
+    """``{path, size, sha256}`` of every file below ``root`` except the manifest and its
+    signature, by path.
 
     Raises UsageError when the tree holds a link or a special file: a bundle holds regular
     files and directories only, and links are never followed.
@@ -232,7 +344,7 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
         raise UsageError(f"{root / rel} {scan.problems[rel]}")
     entries = []
     for rel in sorted(scan.files):
-        if rel == MANIFEST:
+        if rel in (MANIFEST, SIGNATURE):
             continue
         try:
             size, digest = hash_regular(root / rel)
@@ -246,6 +358,38 @@ def major(version: str) -> int | None:
     """The major number of a ``MAJOR.MINOR`` version string, or None if malformed."""
     head = str(version).split(".", 1)[0]
     return int(head) if head.isdigit() else None
+
+
+def format_version_problem(version: Any) -> str | None:
+    """Why a manifest's ``format_version`` cannot be read by this edgepack, or None.
+
+    Another major version is refused; a newer minor version of this major one is read (its
+    unknown top-level keys are kept but not trusted: see :func:`untrusted_keys`)."""
+    if major(version) != major(FORMAT_VERSION):
+        return (f"bundle format {version} is not supported; this edgepack reads format "
+                f"{major(FORMAT_VERSION)}.x (upgrade edgepack to read it)")
+    if not (isinstance(version, str) and _FORMAT_VERSION.fullmatch(version)):
+        return f"must be a version MAJOR.MINOR such as {FORMAT_VERSION!r}, got {_show(version)}"
+    return None
+
+
+def _newer_minor(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest is of a newer minor version of the format than this edgepack's."""
+    version = manifest.get("format_version")
+    if not (isinstance(version, str) and _FORMAT_VERSION.fullmatch(version)):
+        return False
+    minor = int(version.split(".")[1])
+    return major(version) == major(FORMAT_VERSION) and minor > int(FORMAT_VERSION.split(".")[1])
+
+
+def _unknown_keys(manifest: dict[str, Any]) -> list[str]:
+    return sorted(k for k in manifest if k not in SCHEMA and k not in OPTIONAL)
+
+
+def untrusted_keys(manifest: dict[str, Any]) -> list[str]:
+    """Top-level keys of a newer minor format version that this edgepack does not know: kept
+    in the manifest (and covered by its hash and signature) but never read or acted on."""
+    return _unknown_keys(manifest) if _newer_minor(manifest) else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +465,12 @@ def _string_map(value: Any) -> str | None:
     return f"must be a JSON object of strings, got {_show(value)}"
 
 
+def _sha256_map(value: Any) -> str | None:
+    if isinstance(value, dict) and all(isinstance(v, str) and _SHA256.fullmatch(v) for v in value.values()):
+        return None
+    return f"must map file names to sha256 digests (64 lowercase hexadecimal digits), got {_show(value)}"
+
+
 def _one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if isinstance(value, str) and value in choices:
@@ -337,8 +487,8 @@ def _loader(value: Any) -> str | None:
 
 def _smoke_file(value: Any) -> str | None:
     problem = path_problem(value)
-    if problem is None and value == MANIFEST:
-        problem = f"must name a smoke file, not {MANIFEST}"
+    if problem is None and value in (MANIFEST, SIGNATURE):
+        problem = f"must name a smoke file, not {value}"
     return None if problem is None else f"{problem}, got {_show(value)}"
 
 
@@ -355,7 +505,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "producer.plugins": _string_map,
     "producer.requires": _string_map,
     "source.model": _string,
-    "source.sha256": _string_map,
+    "source.sha256": _sha256_map,
     "target.name": _name,
     "target.devices": _positive_int,
     "target.capabilities": _strings,
@@ -409,6 +559,8 @@ def _plan_failures(plan: list[Any]) -> list[tuple[str, str]]:
 
 
 def _files_failures(files: list[Any]) -> list[tuple[str, str]]:
+    if len(files) > MAX_FILES:
+        return [("files", f"lists {len(files)} files, more than the {MAX_FILES} a bundle may hold")]
     problems = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(files):
@@ -416,11 +568,16 @@ def _files_failures(files: list[Any]) -> list[tuple[str, str]]:
         if not (isinstance(entry, dict) and all(k in entry for k in FILE_KEYS)):
             problems.append((key, "needs path, size and sha256"))
             continue
+        for extra in sorted(set(entry) - set(FILE_KEYS)):
+            # A digest of another algorithm would be a claim nobody checks: refused, not skipped.
+            known = ", ".join(HASH_ALGORITHMS)
+            problems.append((f"{key}.{extra}", f"is not a key of a files entry (path, size, sha256); "
+                                               f"this edgepack knows no hash algorithm but {known}"))
         path, size, digest = entry["path"], entry["size"], entry["sha256"]
         if (problem := path_problem(path)) is not None:
             problems.append((f"{key}.path", f"{problem}, got {_show(path)}"))
-        elif path == MANIFEST:
-            problems.append((f"{key}.path", f"must not list {MANIFEST} itself"))
+        elif path in (MANIFEST, SIGNATURE):
+            problems.append((f"{key}.path", f"must not list {path}, which sits beside the listed files"))
         elif path in seen:
             problems.append((f"{key}.path", f"lists {path} more than once (also files[{seen[path]}])"))
         else:
@@ -435,10 +592,12 @@ def _files_failures(files: list[Any]) -> list[tuple[str, str]]:
 def schema_failures(manifest: Any) -> list[Failure]:
     """Every way ``manifest`` departs from format 1.0 (empty when it conforms).
 
-    Checks the top-level keys and their JSON types, the required nested keys, and the type
-    and range of every field edgepack reads (see :data:`FIELDS`), each plan and candidate
-    entry, and each ``files`` entry (a safe path, listed once; a size; a sha256). That the
-    smoke files are among ``files`` is :func:`reference_failures`.
+    Checks the top-level keys and their JSON types (an unknown key is refused unless the
+    manifest is of a newer minor format version), the required nested keys, and the type and
+    range of every field edgepack reads (see :data:`FIELDS`), each plan and candidate entry,
+    and each ``files`` entry (a safe path of bounded length, listed once; a size; a sha256 and
+    no other digest), at most :data:`MAX_FILES` of them. That the smoke files are among
+    ``files`` is :func:`reference_failures`.
     """
     if not isinstance(manifest, dict):
         return [Failure("schema", MANIFEST, "the manifest is not a JSON object")]
@@ -449,6 +608,10 @@ def schema_failures(manifest: Any) -> list[Failure]:
 
     if manifest.get("format") != FORMAT:
         add("format", f"expected {FORMAT!r}, got {_show(manifest.get('format'))}")
+    if not _newer_minor(manifest):  # a newer minor version's unknown keys are kept, not trusted
+        for key in _unknown_keys(manifest):
+            add(key, f"is not a key of format {manifest.get('format_version')} manifests, "
+                     f"which this edgepack reads in full; an unknown key is refused")
     for key, kind in SCHEMA.items():
         if key not in manifest:
             add(key, "required key is missing")
@@ -552,7 +715,8 @@ def tolerances_problem(tolerances: Any) -> str | None:
 
 def integrity_failures(root: Path, manifest: dict[str, Any]) -> list[Failure]:
     """Files changed, missing, unlisted, unreadable, links or special files, compared with the
-    manifest's ``files``. Links are reported and never followed; nothing raises for a
+    manifest's ``files`` (the manifest and its signature, :data:`SIGNATURE`, are the two files
+    it does not list; the signature is checked by :mod:`edgepack.bundle.signing`). Links are reported and never followed; nothing raises for a
     malformed tree (unreadable files and directories are failures naming the path)."""
     root = Path(root)
     scan = scan_tree(root)
@@ -596,7 +760,8 @@ def integrity_failures(root: Path, manifest: dict[str, Any]) -> list[Failure]:
             failures.append(Failure("files", rel, f"sha256 expected {entry.get('sha256')}, actual {digest}"))
     parents = {"/".join(p.split("/")[:n]) for p in listed for n in range(1, p.count("/") + 1)}
     rest = list(problems.items())
-    rest += [(rel, "not listed in the manifest") for rel in scan.files if rel != MANIFEST and rel not in listed]
+    rest += [(rel, "not listed in the manifest") for rel in scan.files
+             if rel not in (MANIFEST, SIGNATURE) and rel not in listed]
     rest += [(rel, "not listed in the manifest") for rel in scan.dirs if rel not in parents and rel not in listed]
     for rel, detail in sorted(rest, key=lambda item: path_sort_key(item[0])):
         failures.append(Failure("files", rel, detail))

@@ -8,7 +8,6 @@ VerificationError naming the first).
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import stat
@@ -18,8 +17,8 @@ from typing import Any
 
 from edgepack.bundle.archive import is_archive, safe_extract
 from edgepack.bundle.manifest import (
-    FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, Failure, NotRegularFile, integrity_failures, major,
-    open_regular, reference_failures, schema_failures,
+    MANIFEST, MAX_MANIFEST_BYTES, Failure, NotRegularFile, StrictJSONError, format_version_problem,
+    integrity_failures, open_regular, reference_failures, schema_failures, strict_json,
 )
 from edgepack.errors import UsageError, VerificationError
 
@@ -67,30 +66,41 @@ def _read_manifest_bytes(root: Path) -> tuple[bytes | None, Failure | None]:
         return None, Failure("manifest", MANIFEST, f"cannot be read: {exc.strerror or exc}")
 
 
-def read_manifest(root: Path) -> tuple[dict[str, Any] | None, list[Failure]]:
-    """The parsed manifest and what is wrong with it (missing, unreadable, a link, not JSON,
-    wrong version, schema)."""
-    data, failure = _read_manifest_bytes(Path(root))
-    if failure is not None:
-        return None, [failure]
+def read_manifest_bytes(root: Path) -> tuple[bytes | None, Failure | None]:
+    """The bytes of ``root``'s manifest, read without following a link and bounded by
+    MAX_MANIFEST_BYTES, or the Failure saying why they cannot be read."""
+    return _read_manifest_bytes(Path(root))
+
+
+def parse_manifest(data: bytes) -> tuple[dict[str, Any] | None, list[Failure]]:
+    """Parse manifest bytes strictly (see :func:`~edgepack.bundle.manifest.strict_json`), then
+    check the format version and the schema: the manifest, or what is wrong with it."""
     try:
-        manifest = json.loads(data.decode("utf-8"))
+        manifest = strict_json(data)
     except UnicodeDecodeError as exc:
         return None, [Failure("manifest", MANIFEST, f"not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})")]
+    except StrictJSONError as exc:
+        return None, [Failure("manifest", f"{MANIFEST}:{exc.key}" if exc.key else MANIFEST, exc.detail)]
     except ValueError as exc:
         return None, [Failure("manifest", MANIFEST, f"not valid JSON: {exc}")]
     except RecursionError:
         return None, [Failure("manifest", MANIFEST, "not valid JSON: nested too deeply")]
     if isinstance(manifest, dict) and "format_version" in manifest:
-        version = manifest["format_version"]
-        if major(version) != major(FORMAT_VERSION):
-            return None, [Failure(
-                "format_version", f"{MANIFEST}:format_version",
-                f"bundle format {version} is not supported; this edgepack reads format "
-                f"{major(FORMAT_VERSION)}.x (upgrade edgepack to read it)",
-            )]
+        problem = format_version_problem(manifest["format_version"])
+        if problem is not None:
+            return None, [Failure("format_version", f"{MANIFEST}:format_version", problem)]
     failures = schema_failures(manifest)
     return (manifest if not failures else None), failures
+
+
+def read_manifest(root: Path) -> tuple[dict[str, Any] | None, list[Failure]]:
+    """The parsed manifest and what is wrong with it (missing, unreadable, a link, not JSON or
+    not strict JSON, too large, wrong version, schema)."""
+    data, failure = _read_manifest_bytes(Path(root))
+    if failure is not None:
+        return None, [failure]
+    assert data is not None
+    return parse_manifest(data)
 
 
 def check_integrity(root: Path) -> tuple[dict[str, Any] | None, list[Failure]]:

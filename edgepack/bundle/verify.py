@@ -1,17 +1,21 @@
-"""``edgepack verify``: hashes → schema → load on the target → smoke tests → peak ≤ budget."""
+"""``edgepack verify``: hashes → schema → signature → load on the target → smoke tests → peak ≤ budget."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from edgepack.bundle.manifest import (
-    MANIFEST, Failure, NotRegularFile, open_regular, reference_failures, tolerances_problem,
+    MANIFEST, SIGNATURE, Failure, NotRegularFile, open_regular, reference_failures, tolerances_problem,
+    untrusted_keys,
 )
 from edgepack.bundle.reader import check_integrity, open_path
-from edgepack.errors import EdgepackError, VerificationError
+from edgepack.errors import EdgepackError, UsageError, VerificationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgepack.bundle.signing import PublicKey
 
 #: The golden output tensors each task's comparison reads.
 GOLDEN_KEYS = {"feature-extraction": ("embeddings",), "text-generation": ("logits", "tokens")}
@@ -28,6 +32,10 @@ class VerifyReport:
     rank_peak_bytes: list[int] | None = None
     fidelity: dict[str, Any] | None = None
     checks: list[str] = field(default_factory=list)
+    #: :meth:`edgepack.bundle.signing.SignatureCheck.to_json` (None before the manifest is read).
+    signature: dict[str, Any] | None = None
+    #: Top-level manifest keys of a newer minor format version: kept, not read or trusted.
+    untrusted_keys: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -44,6 +52,8 @@ class VerifyReport:
             "memory": {"budget_bytes": self.budget_bytes, "measured_peak_bytes": self.measured_peak_bytes,
                        **({"rank_peak_bytes": self.rank_peak_bytes} if self.rank_peak_bytes is not None else {})},
             "fidelity": self.fidelity,
+            "signature": self.signature,
+            "untrusted_keys": self.untrusted_keys,
         }
 
 
@@ -91,25 +101,67 @@ def _read_smoke(root: Path, smoke: dict[str, Any], task: str) -> tuple[dict[str,
     return expected, tolerances, None
 
 
-def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda message: None) -> VerifyReport:
+def _parse_min_version(min_version: str | None) -> Any:
+    """``--min-version`` as a PEP 440 version (None when not given); UsageError when malformed."""
+    if min_version is None:
+        return None
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(min_version))
+    except InvalidVersion:
+        raise UsageError(f"--min-version {min_version!r} is not a version such as 1.2.0") from None
+
+
+def _version_failure(manifest: dict[str, Any], minimum: Any) -> Failure | None:
+    """The bundle's version against ``--min-version`` (a rollback to an older one is refused)."""
+    from packaging.version import InvalidVersion, Version
+
+    version = manifest["bundle"]["version"]
+    key = f"{MANIFEST}:bundle.version"
+    try:
+        if Version(version) >= minimum:
+            return None
+    except InvalidVersion:
+        return Failure("version", key, f"bundle version {version!r} cannot be compared with --min-version {minimum}")
+    return Failure("version", key, f"bundle version {version} is older than --min-version {minimum}; "
+                                   "an older bundle is refused (rollback)")
+
+
+def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda message: None,
+           keys: Sequence["str | Path | PublicKey"] = (), min_version: str | None = None) -> VerifyReport:
     """Verify a bundle (directory or archive) on this machine.
 
     Checks, in order: the manifest's format version and schema (every field read below is
     validated first); every file's size and sha256 (changed, missing, unlisted, unreadable
     files, links and special files are each reported by path); that the smoke files the
-    manifest names are among its listed files; that the target is present here; that the model
-    loads in a fresh process; that the smoke outputs match the golden outputs within the
-    recorded tolerances; and that the measured peak memory is within the budget. Integrity
-    failures stop before anything is loaded.
+    manifest names are among its listed files; the signature (see
+    :func:`edgepack.bundle.signing.check`: one that is present must hold; with trusted ``keys``
+    one must be present and made by one of them); that the bundle's version is at least
+    ``min_version`` (PEP 440); that the target is present here; that the model loads in a
+    fresh process; that the smoke outputs match the golden outputs within the recorded
+    tolerances; and that the measured peak memory is within the budget. Integrity, signature
+    and version failures stop before anything is loaded.
 
     A malformed bundle never raises: every problem is a Failure in the report. Only a path
-    that does not exist (UsageError) or an archive that cannot be read or extracted safely
-    (VerificationError) raises, before there is a bundle to report on.
+    that does not exist, a key file that cannot be read or a malformed ``min_version``
+    (UsageError), or an archive that cannot be read or extracted safely (VerificationError)
+    raises, before there is a bundle to report on.
+
+    :param keys: trusted public keys (``NAME.pub`` files or loaded keys): any of them may have
+        signed the bundle.
+    :param min_version: the oldest bundle version accepted.
     """
     from edgepack.host import load_registry
     from edgepack.runtime import plan_steps, requirement_problems
     from edgepack.smoke import DEFAULT_NEW_TOKENS, check, compare, measure_in_fresh_process
 
+    minimum = _parse_min_version(min_version)
+    trusted: list[Any] = []
+    if keys:
+        from edgepack.bundle.signing import load_public_keys
+
+        trusted = load_public_keys(keys)
     root = open_path(bundle)
     report = VerifyReport(str(bundle))  # the path the user gave (an archive is extracted to a temp dir)
     progress("checking manifest and file hashes")
@@ -118,7 +170,21 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     if manifest is not None and not failures:
         report.failures.extend(reference_failures(manifest))
     report.checks.append("integrity")
-    if manifest is None or report.failures:
+    if manifest is None:
+        return report
+    report.untrusted_keys = untrusted_keys(manifest)
+    from edgepack.bundle.signing import check as check_signature  # imports cryptography only for a signature
+
+    signature = check_signature(root, trusted)
+    report.signature = signature.to_json()
+    if not signature.ok:
+        report.failures.append(Failure("signature", SIGNATURE, signature.detail))
+    report.checks.append("signature")
+    if minimum is not None:
+        if (failure := _version_failure(manifest, minimum)) is not None:
+            report.failures.append(failure)
+        report.checks.append("version")
+    if report.failures:
         return report
 
     # Every field used below was validated by the schema.

@@ -25,7 +25,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgepack.bundle.manifest import MANIFEST, canonical_json, file_entries, scan_tree
 from edgepack.errors import UsageError
@@ -138,9 +138,14 @@ class BundleWriter:
             raise UsageError(f"--out {self.out_dir} is not writable: {exc.strerror or exc}") from None
         return self
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
+    def commit(self, manifest: dict[str, Any], *, finish: Callable[[Path], None] | None = None) -> Path:
         """Add ``files`` to the manifest (kept as :attr:`manifest`), write it last, fsync
         everything, and move the bundle into place.
+
+        ``finish``, when given, is called with the staging directory once the manifest is
+        written and before the bundle is published, to add the files that sit beside the
+        manifest (its signature, written and fsynced by ``finish``); if it raises, nothing is
+        published.
 
         Raises UsageError when the staging directory holds a link or a special file, and when
         a bundle appeared at the final path meanwhile (without ``overwrite``); the staging
@@ -162,6 +167,8 @@ class BundleWriter:
             os.fchmod(handle.fileno(), 0o644)
             handle.flush()
             os.fsync(handle.fileno())
+        if finish is not None:
+            finish(staging)
         for rel in scan.files:
             if rel != MANIFEST:
                 _fsync_path(staging / rel, directory=False)
