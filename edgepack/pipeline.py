@@ -309,7 +309,8 @@ class PackRequest:
         return cls(**{k: v for k, v in settings.items() if v is not None})
 
     def check(self) -> None:
-        """Refuse bad settings before any work: version, floor, name, budget."""
+        """Refuse bad settings before any work: version, floor, name, budget, SOURCE_DATE_EPOCH."""
+        created_time()
         if not _SEMVER.match(str(self.version)):
             raise UsageError(f"--version {self.version!r} is not a semantic version such as 0.1.0")
         if self.min_fidelity is not None and not 0.0 <= self.min_fidelity <= 1.0:
@@ -665,6 +666,23 @@ def parallel_section(sharding: tuple[int, str], bundle: dict[str, Any], target: 
     }
 
 
+def created_time() -> str:
+    """The bundle's ``created`` time: ``SOURCE_DATE_EPOCH`` (seconds since 1970, UTC) when set, as
+    reproducible builds do, else now; ISO 8601 in UTC, whole seconds. UsageError when the
+    variable is not a whole number of seconds."""
+    import os
+
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None or not raw.strip():
+        moment = _dt.datetime.now(_dt.timezone.utc)
+    else:
+        try:
+            moment = _dt.datetime.fromtimestamp(int(raw.strip()), _dt.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} is not a whole number of seconds since 1970") from None
+    return moment.replace(microsecond=0).isoformat()
+
+
 def _calibration_batches(tokenizer: Any, seq_len: int, task: str) -> list[dict[str, Any]]:
     """Calibration inputs for compressors that score importance: a text set of its own, so
     the smoke inputs stay unseen by the compression they judge."""
@@ -695,7 +713,7 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
         "bundle": {
             "name": bundle_name,
             "version": version,
-            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "created": created_time(),
         },
         "producer": {
             "edgepack": edgepack.__version__,

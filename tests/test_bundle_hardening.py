@@ -970,3 +970,26 @@ def test_archive_with_a_duplicate_key_manifest_is_refused_before_extraction(tiny
     with pytest.raises(VerificationError, match=r"bundle\.name: appears twice"):
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "out" / NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# SOURCE_DATE_EPOCH
+
+
+def test_created_honours_source_date_epoch(monkeypatch):
+    from edgepack.pipeline import created_time
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert created_time() == "2023-11-14T22:13:20+00:00"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(UsageError, match="SOURCE_DATE_EPOCH='yesterday' is not a whole number of seconds"):
+        created_time()
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert created_time().endswith("+00:00")
+
+
+def test_a_bad_source_date_epoch_is_refused_before_any_work(model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "-")
+    with pytest.raises(UsageError, match="SOURCE_DATE_EPOCH"):
+        edgepack.pack(str(model_dir), target="cpu", budget="1GB", out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
