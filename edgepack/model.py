@@ -61,6 +61,22 @@ def _resolve(model: str | os.PathLike) -> Path:
     raise UsageError(f"model path {text} does not exist")
 
 
+def custom_code(raw_config: Any) -> str:
+    """What in a raw ``config.json`` asks for the model directory's own Python code (``auto_map``,
+    ``trust_remote_code``), as a short phrase; empty when nothing does."""
+    if not isinstance(raw_config, dict):
+        return ""
+    found = []
+    auto_map = raw_config.get("auto_map")
+    if auto_map:
+        targets = sorted({str(v if isinstance(v, str) else v[0]) for v in auto_map.values()}) \
+            if isinstance(auto_map, dict) else [str(auto_map)]
+        found.append("auto_map: " + ", ".join(targets[:3]) + (", ..." if len(targets) > 3 else ""))
+    if raw_config.get("trust_remote_code"):
+        found.append("trust_remote_code: true")
+    return "; ".join(found)
+
+
 def task_of(config: Any) -> str:
     """``text-generation`` for causal-LM architectures, else ``feature-extraction``."""
     archs = getattr(config, "architectures", None) or []
@@ -303,9 +319,15 @@ class ModelSource:
                 )
             raise UsageError(f"{path} is not a Hugging Face model directory: it has no *.safetensors weights")
         try:
-            json.loads(config_path.read_text())
+            raw_config = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
             raise UsageError(f"{config_path} is not valid JSON: {exc}") from None
+        code = custom_code(raw_config)
+        if code:
+            raise UsageError(
+                f"{config_path} asks to run the model's own code ({code}); edgepack runs only the model "
+                "classes that ship with transformers, never Python files from a model directory"
+            )
 
         import transformers
 

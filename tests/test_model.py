@@ -95,3 +95,32 @@ def test_two_saves_of_a_stock_int8_model_are_byte_identical(tmp_path):
         _save_model(quantize.apply(model, options, None), [(quantize, options)], tmp_path / str(i))
         files.append((tmp_path / str(i) / "model.safetensors").read_bytes())
     assert files[0] == files[1] == files[2]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"auto_map": {"AutoModel": "modeling_evil.EvilModel", "AutoConfig": "configuration_evil.EvilConfig"}},
+     "auto_map: configuration_evil.EvilConfig, modeling_evil.EvilModel"),
+    ({"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}, "tokenization_evil.EvilTokenizer"),
+    ({"trust_remote_code": True}, "trust_remote_code: true"),
+])
+def test_a_source_asking_for_its_own_code_is_refused(tmp_path, model_dir, extra, needle):
+    """A config that asks for the model directory's own Python code is refused before
+    transformers reads it, with what it asked for; nothing of the directory is imported."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    source = tmp_path / "custom"
+    source.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, **extra}))
+    shutil.copy(next(model_dir.glob("*.safetensors")), source / "model.safetensors")
+    (source / "modeling_evil.py").write_text("raise SystemExit('model code was run')\n")
+    with pytest.raises(UsageError, match="asks to run the model's own code") as info:
+        ModelSource.open(source)
+    assert needle in str(info.value)
+    result = CliRunner().invoke(cli, ["plan", str(source), "--budget", "100MB"])
+    assert result.exit_code == 2 and "asks to run the model's own code" in result.output
