@@ -126,20 +126,86 @@ def count_parameters(model: Any) -> tuple[dict[str, int], list[tuple[int, int]]]
     return by_kind, shapes
 
 
+#: Bytes per element of every dtype the safetensors format defines.
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}
+
+
 def safetensors_layout(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file (name → {dtype, shape, data_offsets}) and the file
-    offset where its tensor data begins; the one parser of safetensors headers in edgepack."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if not 2 <= size <= 100 * 2**20:
-            raise UsageError(f"{path} is not a safetensors file (header size {size})")
-        try:
-            header = json.loads(handle.read(size))
-        except (ValueError, UnicodeDecodeError):
-            raise UsageError(f"{path} is not a safetensors file (unreadable header)") from None
+    offset where its tensor data begins; the one parser of safetensors headers in edgepack.
+
+    The header is validated before anything uses it, as the format requires: its length within
+    the file, a JSON object of tensors with known dtypes, whole non-negative shapes, and data
+    offsets that match each shape's byte size and tile the data region exactly (in range, no
+    overlap, no gap, nothing after the last tensor); ``__metadata__`` maps strings to strings.
+    UsageError, one sentence naming the file and the tensor, otherwise."""
+    try:
+        size_on_disk = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 2 <= size <= min(100 * 2**20, size_on_disk - 8):
+                raise UsageError(f"{path} is not a safetensors file (header size {size} for a file of "
+                                 f"{size_on_disk} bytes)")
+            raw = handle.read(size)
+    except OSError as exc:
+        raise UsageError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"{path} is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise UsageError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    problem = _layout_problem(header, size_on_disk - 8 - size)
+    if problem:
+        raise UsageError(f"{path} is not a valid safetensors file: {problem}")
     return header, 8 + size
+
+
+def _layout_problem(header: dict[str, Any], data_bytes: int) -> str | None:
+    """What is wrong with a safetensors header whose data region holds ``data_bytes``, or None."""
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                 for k, v in meta.items())):
+        return "__metadata__ must map strings to strings"
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return f"tensor {name!r} is not described by an object"
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            return f"tensor {name!r} has unknown dtype {dtype!r}"
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            return f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers"
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            return f"tensor {name!r} has data_offsets {offsets!r}, not two integers"
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_bytes:
+            return f"tensor {name!r} has data_offsets [{begin}, {end}] outside the {data_bytes} bytes of data"
+        count = 1
+        for d in shape:
+            count *= d
+        if end - begin != count * SAFETENSORS_DTYPE_BYTES[dtype]:
+            return (f"tensor {name!r} takes {end - begin} bytes, but {dtype} of shape {shape} takes "
+                    f"{count * SAFETENSORS_DTYPE_BYTES[dtype]}")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            return f"tensor {name!r} overlaps the tensor before it"
+        if begin > position:
+            return f"{begin - position} bytes before tensor {name!r} belong to no tensor"
+        position = end
+    if position != data_bytes:
+        return f"{data_bytes - position} bytes after the last tensor belong to no tensor"
+    return None
 
 
 def normalize_safetensors(path: Path) -> bool:

@@ -55,7 +55,7 @@ def _files() -> dict[str, bytes]:
     return {
         "README.md": b"# tiny bundle\n",
         "model/config.json": b'{"model_type": "bert"}\n',
-        "model/model.safetensors": bytes(range(256)) * 64,
+        "model/model.safetensors": _safetensors({"weight": torch.arange(4096, dtype=torch.int32).reshape(64, 64)}),
         "smoke/inputs.safetensors": _safetensors({
             "input_ids": torch.zeros(2, 4, dtype=torch.int64),
             "attention_mask": torch.ones(2, 4, dtype=torch.int64),
@@ -337,7 +337,9 @@ def test_verify_reports_unreadable_golden_outputs(tmp_path, fake_probe):
     files = dict(_files(), **{"smoke/expected.safetensors": b"\x00" * 64})
     bundle = make_bundle(tmp_path / NAME, files=files)
     report = verify(bundle)
-    assert [(f.check, f.path) for f in report.failures] == [("smoke", "smoke/expected.safetensors")]
+    # refused by the header check every safetensors file of a bundle goes through, before reading
+    assert [(f.check, f.path) for f in report.failures] == [("weights", "smoke/expected.safetensors")]
+    assert fake_probe == []
 
 
 def test_verify_turns_an_unexpected_probe_error_into_a_failure(tiny, monkeypatch):
@@ -993,3 +995,15 @@ def test_a_bad_source_date_epoch_is_refused_before_any_work(model_dir, monkeypat
     with pytest.raises(UsageError, match="SOURCE_DATE_EPOCH"):
         edgepack.pack(str(model_dir), target="cpu", budget="1GB", out=str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
+
+
+def test_verify_refuses_a_weight_file_whose_header_does_not_match_its_data(tmp_path, fake_probe):
+    """A bundle whose hashes all match, but whose weight file has bytes after its last tensor:
+    verify names the file and the fault before any library reads it (nothing is loaded)."""
+    files = _files()
+    files["model/model.safetensors"] = files["model/model.safetensors"] + b"\0" * 8
+    root = make_bundle(tmp_path / "dist" / NAME, files=files)
+    report = verify(root)
+    assert [(f.check, f.path) for f in report.failures] == [("weights", "model/model.safetensors")]
+    assert "8 bytes after the last tensor belong to no tensor" in report.failures[0].detail
+    assert fake_probe == []  # nothing was loaded

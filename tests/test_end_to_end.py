@@ -211,7 +211,7 @@ def test_load_refuses_a_tampered_bundle(bundle_copy):
 def test_verify_passes_on_the_packed_bundle(packed):
     report = edgepack.verify(packed.bundle)
     assert report.ok, report.failures
-    assert report.checks == ["integrity", "signature", "load", "smoke", "memory"]
+    assert report.checks == ["integrity", "signature", "weights", "load", "smoke", "memory"]
     assert 0 < report.measured_peak_bytes <= report.budget_bytes == 200_000_000
     assert report.fidelity["value"] >= packed.manifest["fidelity"]["floor"]
 
@@ -258,7 +258,7 @@ def test_verify_checks_the_smoke_outputs(bundle_copy):
     assert not report.ok
     assert report.failures
     assert {(f.check, f.path) for f in report.failures} == {("smoke", "smoke/expected.safetensors")}
-    assert report.checks == ["integrity", "signature", "load", "smoke", "memory"]
+    assert report.checks == ["integrity", "signature", "weights", "load", "smoke", "memory"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,3 +124,48 @@ def test_a_source_asking_for_its_own_code_is_refused(tmp_path, model_dir, extra,
     assert needle in str(info.value)
     result = CliRunner().invoke(cli, ["plan", str(source), "--budget", "100MB"])
     assert result.exit_code == 2 and "asks to run the model's own code" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors headers are validated before use
+
+
+def _raw_safetensors(path, header, data: bytes, size: int | None = None):
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if size is None else size) + text + data)
+    return path
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "I8", "shape": [2, 2], "data_offsets": [8, 12]}}
+
+
+@pytest.mark.parametrize("header,data,size,needle", [
+    (GOOD, bytes(12), 10**9, "header size"),
+    ({**GOOD, "a": {**GOOD["a"], "dtype": "F33"}}, bytes(12), None, "unknown dtype 'F33'"),
+    ({**GOOD, "a": {**GOOD["a"], "shape": [-2]}}, bytes(12), None, "not a list of non-negative integers"),
+    ({**GOOD, "b": {**GOOD["b"], "data_offsets": [8, 40]}}, bytes(12), None, "outside the 12 bytes of data"),
+    ({**GOOD, "b": {**GOOD["b"], "shape": [3, 2]}}, bytes(12), None, "takes 4 bytes, but I8 of shape [3, 2] takes 6"),
+    ({**GOOD, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8), None, "overlaps"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8), None, "4 bytes before tensor 'a'"),
+    (GOOD, bytes(20), None, "8 bytes after the last tensor"),
+    ({**GOOD, "__metadata__": {"format": 1}}, bytes(12), None, "__metadata__ must map strings to strings"),
+    ({**GOOD, "b": {**GOOD["b"], "data_offsets": [8]}}, bytes(12), None, "not two integers"),
+])
+def test_a_malformed_safetensors_header_is_one_sentence(tmp_path, header, data, size, needle):
+    from edgepack.model import safetensors_layout
+
+    path = _raw_safetensors(tmp_path / "w.safetensors", header, data, size)
+    with pytest.raises(UsageError, match="w.safetensors") as info:
+        safetensors_layout(path)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_well_formed_header_passes(tmp_path):
+    from edgepack.model import safetensors_layout
+
+    header, start = safetensors_layout(_raw_safetensors(tmp_path / "w.safetensors", GOOD, bytes(12)))
+    assert set(header) == {"a", "b"} and start == (tmp_path / "w.safetensors").stat().st_size - 12

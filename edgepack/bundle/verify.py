@@ -186,6 +186,18 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
         report.checks.append("version")
     if report.failures:
         return report
+    # Every safetensors header is validated before any library reads the file.
+    from edgepack.model import safetensors_layout
+
+    for entry in manifest["files"]:
+        if entry["path"].endswith(".safetensors"):
+            try:
+                safetensors_layout(root / entry["path"])
+            except UsageError as exc:
+                report.failures.append(Failure("weights", entry["path"], str(exc)))
+    report.checks.append("weights")
+    if report.failures:
+        return report
 
     # Every field used below was validated by the schema.
     target_name = manifest["target"]["name"]
