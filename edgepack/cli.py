@@ -565,17 +565,22 @@ def _is_sharded(bundle: str) -> bool:
 @cli.command()
 @click.argument("bundle", type=str)
 @click.option("--repeats", type=click.IntRange(min=1), default=10, help="Timed runs after one warm-up.")
+@click.option("--source", "source", metavar="MODEL", default=None,
+              help="Also time the source model (as stored, on the same device) in the same run, its runs "
+                   "interleaved with the bundle's, and report the speed-up.")
 @_json_opt
-def bench(bundle: str, repeats: int, as_json: bool) -> None:
-    """Time BUNDLE on this machine at its declared workload (batch, sequence length).
+def bench(bundle: str, repeats: int, source: str | None, as_json: bool) -> None:
+    """Time BUNDLE on this machine at its declared workload (batch, sequence length); decoders
+    also batch-1 prefill latency and decode tokens/s.
 
     \b
-    Example:
+    Examples:
       edgepack bench dist/all-minilm-l6-v2-0.1.0-cpu --repeats 20
+      edgepack bench dist/all-minilm-l6-v2-0.1.0-cpu --source ./all-MiniLM-L6-v2
     """
     from edgepack.runtime import benchmark
 
-    result = benchmark(bundle, repeats=repeats)
+    result = benchmark(bundle, repeats=repeats, source=source)
     if as_json:
         _emit_json(result)
     else:
@@ -587,6 +592,13 @@ def bench(bundle: str, repeats: int, as_json: bool) -> None:
                        f"(median of runs generating {result['new_tokens']} tokens, less the prefill)")
         elif "tokens_per_s" in result:
             click.echo(f"  generating {result['new_tokens']} tokens: {result['tokens_per_s']:.1f} tokens/s")
+        if "source" in result:
+            src = result["source"]
+            click.echo(f"  source {src['model']}: median {src['median_ms']:.2f} ms, p90 {src['p90_ms']:.2f} ms "
+                       f"(the bundle is {result['speedup']:.2f}x its speed)")
+            if "decode_speedup" in result:
+                click.echo(f"  source batch 1: prefill {src['prefill_ms']:.2f} ms, decoding {src['tokens_per_s']:.1f} "
+                           f"tokens/s (the bundle decodes at {result['decode_speedup']:.2f}x)")
         if "rank_peak_bytes" in result:
             from edgepack.memory import format_size
 

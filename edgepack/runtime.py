@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from edgepack.errors import UsageError, VerificationError
 from edgepack.interfaces import PlanStep
@@ -263,11 +263,16 @@ def load(bundle: str | Path) -> Any:
     return open_bundle(bundle).model
 
 
-def benchmark(bundle: str | Path, *, repeats: int = 10) -> dict[str, Any]:
+def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | None = None) -> dict[str, Any]:
     """Latency of the bundle at its declared workload: one warm-up, then ``repeats`` timed runs
-    over the smoke inputs' first batch."""
+    over the smoke inputs' first batch; for decoders also batch-1 prefill latency and decode
+    tokens/s.
+
+    :param source: the source model directory: it is loaded as stored (stock transformers,
+        safetensors only, no code of its own) on the same device and timed in the same run, each
+        of its runs interleaved with one of the bundle's, so that ``result["source"]`` and the
+        speed-ups compare like with like on a noisy machine."""
     import statistics
-    import time
 
     import torch
     from safetensors.torch import load_file
@@ -276,64 +281,106 @@ def benchmark(bundle: str | Path, *, repeats: int = 10) -> dict[str, Any]:
 
     path, manifest = read_verified(bundle)
     if isinstance(manifest.get("parallel"), dict):
+        if source is not None:
+            raise UsageError("bench --source is not supported for sharded bundles yet")
         return _benchmark_sharded(path, manifest, repeats)
     session = open_bundle(bundle)
+    reference = _load_source(source, session) if source is not None else None
     workload = session.manifest["workload"]
     inputs = load_file(session.path / session.manifest["smoke"]["inputs"])
     batch_size = int(workload["batch_size"])
     rows = next(iter(inputs.values())).shape[0]
     index = torch.arange(batch_size) % rows  # repeat samples if the batch exceeds them
     batch = {k: v[index].to(session.device) for k, v in inputs.items()}
-    times = []
+    models = {"bundle": session.model} | ({"source": reference} if reference is not None else {})
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(repeats + 1):
-            start = time.perf_counter()
-            session.model(**batch)
-            if session.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i:
-                times.append((time.perf_counter() - start) * 1000)
-    times.sort()
+            for name, model in models.items():
+                elapsed = _timed(lambda: model(**batch), session.device)
+                if i:
+                    times[name].append(elapsed * 1000)
+
+    def summary(samples: list[float]) -> dict[str, float]:
+        samples = sorted(samples)
+        return {"median_ms": statistics.median(samples), "p90_ms": samples[min(len(samples) - 1, int(0.9 * len(samples)))]}
+
     result = {
         "bundle": str(session.path), "device": session.device, "batch_size": batch_size,
-        "seq_len": int(workload["seq_len"]), "repeats": repeats,
-        "median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "seq_len": int(workload["seq_len"]), "repeats": repeats, **summary(times["bundle"]),
     }
-    if session.task == "text-generation":
-        result.update(_decode_speed(session, {k: v[:1] for k, v in batch.items()}, repeats))
+    decode = session.task == "text-generation"
+    speeds = _decode_speeds(models, {k: v[:1] for k, v in batch.items()}, repeats, session.device) if decode else {}
+    result.update(speeds.get("bundle", {}))
+    if reference is not None:
+        result["source"] = {"model": str(source), **summary(times["source"]), **speeds.get("source", {})}
+        result["speedup"] = result["source"]["median_ms"] / result["median_ms"]
+        if decode:
+            result["decode_speedup"] = result["tokens_per_s"] / result["source"]["tokens_per_s"]
     return result
+
+
+def _load_source(source: str | Path, session: Session) -> Any:
+    """The source model for ``bench --source``: stock transformers, safetensors only, in its stored
+    dtype, on the bundle's device; UsageError for a path that is not a loadable model."""
+    from edgepack.model import ModelSource, auto_class
+
+    opened = ModelSource.open(source)  # refuses pickles and models that ask for their own code
+    if opened.facts.task != session.task:
+        raise UsageError(f"--source {source} is a {opened.facts.task} model, but the bundle is {session.task}")
+    model = auto_class(session.task).from_pretrained(opened.path, dtype="auto", local_files_only=True,
+                                                     use_safetensors=True)
+    return model.to(session.device).eval()
+
+
+def _timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds ``fn`` takes, the device's queue drained."""
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 #: Tokens generated per timed run when ``bench`` measures decoding.
 DECODE_TOKENS = 32
 
 
-def _decode_speed(session: Session, row: dict[str, Any], repeats: int) -> dict[str, Any]:
-    """Batch-1 greedy decoding from one smoke prompt: decode tokens/s (the time of generating
-    DECODE_TOKENS tokens less that of generating one, i.e. without the prefill) and the prefill
-    latency; medians of ``max(3, repeats // 2)`` runs after a warm-up."""
+def _decode_speeds(models: dict[str, Any], row: dict[str, Any], repeats: int, device: str) -> dict[str, dict[str, Any]]:
+    """Batch-1 greedy decoding from one smoke prompt, per model: decode tokens/s (the time of
+    generating DECODE_TOKENS tokens less that of generating one, i.e. without the prefill) and
+    the prefill latency; medians of ``max(3, repeats // 2)`` runs after a warm-up, the models'
+    runs interleaved."""
     import statistics
-    import time
 
     import torch
 
     from edgepack.smoke import pad_id
 
-    def run(tokens: int) -> float:
-        start = time.perf_counter()
-        session.model.generate(**row, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                               pad_token_id=pad_id(session.model))
-        if session.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+    def run(model: Any, tokens: int) -> float:
+        return _timed(lambda: model.generate(**row, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                             pad_token_id=pad_id(model)), device)
 
     runs = max(3, repeats // 2)
+    first: dict[str, list[float]] = {name: [] for name in models}
+    full: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        run(2)  # warm-up
-        first = statistics.median(run(1) for _ in range(runs))
-        full = statistics.median(run(DECODE_TOKENS) for _ in range(runs))
-    return {"prefill_ms": first * 1000, "new_tokens": DECODE_TOKENS,
-            "tokens_per_s": (DECODE_TOKENS - 1) / max(full - first, 1e-9)}
+        for model in models.values():
+            run(model, 2)  # warm-up
+        for _ in range(runs):
+            for name, model in models.items():
+                first[name].append(run(model, 1))
+                full[name].append(run(model, DECODE_TOKENS))
+    out = {}
+    for name in models:
+        one, whole = statistics.median(first[name]), statistics.median(full[name])
+        out[name] = {"prefill_ms": one * 1000, "new_tokens": DECODE_TOKENS,
+                     "tokens_per_s": (DECODE_TOKENS - 1) / max(whole - one, 1e-9)}
+    return out
 
 
 def _benchmark_sharded(path: Path, manifest: dict[str, Any], repeats: int) -> dict[str, Any]:

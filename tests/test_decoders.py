@@ -141,3 +141,21 @@ def test_bench_reports_decode_tokens_per_second(packed):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["new_tokens"] == 32 and data["tokens_per_s"] > 0 and data["prefill_ms"] > 0
+
+
+def test_bench_times_the_source_beside_the_bundle(packed, decoders):
+    """bench --source loads the source as stored and times it in the same run: latency,
+    prefill and decode tokens/s for both, and the speed-ups as ratios of the two."""
+    result = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--repeats", "2", "--json",
+                                      "--source", str(decoders["llama"])])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    source = data["source"]
+    assert source["model"] == str(decoders["llama"]) and source["median_ms"] > 0 and source["tokens_per_s"] > 0
+    assert data["speedup"] == pytest.approx(source["median_ms"] / data["median_ms"])
+    assert data["decode_speedup"] == pytest.approx(data["tokens_per_s"] / source["tokens_per_s"])
+    text = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--repeats", "1",
+                                    "--source", str(decoders["llama"])])
+    assert text.exit_code == 0 and "the bundle decodes at" in text.output
+    wrong = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--source", str(decoders["llama"] / "nope")])
+    assert wrong.exit_code == 2 and "does not exist" in wrong.output
