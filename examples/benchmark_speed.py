@@ -244,6 +244,10 @@ def encoders(args: argparse.Namespace) -> None:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # ONNX Runtime's threads spin-wait after a run by default, taking the CPU from whatever
+        # runs next (here the fp32 source of the next round, which then looks slower)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
 
         def ort_runner(file):
             session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
