@@ -231,6 +231,12 @@ def collect(pm: pluggy.PluginManager, *, disabled: Iterable[str] | None = None) 
         if base is Compressor and cls.kind not in COMPRESSOR_KINDS:
             raise PluginError(f"it registered compressor {name!r} with kind {cls.kind!r}; "
                               f"kinds are {', '.join(COMPRESSOR_KINDS)}")
+        for option in getattr(cls, "options", ()):  # a default reaches apply unparsed: it must parse
+            if getattr(option, "default", None) is not None:
+                try:
+                    option.parse(option.default, name)
+                except UsageError as exc:
+                    raise PluginError(f"it registered {what} {name!r} whose default {exc}") from None
         return name
 
     hooks = (("edgepack_register_compressors", registry.compressors, Compressor, "compressor"),

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import edgepack
 from edgepack.errors import UsageError
 from edgepack.host import ALLOW_ENV, DISABLE_ENV, PluginWarning, collect, load_registry, make_plugin_manager
-from edgepack.interfaces import Compressor, Target
+from edgepack.interfaces import Compressor, Option, Target
 
 from conftest import FakeTarget, Halve, HalvePlugin
 
@@ -195,6 +195,16 @@ def test_compressor_with_unknown_kind_is_refused(pm):
 
     pm.register(_plugin(edgepack_register_compressors=[Weird]), name="bad-plugin")
     _skips(pm, r"kind 'magic'; kinds are prune, quantize")
+
+
+def test_compressor_whose_default_its_own_option_refuses_is_refused(pm):
+    """A default reaches apply as written: one that does not parse is caught at registration."""
+    class LotsOfRatio(Halve):
+        name = "lots"
+        options = (Option("ratio", float, (), "lots", help="a ratio"),)
+
+    pm.register(_plugin(edgepack_register_compressors=[LotsOfRatio]), name="bad-plugin")
+    _skips(pm, r"compressor 'lots' whose default option lots:ratio=lots is not a valid float")
 
 
 def test_a_plugin_is_skipped_whole_when_one_of_its_classes_is_bad(pm):
