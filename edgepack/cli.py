@@ -193,11 +193,12 @@ def plan(model: str, target: str | None, budget: int | None, batch_size: int | N
     from edgepack.model import ModelSource
     from edgepack.planner import DEFAULT_FLOOR, explain, plan_model
 
+    source = ModelSource.open(model)  # read once: the plans and the task's default floor
     budget_obj, candidates = plan_model(
-        model, target=target or "cpu", budget=budget, batch_size=batch_size or 1,
+        source, target=target or "cpu", budget=budget, batch_size=batch_size or 1,
         seq_len=seq_len or 128, cache_len=cache_len,
     )
-    task = ModelSource.open(model).facts.task
+    task = source.facts.task
     floor = {"value": DEFAULT_FLOOR[task] if min_fidelity is None else min_fidelity,
              "source": "default for " + task if min_fidelity is None else "--min-fidelity"}
     if as_json:

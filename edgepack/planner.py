@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from edgepack.errors import UsageError
 from edgepack.interfaces import Compressor, ModelFacts, PlanStep, Probe, Target, Workload, parse_spec
 from edgepack.memory import PeakEstimate, estimate_plan, format_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgepack.model import ModelSource
 
 #: Order in which kinds of compression compose: shapes first, storage formats last.
 KIND_ORDER = ("prune", "precision", "sparsify", "quantize", "other", "parallel")
@@ -271,10 +274,11 @@ def explain(candidates: Sequence[Candidate], budget: Budget) -> str:
     return "\n".join(lines)
 
 
-def plan_model(model: str, *, target: str = "cpu", budget: int | str | None = None, batch_size: int = 1,
+def plan_model(model: "str | ModelSource", *, target: str = "cpu", budget: int | str | None = None, batch_size: int = 1,
                seq_len: int = 128, cache_len: int | None = None, registry: Any = None) -> tuple[Budget, list[Candidate]]:
     """Steps 1–3 of the negotiation for ``edgepack plan``: budget and ranked candidates, from
-    the model's config alone (meta device, no weights loaded)."""
+    the model's config alone (meta device, no weights loaded). ``model`` is a path, or a
+    :class:`~edgepack.model.ModelSource` the caller has opened already."""
     from edgepack.host import load_registry
     from edgepack.memory import parse_size
     from edgepack.model import ModelSource
@@ -283,7 +287,7 @@ def plan_model(model: str, *, target: str = "cpu", budget: int | str | None = No
     registry = registry or load_registry()
     tgt = registry.target(target)
     probe = tgt.planning_probe()
-    source = ModelSource.open(model)
+    source = model if isinstance(model, ModelSource) else ModelSource.open(model)
     facts = source.facts
     if facts.is_decoder:
         workload = Workload(batch_size, seq_len, cache_len or seq_len + DEFAULT_NEW_TOKENS)
