@@ -154,8 +154,8 @@ def safetensors_layout(path: Path) -> tuple[dict[str, Any], int]:
     except OSError as exc:
         raise UsageError(f"{path} cannot be read: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        header = json.loads(raw.decode("utf-8"))  # UTF-8, as the format says (bytes would also be read as UTF-16/32)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: nested too deeply
         raise UsageError(f"{path} is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise UsageError(f"{path} is not a safetensors file (its header is not a JSON object)")
@@ -178,7 +178,7 @@ def _layout_problem(header: dict[str, Any], data_bytes: int) -> str | None:
         if not isinstance(info, dict):
             return f"tensor {name!r} is not described by an object"
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:
             return f"tensor {name!r} has unknown dtype {dtype!r}"
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):

@@ -43,6 +43,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _shown(text: object) -> str:
+    """Untrusted text (a member name, a manifest key) as it goes into an error message: one
+    line, with line breaks and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _tarinfo(name: str, *, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
     """A member header with nothing of this machine in it: time 0, owner 0, fixed modes."""
     info = tarfile.TarInfo(name)
@@ -137,7 +143,7 @@ def _listed_files(archive: Path, top: str, manifest: Any) -> dict[str, int | Non
     """``{member name: declared size}`` of the files the archive's manifest lists."""
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in files):
-        raise VerificationError(f"{archive}: {top}/{MANIFEST} is not a valid manifest: "
+        raise VerificationError(f"{archive}: {_shown(top)}/{MANIFEST} is not a valid manifest: "
                                 "files must be a list of entries with path, size and sha256")
     listed: dict[str, int | None] = {}
     for entry in files:
@@ -157,15 +163,15 @@ def _check_members(archive: Path, tar: tarfile.TarFile) -> tuple[str, list[tarfi
         raise VerificationError(f"{archive}: top-level directory {top!r} has an unsafe path")
     manifest_member = next((m for m in members if m.name == f"{top}/{MANIFEST}"), None)
     if manifest_member is None or not manifest_member.isfile():
-        raise VerificationError(f"{archive} holds no {top}/{MANIFEST}")
+        raise VerificationError(f"{archive} holds no {_shown(top)}/{MANIFEST}")
     if manifest_member.size > MAX_MANIFEST_BYTES:
-        raise VerificationError(f"{archive}: {top}/{MANIFEST} is {manifest_member.size} bytes, "
+        raise VerificationError(f"{archive}: {_shown(top)}/{MANIFEST} is {manifest_member.size} bytes, "
                                 f"more than the {MAX_MANIFEST_BYTES} a manifest may have")
     data = tar.extractfile(manifest_member).read()
     try:
         manifest = strict_json(data)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and StrictJSONError are ValueErrors
-        raise VerificationError(f"{archive}: {top}/{MANIFEST} is not a valid manifest: {exc}") from None
+        raise VerificationError(f"{archive}: {_shown(top)}/{MANIFEST} is not a valid manifest: {_shown(exc)}") from None
     listed = _listed_files(archive, top, manifest)
     listed[f"{top}/{MANIFEST}"] = MAX_MANIFEST_BYTES
     listed[f"{top}/{SIGNATURE}"] = MAX_SIGNATURE_BYTES  # the one file beside the manifest it signs
@@ -243,7 +249,7 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         try:
             root.mkdir()
         except FileExistsError:
-            raise VerificationError(f"cannot extract {archive}: {root} already exists") from None
+            raise VerificationError(f"cannot extract {archive}: {_shown(root)} already exists") from None
         try:
             _extract_members(archive, tar, dest, root, members)
         except BaseException:
@@ -271,7 +277,7 @@ def _extract_members(archive: Path, tar: tarfile.TarFile, dest: Path, root: Path
         except _Corrupt as exc:
             raise _corrupt(archive, exc.args[0]) from None
         except OSError as exc:
-            raise VerificationError(f"cannot extract {archive} into {dest}: {m.name}: "
+            raise VerificationError(f"cannot extract {archive} into {dest}: {_shown(m.name)}: "
                                     f"{exc.strerror or exc}") from None
     # Read the compressed stream to its end, so its checksum (gzip's CRC-32) is verified too.
     try:
@@ -290,4 +296,4 @@ def _make_dirs(root: Path, directory: Path) -> None:
             current.mkdir()
         except FileExistsError:
             if current.is_symlink() or not current.is_dir():
-                raise VerificationError(f"{current} is not a directory") from None
+                raise VerificationError(f"{_shown(current)} is not a directory") from None
