@@ -168,6 +168,8 @@ _seq_opt = click.option("--seq-len", type=click.IntRange(min=1), default=None, h
 _fid_opt = click.option("--min-fidelity", type=click.FloatRange(0, 1), default=None,
                         help="Fidelity floor (mean cosine for encoders, top-1 agreement for decoders).")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+_code_opt = click.option("--allow-code", is_flag=True,
+                         help="Run the model's own Python code (config.json auto_map) - only after reading it.")
 
 
 @cli.command()
@@ -178,9 +180,10 @@ _json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON
 @_seq_opt
 @_fid_opt
 @click.option("--cache-len", type=click.IntRange(min=1), default=None, help="Decoders: KV-cache length.")
+@_code_opt
 @_json_opt
 def plan(model: str, target: str | None, budget: int | None, batch_size: int | None, seq_len: int | None,
-         min_fidelity: float | None, cache_len: int | None, as_json: bool) -> None:
+         min_fidelity: float | None, cache_len: int | None, allow_code: bool, as_json: bool) -> None:
     """Show the candidate plans for MODEL on a target, without loading weights.
 
     Estimates every composition of the installed compressors' options that the target
@@ -193,7 +196,7 @@ def plan(model: str, target: str | None, budget: int | None, batch_size: int | N
     from edgepack.model import ModelSource
     from edgepack.planner import DEFAULT_FLOOR, explain, plan_model
 
-    source = ModelSource.open(model)  # read once: the plans and the task's default floor
+    source = ModelSource.open(model, allow_code=allow_code)  # read once: the plans and the task's default floor
     budget_obj, candidates = plan_model(
         source, target=target or "cpu", budget=budget, batch_size=batch_size or 1,
         seq_len=seq_len or 128, cache_len=cache_len,
@@ -239,11 +242,12 @@ def _load_recipe(path: str | None) -> dict[str, Any]:
 @click.option("--sign", "sign_key", default=None, metavar="KEY",
               help="Sign the bundle with this private key (edgepack keygen) before it is published.")
 @click.option("--out", "-o", default=None, help="Directory to write the bundle into.  [required, or set in the recipe]")
+@_code_opt
 @_json_opt
 def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, ...], recipe: str | None,
          batch_size: int | None, seq_len: int | None, cache_len: int | None, min_fidelity: float | None, bundle_version: str | None,
          samples: str | None, devices: int | None, name: str | None, archive: bool | None, force: bool,
-         sign_key: str | None, out: str | None, as_json: bool) -> None:
+         sign_key: str | None, out: str | None, allow_code: bool, as_json: bool) -> None:
     """Pack MODEL for a target under a memory budget into a verified bundle.
 
     MODEL is a local Hugging Face model directory (or a hub id already in the local cache;
@@ -272,19 +276,20 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
     if not all(r.get("out") for r in requests):
         raise UsageError("missing option --out (or 'out' in the recipe)")
     if "targets" in recipe_settings:
-        _pack_many(model, workload, requests, as_json)
+        _pack_many(model, workload, requests, as_json, allow_code)
         return
-    result = pipeline.pack(model, progress=_progress, **workload, **requests[0])
+    result = pipeline.pack(model, progress=_progress, allow_code=allow_code, **workload, **requests[0])
     _print_result(result)
     if as_json:
         _emit_json(result.to_json())
 
 
-def _pack_many(model: str, workload: dict[str, Any], requests: list[dict[str, Any]], as_json: bool) -> None:
+def _pack_many(model: str, workload: dict[str, Any], requests: list[dict[str, Any]], as_json: bool,
+               allow_code: bool = False) -> None:
     """Several targets from one recipe: one bundle each; a failure stops only its target."""
     from edgepack import pipeline
 
-    outcomes = pipeline.pack_many(model, requests, progress=_progress, **workload)
+    outcomes = pipeline.pack_many(model, requests, progress=_progress, allow_code=allow_code, **workload)
     for outcome in outcomes:
         if outcome.result is not None:
             _print_result(outcome.result)
@@ -325,6 +330,7 @@ def _print_result(result: Any) -> None:
         f"bundle    {result.bundle}",
         f"plan      {_plan_text(result.manifest['plan'])}",
         f"size      {format_size(result.size_bytes)}",
+        f"content   {result.manifest['content']['digest']}",
         f"memory    predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_peak(mem['measured_peak_bytes'])}, budget {format_size(mem['budget_bytes'])}",
         f"fidelity  {fid['metric']} {fid['value']} (floor {fid['floor']})",
     ]
@@ -345,13 +351,18 @@ def _print_result(result: Any) -> None:
               help="A trusted public key (NAME.pub); repeat: any of them may have signed. A signature is then required.")
 @click.option("--min-version", default=None, metavar="V",
               help="Refuse a bundle whose version is older than V (PEP 440): no rollback.")
+@click.option("--digest", default=None, metavar="sha256:HEX",
+              help="Require this content digest: the bundle you approved (edgepack inspect prints it).")
+@_code_opt
 @_json_opt
-def verify(bundle: str, keys: tuple[str, ...], min_version: str | None, as_json: bool) -> None:
+def verify(bundle: str, keys: tuple[str, ...], min_version: str | None, digest: str | None, allow_code: bool,
+           as_json: bool) -> None:
     """Verify BUNDLE on this machine before release.
 
     Checks the format version and schema, every file's size and sha256 (changed, missing and
-    unlisted files are named), the signature (with --key: signed by one of those keys, not
-    expired), the bundle version (--min-version), loads the model on the bundle's target in a
+    unlisted files are named), the content digest (with --digest: that it is the approved
+    one), the signature (with --key: signed by one of those keys, not expired), the bundle
+    version (--min-version), loads the model on the bundle's target in a
     fresh process, compares the smoke outputs with the golden outputs, and checks peak memory
     against the budget. Exit 0 when all hold, 1 otherwise.
 
@@ -359,13 +370,17 @@ def verify(bundle: str, keys: tuple[str, ...], min_version: str | None, as_json:
     Examples:
       edgepack verify dist/all-minilm-l6-v2-0.1.0-cpu --json
       edgepack verify dist/all-minilm-l6-v2-0.1.0-cpu --key release.pub --min-version 0.1.0
+      edgepack verify dist/all-minilm-l6-v2-0.1.0-cpu.tar.gz --digest sha256:3f0c...
     """
     from edgepack.bundle.verify import verify as run_verify
     from edgepack.memory import format_size
 
-    report = run_verify(bundle, progress=_progress, keys=keys, min_version=min_version)
+    report = run_verify(bundle, progress=_progress, keys=keys, min_version=min_version, digest=digest,
+                        allow_code=allow_code)
     if report.ok:
         click.echo(f"ok: {report.bundle}")
+        if report.content_digest:
+            click.echo(f"  content {report.content_digest}")
         if report.fidelity:
             click.echo(f"  fidelity {report.fidelity['metric']} {report.fidelity['value']}")
         if report.rank_peak_bytes is not None:
@@ -441,6 +456,48 @@ def sign(bundle: str, key: str, expires: str | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("bundle", type=str)
+@click.option("--source", "model", required=True, metavar="MODEL",
+              help="The source model the bundle was packed from (its weights' sha256 must match the manifest's).")
+@click.option("--samples", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The smoke samples file the bundle was packed with, if it was.")
+@click.option("--out", default=None, metavar="DIR", help="Keep the rebuilt bundle in DIR (default: a temporary directory, removed).")
+@_code_opt
+@_json_opt
+def rebuild(bundle: str, model: str, samples: str | None, out: str | None, allow_code: bool, as_json: bool) -> None:
+    """Pack BUNDLE's recorded plan again from --source and compare the content.
+
+    The rebuild uses the target, options, workload, plan, name and version the manifest
+    records, and compares its content digest with the bundle's: the plan and options, and
+    every file of model/ and smoke/ by sha256 (not the measured memory, the machine's probe or
+    the time, which vary by nature). Each difference is named. Exit 0 when the digests are
+    equal, 1 when they differ or MODEL is not the recorded source.
+
+    \b
+    Examples:
+      edgepack rebuild dist/all-minilm-l6-v2-0.1.0-cpu --source ./all-MiniLM-L6-v2
+      SOURCE_DATE_EPOCH=1700000000 edgepack rebuild dist/x-0.1.0-cpu.tar.gz --source ./x --json
+    """
+    from edgepack.pipeline import rebuild as run_rebuild
+
+    result = run_rebuild(bundle, model, samples=samples, out=out, progress=_progress, allow_code=allow_code)
+    if result.identical:
+        click.echo(f"identical: {result.bundle}")
+        click.echo(f"  content {result.rebuilt} ({result.compared_files} files of model/ and smoke/ compared)")
+    else:
+        click.echo(f"DIFFERS: {result.bundle}")
+        click.echo(f"  recorded content {result.recorded}")
+        click.echo(f"  rebuilt content  {result.rebuilt}")
+        for key, detail in result.differences:
+            click.echo(f"  {key}: {detail}")
+    if result.kept:
+        click.echo(f"  rebuilt bundle kept at {result.kept}")
+    if as_json:
+        _emit_json(result.to_json())
+    sys.exit(0 if result.identical else 1)
+
+
+@cli.command()
+@click.argument("bundle", type=str)
 @_json_opt
 def inspect(bundle: str, as_json: bool) -> None:
     """Summarise BUNDLE's manifest: source, plan, memory, fidelity, files.
@@ -487,6 +544,9 @@ def inspect(bundle: str, as_json: bool) -> None:
     click.echo(f"  files      {len(manifest['files'])} files, {format_size(total)}")
     for f in manifest["files"]:
         click.echo(f"               {f['path']:<40} {format_size(f['size']):>10}  {f['sha256'][:12]}")
+    content = manifest.get("content")
+    click.echo(f"  content    {content['digest']}" if isinstance(content, dict) else
+               f"  content    no content digest (format {manifest['format_version']})")
     click.echo(f"  candidates {len(manifest['candidates'])} considered")
 
 
@@ -494,16 +554,22 @@ def inspect(bundle: str, as_json: bool) -> None:
 @click.argument("bundle", type=str)
 @click.argument("inputs", nargs=-1)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, help="Decoders: tokens to generate.")
+@click.option("--key", "keys", multiple=True, metavar="PUB",
+              help="Run only a bundle signed by this trusted public key (repeat: any of them).")
+@_code_opt
 @_json_opt
-def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, as_json: bool) -> None:
+def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[str, ...], allow_code: bool,
+        as_json: bool) -> None:
     """Load BUNDLE and run it on INPUT texts (or lines of standard input).
 
     Encoders print sentence embeddings (mean-pooled, normalised); decoders print greedy
-    continuations.
+    continuations. The bundle's file hashes are checked first, and its signature when it has
+    one (with --key, it must have one, by one of those keys).
 
     \b
-    Example:
+    Examples:
       edgepack run dist/all-minilm-l6-v2-0.1.0-cpu "An edge device has little memory."
+      edgepack run dist/all-minilm-l6-v2-0.1.0-cpu --key release.pub "Signed bundles only."
     """
     from edgepack.runtime import open_bundle
 
@@ -516,12 +582,12 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, as_json: bool
     if _is_sharded(bundle):  # every rank through torchrun, the outputs from rank 0
         from edgepack.runtime import run_sharded
 
-        result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=_progress)
+        result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=_progress, keys=keys)
         task = "text-generation" if "texts" in result else "feature-extraction"
         generated, vectors = result.get("texts"), result.get("embeddings")
         extra = {"rank_peak_bytes": result["rank_peak_bytes"]}
     else:
-        session = open_bundle(bundle)
+        session = open_bundle(bundle, keys=keys, allow_code=allow_code)
         task = session.task
         generated = session.generate(texts, max_new_tokens=max_new_tokens) if task == "text-generation" else None
         vectors = session.embed(texts) if generated is None else None
@@ -569,8 +635,9 @@ def _is_sharded(bundle: str) -> bool:
 @click.option("--source", "source", metavar="MODEL", default=None,
               help="Also time the source model (as stored, on the same device) in the same run, its runs "
                    "interleaved with the bundle's, and report the speed-up.")
+@_code_opt
 @_json_opt
-def bench(bundle: str, repeats: int, source: str | None, as_json: bool) -> None:
+def bench(bundle: str, repeats: int, source: str | None, allow_code: bool, as_json: bool) -> None:
     """Time BUNDLE on this machine at its declared workload (batch, sequence length); decoders
     also batch-1 prefill latency and decode tokens/s.
 
@@ -581,7 +648,7 @@ def bench(bundle: str, repeats: int, source: str | None, as_json: bool) -> None:
     """
     from edgepack.runtime import benchmark
 
-    result = benchmark(bundle, repeats=repeats, source=source)
+    result = benchmark(bundle, repeats=repeats, source=source, allow_code=allow_code)
     if as_json:
         _emit_json(result)
     else:

@@ -77,6 +77,37 @@ def custom_code(raw_config: Any) -> str:
     return "; ".join(found)
 
 
+# ---------------------------------------------------------------------------------------------
+# A model's own code: never run, unless the user allowed it for that directory (--allow-code)
+
+#: Directories (real paths) whose own Python code the user allowed this process to run. Only
+#: for them does edgepack pass ``trust_remote_code=True`` to transformers (see
+#: :func:`code_kwargs`); nothing else ever runs a model directory's code.
+_CODE_ALLOWED: set[str] = set()
+
+
+def allow_code_of(model_dir: str | os.PathLike) -> None:
+    """Let this process run the Python code of ``model_dir`` (``--allow-code``)."""
+    _CODE_ALLOWED.add(os.path.realpath(model_dir))
+
+
+def code_kwargs(where: Any) -> dict[str, Any]:
+    """``{"trust_remote_code": True}`` for a directory (or a config read from one) whose code
+    the user allowed, else ``{}``: transformers then uses its own classes and runs nothing."""
+    path = getattr(where, "_name_or_path", where)
+    try:
+        allowed = bool(path) and os.path.realpath(path) in _CODE_ALLOWED
+    except (TypeError, ValueError):
+        allowed = False
+    return {"trust_remote_code": True} if allowed else {}
+
+
+def code_files(model_dir: Path) -> list[str]:
+    """The Python files of a model directory (its top level, where transformers looks for
+    ``auto_map`` modules), sorted; links are not followed."""
+    return sorted(p.name for p in Path(model_dir).glob("*.py") if p.is_file() and not p.is_symlink())
+
+
 def task_of(config: Any) -> str:
     """``text-generation`` for causal-LM architectures, else ``feature-extraction``."""
     archs = getattr(config, "architectures", None) or []
@@ -363,10 +394,16 @@ class ModelSource:
     config: Any
     facts: ModelFacts
     weight_files: list[Path] = field(default_factory=list)
+    #: sha256 of the directory's Python files by name, when its code was allowed and asked for.
+    code: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, model: str | os.PathLike) -> "ModelSource":
+    def open(cls, model: str | os.PathLike, *, allow_code: bool = False) -> "ModelSource":
         """Open a model directory (or a cached hub id) and read its facts on the meta device.
+
+        A config that asks for the directory's own code (``auto_map``, ``trust_remote_code``)
+        is refused unless ``allow_code``; then that code runs in this process when the model is
+        read (see :func:`allow_code_of`), and :attr:`code` holds its files' sha256.
 
         Raises UsageError for a missing path, a directory that is not a model, or pickled weights.
         """
@@ -389,16 +426,23 @@ class ModelSource:
         except (OSError, ValueError) as exc:
             raise UsageError(f"{config_path} is not valid JSON: {exc}") from None
         code = custom_code(raw_config)
-        if code:
+        code_hashes: dict[str, str] = {}
+        if code and not allow_code:
             raise UsageError(
                 f"{config_path} asks to run the model's own code ({code}); edgepack runs only the model "
-                "classes that ship with transformers, never Python files from a model directory"
+                "classes that ship with transformers unless you pass --allow-code (after reading that code)"
             )
+        if code:
+            code_hashes = {name: sha256_file(path / name) for name in code_files(path)}
+            if not code_hashes:
+                raise UsageError(f"{config_path} asks for the model's own code ({code}), but {path} holds no "
+                                 "Python files")
+            allow_code_of(path)
 
         import transformers
 
         try:
-            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **code_kwargs(path))
         except (ValueError, KeyError, OSError) as exc:
             raise UsageError(f"{config_path} is not a config transformers can read: {exc}") from None
         task = task_of(config)
@@ -414,7 +458,7 @@ class ModelSource:
             linear_shapes=tuple(shapes),
             **_architecture_numbers(config, config_path),
         )
-        return cls(path=path, config=config, facts=facts, weight_files=weights)
+        return cls(path=path, config=config, facts=facts, weight_files=weights, code=code_hashes)
 
     @property
     def slug(self) -> str:
@@ -435,7 +479,8 @@ class ModelSource:
 
         cls = auto_class(self.facts.task)
         # use_safetensors: never fall back to a pickled checkpoint lying beside the weights
-        model = cls.from_pretrained(self.path, local_files_only=True, dtype=torch.float32, use_safetensors=True)
+        model = cls.from_pretrained(self.path, local_files_only=True, dtype=torch.float32, use_safetensors=True,
+                                    **code_kwargs(self.path))
         return model.eval()
 
     def ignored_files(self) -> list[str]:
@@ -505,9 +550,9 @@ def empty_model(model_dir: Path, dtype: Any) -> Any:
     import transformers
     from accelerate import init_empty_weights
 
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True, **code_kwargs(model_dir))
     with init_empty_weights(include_buffers=False):
-        return auto_class(task_of(config)).from_config(config, dtype=dtype)
+        return auto_class(task_of(config)).from_config(config, dtype=dtype, **code_kwargs(model_dir))
 
 
 def assign_weights(model: Any, tensors: dict[str, Any], file: Path) -> Any:

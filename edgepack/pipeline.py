@@ -54,6 +54,7 @@ class PackResult:
             "bundle": str(self.bundle),
             "archive": str(self.archive) if self.archive else None,
             "signed_by": self.signed_by,
+            "content_digest": self.manifest["content"]["digest"],
             "plan": self.manifest["plan"],
             "memory": {k: memory[k] for k in ("budget_bytes", "predicted_peak_bytes", "measured_peak_bytes")},
             "fidelity": {k: self.manifest["fidelity"][k] for k in ("metric", "value", "floor")},
@@ -89,10 +90,14 @@ def _write_readme(path: Path, manifest: dict[str, Any]) -> None:
         f"{s['plugin']}({', '.join(f'{k}={format_option_value(v)}' for k, v in sorted(s['options'].items()))})" for s in manifest["plan"]
     ) or "none (the original weights)"
     loader = manifest["model"]["loader"]
+    code = manifest["model"].get("code")
     how = (
         "`transformers.AutoModel.from_pretrained(\"model\")` (stock transformers) or `edgepack.load(\".\")`"
         if loader is None else f"`edgepack.load(\".\")` (the `{loader}` plugin restores its weights)"
     )
+    if code:
+        how = (f"`edgepack.load(\".\", allow_code=True)` (or `trust_remote_code=True` in transformers): the model "
+               f"runs its own code, {', '.join(f'`{c}`' for c in code)}; read it first")
     rows = "\n".join(
         f"| {c['spec']} | {format_size(c['estimated_peak_bytes'])} | "
         f"{format_size((c.get('measured') or {}).get('peak_bytes'))} | "
@@ -232,8 +237,12 @@ def check_smoke_tokens(tokenizer: Any, inputs: dict[str, Any], vocab_size: int, 
 
 
 def open_source(model: str | Path, *, samples: str | Path | None = None, batch_size: int = 1, seq_len: int = 128,
-                cache_len: int | None = None, progress: Callable[[str], None] = _progress_default) -> SourceSession:
-    """Open a model for packing and check the workload against it (UsageError on bad input)."""
+                cache_len: int | None = None, progress: Callable[[str], None] = _progress_default,
+                allow_code: bool = False) -> SourceSession:
+    """Open a model for packing and check the workload against it (UsageError on bad input).
+
+    :param allow_code: run the model directory's own code when its config asks for it (see
+        :meth:`edgepack.model.ModelSource.open`); it is then copied into the bundle."""
     from edgepack.model import ModelSource
     from edgepack.smoke import DEFAULT_SAMPLES, read_samples
 
@@ -242,7 +251,9 @@ def open_source(model: str | Path, *, samples: str | Path | None = None, batch_s
             raise UsageError(f"{flag} must be at least 1, got {value}")
     sample_texts = read_samples(samples) if samples is not None else list(DEFAULT_SAMPLES)
     progress(f"reading {model}")
-    source = ModelSource.open(model)
+    source = ModelSource.open(model, allow_code=allow_code)
+    if source.code:
+        progress(f"running the model's own code, as --allow-code allows: {', '.join(sorted(source.code))}")
     ignored = source.ignored_files()
     if ignored:
         progress(f"reading the safetensors weights; ignoring {', '.join(ignored)} (edgepack never unpickles)")
@@ -340,13 +351,15 @@ class PackRequest:
 
 def pack(model: str | Path, *, batch_size: int = 1, seq_len: int = 128, cache_len: int | None = None,
          samples: str | Path | None = None, progress: Callable[[str], None] = _progress_default,
-         registry: Any = None, **settings: Any) -> PackResult:
+         registry: Any = None, allow_code: bool = False, **settings: Any) -> PackResult:
     """Pack a model for one target under a memory budget and write a verified bundle.
 
     :param model: a local Hugging Face model directory (or a hub id already in the local cache).
     :param batch_size: declared batch size; ``seq_len``: declared sequence length; ``cache_len``:
         decoders' KV-cache length.
     :param samples: file of smoke sample texts (JSON list or one per line).
+    :param allow_code: run (and copy into the bundle) the model directory's own code when its
+        config asks for it (``--allow-code``); refused otherwise.
     :param settings: the fields of :class:`PackRequest` (target, out, budget, apply, ...).
     :raises UsageError: bad input (exit 2); NoPlanFits: nothing fits (exit 3);
         VerificationError: a fixed plan misses the fidelity floor (exit 1).
@@ -354,7 +367,7 @@ def pack(model: str | Path, *, batch_size: int = 1, seq_len: int = 128, cache_le
     request = PackRequest.from_settings(settings)
     request.check()
     session = open_source(model, samples=samples, batch_size=batch_size, seq_len=seq_len,
-                          cache_len=cache_len, progress=progress)
+                          cache_len=cache_len, progress=progress, allow_code=allow_code)
     return pack_target(session, request, progress=progress, registry=registry)
 
 
@@ -377,7 +390,7 @@ class PackFailed(EdgepackError):
 def pack_many(model: str | Path, targets: Sequence[PackRequest | dict[str, Any]], *, batch_size: int = 1,
               seq_len: int = 128, cache_len: int | None = None, samples: str | Path | None = None,
               progress: Callable[[str], None] = _progress_default, registry: Any = None,
-              **shared: Any) -> list[TargetOutcome]:
+              allow_code: bool = False, **shared: Any) -> list[TargetOutcome]:
     """Pack one model for several targets in one run: the model, its golden outputs and the
     calibration inputs are loaded and computed once.
 
@@ -392,7 +405,7 @@ def pack_many(model: str | Path, targets: Sequence[PackRequest | dict[str, Any]]
         request.check()
     registry = registry or load_registry()
     session = open_source(model, samples=samples, batch_size=batch_size, seq_len=seq_len,
-                          cache_len=cache_len, progress=progress)
+                          cache_len=cache_len, progress=progress, allow_code=allow_code)
     seen: dict[str, int] = {}
     for index, request in enumerate(requests):
         bundle = request.bundle_name(session.source.slug)
@@ -477,6 +490,12 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
         chosen: Candidate | None = None
         measured_result = None
         for index, candidate in enumerate(fitting[:MAX_MEASURED]):
+            if source.code and sharded_as(candidate.steps) is not None:
+                reason = "a sharded plan cannot run the model's own code (--allow-code): its ranks load stock classes"
+                if apply:
+                    raise UsageError(f"plan {candidate.spec}: {reason}")
+                candidate.rejected_because = reason
+                continue
             progress(f"applying plan {candidate.spec} (candidate {index + 1} of {min(len(fitting), MAX_MEASURED)})")
             model = copy.deepcopy(original)
             context = ApplyContext(tgt, probe, facts, calibration, progress)
@@ -512,12 +531,16 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             for rel in source.side_files():
                 (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source.path / rel, model_dir / rel)
+            for name in source.code:  # the model's own code, as read (save_pretrained may copy it too)
+                shutil.copyfile(source.path / name, model_dir / name)
             sharding = sharded_as(candidate.steps)
             where = probe_target if sharding is None else (
                 f"{sharding[0]} ranks ({rank_device(tgt, probe)}, launched with torchrun)")
             progress(f"loading the packed model in a fresh process and running the smoke inputs on {where}")
             measure = dict(task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
                            batch_size=session.batch_size, target_options=dict(tgt.settings))
+            if source.code:
+                measure["allow_code"] = True
             if sharding is not None:
                 measure.update(ranks=sharding[0], device=rank_device(tgt, probe))
             try:
@@ -723,14 +746,17 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
             "plugins": plugins,
             "requires": requires,
         },
-        "source": {"model": str(source.path), "sha256": source.weights_sha256()},
+        "source": {"model": str(source.path), "sha256": source.weights_sha256(),
+                   **({"code": dict(source.code)} if source.code else {})},
         "model": {
             "task": source.facts.task,
             "model_type": source.facts.model_type,
             "architecture": source.facts.architecture,
             "num_parameters": source.facts.num_parameters,
             "loader": loader,
-            "stock_transformers": loader is None,
+            "stock_transformers": loader is None and not source.code,
+            # the model's own Python files (--allow-code): loading runs them
+            **({"code": [f"model/{name}" for name in sorted(source.code)]} if source.code else {}),
         },
         "target": {
             "name": target.name,
@@ -759,3 +785,110 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
             "count": samples,
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Rebuild: pack the recorded plan again and compare the content
+
+
+@dataclass
+class RebuildResult:
+    """The outcome of :func:`rebuild`: the bundle's content digest beside the rebuild's, and
+    where their content differs (empty when the digests are equal)."""
+
+    bundle: str
+    recorded: str
+    rebuilt: str
+    differences: list[tuple[str, str]]
+    #: Files the comparison covered (those of ``model/`` and ``smoke/``).
+    compared_files: int
+    #: Where the rebuilt bundle was kept (``out``), None when it was removed.
+    kept: Path | None = None
+
+    @property
+    def identical(self) -> bool:
+        """Whether the rebuild has the bundle's content digest."""
+        return self.recorded == self.rebuilt
+
+    def to_json(self) -> dict[str, Any]:
+        """``rebuild --json`` output."""
+        return {"bundle": self.bundle, "identical": self.identical, "recorded_digest": self.recorded,
+                "rebuilt_digest": self.rebuilt, "compared_files": self.compared_files,
+                "differences": [{"key": key, "detail": detail} for key, detail in self.differences],
+                "kept": str(self.kept) if self.kept else None}
+
+
+def rebuild_request(manifest: dict[str, Any], out: str | Path) -> PackRequest:
+    """The pack request that re-runs a bundle's recorded plan: its target with the recorded
+    options, its plan as a fixed plan, its name, version and fidelity floor, and its budget
+    when the user chose it (a budget negotiated from the packing machine's memory is
+    negotiated afresh here; it does not shape the content of a fixed plan)."""
+    target = manifest["target"]
+    options = target.get("options") or {}
+    spec = target["name"] + (":" + ",".join(f"{k}={format_option_value(v)}" for k, v in sorted(options.items()))
+                             if options else "")
+    budget = manifest["budget"]
+    return PackRequest(
+        target=spec, out=out, apply=[{"plugin": step["plugin"], **step["options"]} for step in manifest["plan"]],
+        budget=budget["bytes_per_device"] if budget.get("source") == "user" else None,
+        min_fidelity=manifest["fidelity"]["floor"], version=manifest["bundle"]["version"],
+        name=manifest["bundle"]["name"], devices=target["devices"] if target["devices"] > 1 else None,
+    )
+
+
+def rebuild(bundle: str | Path, model: str | Path, *, samples: str | Path | None = None,
+            out: str | Path | None = None, progress: Callable[[str], None] = _progress_default,
+            registry: Any = None, allow_code: bool = False) -> RebuildResult:
+    """Pack ``model`` again with the plan, target, workload, name and version that ``bundle``
+    records, and compare the rebuild's content with the bundle's, field by field and file by
+    file (see :func:`edgepack.bundle.manifest.content_differences`).
+
+    Reproducible packing gives the same content digest for the same source, options and
+    edgepack and plugin versions; a difference names what changed. The rebuild is written to
+    a temporary directory and removed, or kept in ``out``.
+
+    :param samples: the smoke samples file the bundle was packed with, if it was (its smoke
+        inputs differ otherwise).
+    :raises VerificationError: the bundle fails its integrity check, or ``model`` is not the
+        source it was packed from (exit 1); UsageError: bad input (exit 2).
+    """
+    import tempfile
+
+    from edgepack.bundle.manifest import content_differences, content_digest
+    from edgepack.bundle.reader import read_verified
+
+    root, manifest = read_verified(bundle)
+    recorded = (manifest.get("content") or {}).get("digest") or content_digest(manifest)
+    workload = manifest["workload"]
+    session = open_source(model, samples=samples, batch_size=workload["batch_size"], seq_len=workload["seq_len"],
+                          cache_len=workload.get("cache_len"), progress=progress, allow_code=allow_code)
+    actual = session.source.weights_sha256()
+    if actual != manifest["source"]["sha256"]:
+        raise VerificationError(
+            f"{model} is not the source bundle {root.name} was packed from: its weight files' sha256 "
+            f"({_digests(actual)}) differ from the recorded source.sha256 ({_digests(manifest['source']['sha256'])})")
+    workdir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgepack-rebuild-"))
+    try:
+        request = rebuild_request(manifest, workdir)
+        progress(f"rebuilding {root.name}: plan {', '.join(_plan_step_spec(s) for s in manifest['plan']) or 'none'} "
+                 f"for {request.target}")
+        result = pack_target(session, request, progress=progress, registry=registry)
+        rebuilt = result.manifest
+        differences = content_differences(manifest, rebuilt)
+        compared = sum(1 for e in rebuilt["files"] if e["path"] != "README.md")
+        return RebuildResult(str(bundle), recorded, rebuilt["content"]["digest"], differences, compared,
+                             kept=result.bundle if out is not None else None)
+    finally:
+        if out is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _plan_step_spec(step: dict[str, Any]) -> str:
+    """A manifest plan entry as ``--apply`` spells it."""
+    from edgepack.interfaces import PlanStep
+
+    return PlanStep(step["plugin"], step.get("version", ""), step.get("options") or {}).spec()
+
+
+def _digests(sha: dict[str, str]) -> str:
+    return ", ".join(f"{name} {digest[:12]}..." for name, digest in sorted(sha.items())) or "no weight files"

@@ -27,7 +27,7 @@ def warm_up(config: Any, task: str, inputs: dict[str, Any], batch_size: int, dev
 
     import torch
 
-    from edgepack.model import auto_class
+    from edgepack.model import auto_class, code_kwargs
     from edgepack.smoke import run_outputs
 
     tiny = copy.deepcopy(config)
@@ -44,7 +44,7 @@ def warm_up(config: Any, task: str, inputs: dict[str, Any], batch_size: int, dev
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""), torch.float32)
-    model = auto_class(task).from_config(tiny).to(device=device, dtype=dtype).eval()
+    model = auto_class(task).from_config(tiny, **code_kwargs(tiny)).to(device=device, dtype=dtype).eval()
     batch = {k: v[:batch_size] for k, v in inputs.items()}
     batch["input_ids"] = batch["input_ids"] % vocab
     run_outputs(model, batch, task, batch_size, new_tokens=2, device=device)
@@ -97,6 +97,7 @@ def main(spec_path: str) -> None:
 
     from edgepack.host import load_registry
     from edgepack.interfaces import PlanStep
+    from edgepack.model import allow_code_of, code_kwargs
     from edgepack.runtime import load_model_dir
     from edgepack.smoke import INPUTS_FILE, run_outputs
 
@@ -107,7 +108,10 @@ def main(spec_path: str) -> None:
     target = registry.target(spec["target"], options=spec.get("target_options") or {})
     steps = [PlanStep(s["plugin"], s["version"], s["options"]) for s in spec["steps"]]
     inputs = load_file(bundle_dir / INPUTS_FILE)
-    config = transformers.AutoConfig.from_pretrained(bundle_dir / "model", local_files_only=True)
+    if spec.get("allow_code"):  # the bundle's own code, which the user allowed (--allow-code)
+        allow_code_of(bundle_dir / "model")
+    config = transformers.AutoConfig.from_pretrained(bundle_dir / "model", local_files_only=True,
+                                                     **code_kwargs(bundle_dir / "model"))
     probe = target.probe()  # describing the machine is not part of loading the bundle
     warm_up(config, spec["task"], inputs, spec["batch_size"], target.device_type)
     # A first load and one batch pay what the plan's kernels cost the process once (kernel

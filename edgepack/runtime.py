@@ -97,7 +97,7 @@ def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loa
     :returns: (model in eval mode on the target's device, the target's probe)
     """
     from edgepack.host import load_registry
-    from edgepack.model import auto_class
+    from edgepack.model import auto_class, code_kwargs
 
     registry = registry or load_registry()
     target = target or registry.target(target_name)
@@ -112,7 +112,8 @@ def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loa
             raise VerificationError(f"manifest names loader {loader!r}, which is not in its plan")
         model = registry.compressor(loader).restore(model_dir, step.options, target.device_type)
     else:
-        model = auto_class(task).from_pretrained(model_dir, dtype="auto", local_files_only=True, use_safetensors=True)
+        model = auto_class(task).from_pretrained(model_dir, dtype="auto", local_files_only=True, use_safetensors=True,
+                                                 **code_kwargs(model_dir))
     for step in steps:
         model = registry.compressor(step.plugin).prepare(model, step.options, target.device_type, probe)
     model = target.place(model, probe)
@@ -164,8 +165,10 @@ class Session:
 
 
 def run_sharded(bundle: str | Path, texts: list[str] | None = None, *, tensors: dict[str, Any] | None = None,
-                max_new_tokens: int = 32, job: str = "run", repeats: int = 10, progress: Any = None) -> dict[str, Any]:
-    """Run a sharded (multi-device) bundle on ``texts``: integrity first, then every rank
+                max_new_tokens: int = 32, job: str = "run", repeats: int = 10, progress: Any = None,
+                keys: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run a sharded (multi-device) bundle on ``texts``: integrity and signature first (``keys``
+    as in :func:`open_bundle`), then every rank
     through torchrun (:mod:`edgepack.launch`), each reading only its own shard. Returns
     ``{"embeddings" | "texts", "rank_peak_bytes", "seconds"?, "device", "world_size"}``;
     ``job="bench"`` times ``repeats`` runs after one warm-up."""
@@ -180,7 +183,7 @@ def run_sharded(bundle: str | Path, texts: list[str] | None = None, *, tensors: 
     from edgepack.pipeline import rank_device
     from edgepack.smoke import probe_threads, probe_timeout
 
-    path, manifest = read_verified(bundle)
+    path, manifest = read_verified(bundle, keys)
     parallel = manifest.get("parallel")
     if not isinstance(parallel, dict):
         raise UsageError(f"{path} is not a sharded bundle")
@@ -226,21 +229,32 @@ def run_sharded(bundle: str | Path, texts: list[str] | None = None, *, tensors: 
     return out
 
 
-def open_bundle(bundle: str | Path) -> Session:
-    """Check a bundle's integrity, then load its model and tokenizer on this machine."""
+def open_bundle(bundle: str | Path, *, keys: Sequence[Any] = (), allow_code: bool = False) -> Session:
+    """Check a bundle's integrity and signature (with trusted ``keys``: signed by one of them;
+    see :func:`edgepack.bundle.reader.read_verified`), then load its model and tokenizer on
+    this machine. A bundle holding the model's own code (``model.code``) is refused unless
+    ``allow_code``, which lets that code run."""
     import transformers
 
     from edgepack.bundle.reader import read_verified
 
     from edgepack.host import load_registry
 
-    path, manifest = read_verified(bundle)
+    path, manifest = read_verified(bundle, keys)
     if isinstance(manifest.get("parallel"), dict):
         world = manifest["parallel"]["world_size"]
         raise UsageError(
             f"{path} is split into {world} shards that run as one process per rank: use edgepack run / bench / "
             f"verify (they launch the ranks with torchrun) or launch them yourself: {manifest['parallel']['launch']}"
         )
+    code = manifest["model"].get("code") or []
+    if code and not allow_code:
+        raise UsageError(f"{path} holds the model's own Python code ({', '.join(code)}), which loading it would "
+                         "run; pass --allow-code (allow_code=True) once you have read that code")
+    if code:
+        from edgepack.model import allow_code_of
+
+        allow_code_of(path / "model")
     registry = load_registry()
     problems = requirement_problems(manifest, registry)
     if problems:
@@ -258,12 +272,15 @@ def open_bundle(bundle: str | Path) -> Session:
     return Session(path, manifest, model, tokenizer, device)
 
 
-def load(bundle: str | Path) -> Any:
-    """The bundle's model, integrity checked first, in eval mode on this machine's device."""
-    return open_bundle(bundle).model
+def load(bundle: str | Path, *, keys: Sequence[Any] = (), allow_code: bool = False) -> Any:
+    """The bundle's model, integrity and signature checked first (``keys``: trusted public
+    keys, one of which must have signed it), in eval mode on this machine's device
+    (``allow_code``: see :func:`open_bundle`)."""
+    return open_bundle(bundle, keys=keys, allow_code=allow_code).model
 
 
-def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | None = None) -> dict[str, Any]:
+def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | None = None,
+              allow_code: bool = False) -> dict[str, Any]:
     """Latency of the bundle at its declared workload: one warm-up, then ``repeats`` timed runs
     over the smoke inputs' first batch; for decoders also batch-1 prefill latency and decode
     tokens/s.
@@ -271,7 +288,8 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     :param source: the source model directory: it is loaded as stored (stock transformers,
         safetensors only, no code of its own) on the same device and timed in the same run, each
         of its runs interleaved with one of the bundle's, so that ``result["source"]`` and the
-        speed-ups compare like with like on a noisy machine."""
+        speed-ups compare like with like on a noisy machine.
+    :param allow_code: run the bundle's (and the source's) own code, as :func:`open_bundle`."""
     import statistics
 
     import torch
@@ -284,8 +302,8 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
         if source is not None:
             raise UsageError("bench --source is not supported for sharded bundles yet")
         return _benchmark_sharded(path, manifest, repeats)
-    session = open_bundle(bundle)
-    reference = _load_source(source, session) if source is not None else None
+    session = open_bundle(bundle, allow_code=allow_code)
+    reference = _load_source(source, session, allow_code) if source is not None else None
     workload = session.manifest["workload"]
     inputs = load_file(session.path / session.manifest["smoke"]["inputs"])
     batch_size = int(workload["batch_size"])
@@ -320,16 +338,16 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     return result
 
 
-def _load_source(source: str | Path, session: Session) -> Any:
+def _load_source(source: str | Path, session: Session, allow_code: bool = False) -> Any:
     """The source model for ``bench --source``: stock transformers, safetensors only, in its stored
     dtype, on the bundle's device; UsageError for a path that is not a loadable model."""
-    from edgepack.model import ModelSource, auto_class
+    from edgepack.model import ModelSource, auto_class, code_kwargs
 
-    opened = ModelSource.open(source)  # refuses pickles and models that ask for their own code
+    opened = ModelSource.open(source, allow_code=allow_code)  # refuses pickles, and own code unless allowed
     if opened.facts.task != session.task:
         raise UsageError(f"--source {source} is a {opened.facts.task} model, but the bundle is {session.task}")
     model = auto_class(session.task).from_pretrained(opened.path, dtype="auto", local_files_only=True,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, **code_kwargs(opened.path))
     return model.to(session.device).eval()
 
 

@@ -461,7 +461,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                              timeout: float | None = None, repeats: int = 1,
                              threads: int | None = None, ranks: int = 1,
                              target_options: dict[str, Any] | None = None,
-                             device: str = "cpu") -> ProbeResult:
+                             device: str = "cpu", allow_code: bool = False) -> ProbeResult:
     """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
     ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
 
@@ -471,6 +471,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     :param threads: intra-op threads of the measuring process (default :func:`probe_threads`).
     :param target_options: the target's options as the manifest records them (the probe
         and the loading run on the target they describe).
+    :param allow_code: the measuring process may run the bundle's own code (``model.code``,
+        ``--allow-code``); without it, that code is never run.
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -506,6 +508,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "new_tokens": new_tokens,
                 "threads": threads,
                 "outputs": str(Path(tmp) / f"outputs-{attempt}.safetensors"),
+                "allow_code": bool(allow_code),
             }
             spec_path = Path(tmp) / f"spec-{attempt}.json"
             spec_path.write_text(json.dumps(spec))

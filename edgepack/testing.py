@@ -130,6 +130,42 @@ def build_encoder(out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
     return out
 
 
+#: The model code :func:`build_custom_code_encoder` writes: a BERT whose output features are
+#: rolled by one place, so that outputs tell whether this code ran or stock BERT did.
+CUSTOM_CODE = {
+    "configuration_rolled.py": (
+        "from transformers import BertConfig\n\n\n"
+        "class RolledBertConfig(BertConfig):\n"
+        "    model_type = \"bert\"\n"
+    ),
+    "modeling_rolled.py": (
+        "from transformers import BertModel\n\n"
+        "from .configuration_rolled import RolledBertConfig\n\n\n"
+        "class RolledBertModel(BertModel):\n"
+        "    config_class = RolledBertConfig\n\n"
+        "    def forward(self, *args, **kwargs):\n"
+        "        out = super().forward(*args, **kwargs)\n"
+        "        out.last_hidden_state = out.last_hidden_state.roll(1, dims=-1)\n"
+        "        return out\n"
+    ),
+}
+
+
+def build_custom_code_encoder(out_dir: str | Path, seed: int = 0) -> Path:
+    """:func:`build_encoder` with model code of its own (:data:`CUSTOM_CODE`, named by
+    ``config.json``'s ``auto_map``): edgepack reads it only with ``--allow-code``."""
+    import json
+
+    out = build_encoder(out_dir, seed=seed)
+    for name, text in CUSTOM_CODE.items():
+        (out / name).write_text(text)
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_rolled.RolledBertConfig",
+                          "AutoModel": "modeling_rolled.RolledBertModel"}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
 def build_model(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     """``encoder`` (:func:`build_encoder`), ``decoder`` (a Llama-style :func:`build_decoder`)
     or one of :data:`DECODERS`, written to ``out_dir``."""

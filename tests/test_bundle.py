@@ -16,7 +16,9 @@ import pytest
 from edgepack.bundle import writer as writer_module
 from edgepack.bundle.archive import create_archive, safe_extract
 from edgepack.bundle.manifest import (
-    FORMAT, MANIFEST, canonical_json, integrity_failures, schema_failures,
+    CONTENT_SCHEME, FORMAT, MANIFEST, canonical_json, content_differences, content_digest, content_failures,
+    content_section, integrity_failures,
+    schema_failures,
 )
 from edgepack.bundle.reader import check_integrity, open_path, read_manifest, read_verified
 from edgepack.bundle.verify import verify
@@ -38,8 +40,15 @@ FILES = {
 
 
 def valid_manifest() -> dict:
-    """A manifest that satisfies the format 1.0 schema (``files`` is added by commit)."""
+    """A manifest that satisfies the schema once commit adds ``files`` and ``content``."""
     return format_manifest()
+
+
+def finished_manifest(**sections) -> dict:
+    """:func:`valid_manifest` with what commit adds: ``files`` (none here) and ``content``."""
+    manifest = dict(valid_manifest(), **{"files": [], **sections})
+    manifest["content"] = content_section(manifest)
+    return manifest
 
 
 def write_bundle(out: Path, name: str = "tiny-0.1.0-cpu", files: dict | None = None,
@@ -150,8 +159,14 @@ def test_files_list_is_sorted_complete_and_correct(bundle):
 
 def test_commit_keeps_the_manifest_it_was_given(bundle):
     manifest = load_manifest(bundle)
-    expected = dict(valid_manifest(), files=manifest["files"])
+    expected = dict(valid_manifest(), files=manifest["files"], content=manifest["content"])
     assert manifest == expected
+
+
+def test_commit_records_the_content_digest_of_the_final_files(bundle):
+    manifest = load_manifest(bundle)
+    assert manifest["content"] == {"scheme": CONTENT_SCHEME, "digest": content_digest(manifest)}
+    assert content_failures(manifest) == []
 
 
 def test_file_modes_are_0644_and_dirs_0755(bundle):
@@ -320,7 +335,48 @@ def test_verify_reports_unknown_format_version(bundle):
 
 
 def test_valid_manifest_has_no_schema_failures():
-    assert schema_failures(dict(valid_manifest(), files=[])) == []
+    assert schema_failures(finished_manifest()) == []
+
+
+def test_content_digest_is_required_from_format_1_1_and_optional_before():
+    manifest = finished_manifest()
+    del manifest["content"]
+    assert [(f.path, f.detail) for f in schema_failures(manifest)] == [
+        ("manifest.json:content", "required key is missing (format 1.1 and later manifests carry a content digest)")]
+    assert schema_failures(dict(manifest, format_version="1.0")) == []
+
+
+@pytest.mark.parametrize("content, key", [
+    ({"scheme": "edgepack-content/9", "digest": "sha256:" + "0" * 64}, "content.scheme"),
+    ({"scheme": "edgepack-content/1", "digest": "0" * 64}, "content.digest"),
+    ({"scheme": "edgepack-content/1", "digest": "sha512:" + "0" * 64}, "content.digest"),
+    ({"digest": "sha256:" + "0" * 64}, "content.scheme"),
+])
+def test_malformed_content_section_is_named(content, key):
+    failures = schema_failures(dict(finished_manifest(), content=content))
+    assert [f.path for f in failures] == [f"manifest.json:{key}"]
+
+
+def test_content_digest_covers_content_and_not_the_record_of_the_build():
+    base = finished_manifest(files=[{"path": "model/a.bin", "size": 1, "sha256": "a" * 64},
+                                    {"path": "README.md", "size": 1, "sha256": "b" * 64}])
+    digest = content_digest(base)
+    varying = copy.deepcopy(base)
+    varying["bundle"]["created"] = "2030-01-01T00:00:00+00:00"
+    varying["memory"]["measured_peak_bytes"] = 12345
+    varying["budget"]["bytes_per_device"] = 999
+    varying["source"]["model"] = "/elsewhere/tiny"
+    varying["producer"]["torch"] = "9"
+    varying["files"][1]["sha256"] = "c" * 64  # the model card reports measurements
+    assert content_digest(varying) == digest
+    for change in (lambda m: m["files"][0].update(sha256="d" * 64), lambda m: m["plan"].append(
+            {"plugin": "quantize", "version": "0.1.0", "options": {}}), lambda m: m["workload"].update(seq_len=9),
+            lambda m: m["bundle"].update(version="0.2.0"), lambda m: m["target"].update(options={"threads": 1})):
+        changed = copy.deepcopy(base)
+        change(changed)
+        assert content_digest(changed) != digest
+        assert content_differences(base, changed)
+    assert content_differences(base, varying) == []
 
 
 @pytest.mark.parametrize("key", ["format_version", "plan", "memory", "files", "fidelity", "smoke"])
@@ -334,7 +390,7 @@ def test_missing_top_level_key_is_named(key):
 @pytest.mark.parametrize("key, sub", [("memory", "scope"), ("bundle", "version"), ("fidelity", "floor"),
                                       ("producer", "plugins"), ("budget", "source")])
 def test_missing_nested_key_is_named(key, sub):
-    manifest = copy.deepcopy(dict(valid_manifest(), files=[]))
+    manifest = copy.deepcopy(finished_manifest())
     del manifest[key][sub]
     failures = schema_failures(manifest)
     assert [(f.path, f.detail) for f in failures] == [(f"manifest.json:{key}.{sub}", "required key is missing")]

@@ -30,7 +30,7 @@ from edgepack.bundle import manifest as manifest_module
 from edgepack.bundle import writer as writer_module
 from edgepack.bundle.archive import create_archive, safe_extract
 from edgepack.bundle.manifest import (
-    MANIFEST, canonical_json, file_entries, integrity_failures, schema_failures,
+    MANIFEST, canonical_json, content_section, file_entries, integrity_failures, schema_failures,
 )
 from edgepack.bundle.reader import check_integrity, open_path, read_manifest, read_verified
 from edgepack.bundle.verify import verify
@@ -91,8 +91,11 @@ def make_bundle(root: Path, mutate: Callable[[dict], Any] | None = None,
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     manifest = dict(base_manifest(), files=entries_for(files))
+    placeholder = manifest["content"] = content_section(manifest)
     if mutate is not None:
         mutate(manifest)
+    if isinstance(manifest, dict) and manifest.get("content") is placeholder:
+        manifest["content"] = content_section(manifest)  # the digest of the mutated content
     (root / MANIFEST).write_bytes(canonical_json(manifest))
     return root
 
@@ -109,7 +112,8 @@ def fake_probe(monkeypatch):
 
     calls = []
 
-    def fake(bundle_dir, *, task, steps, loader, target, batch_size, new_tokens=8, target_options=None):
+    def fake(bundle_dir, *, task, steps, loader, target, batch_size, new_tokens=8, target_options=None,
+             allow_code=False):
         calls.append(dict(task=task, loader=loader, target=target, batch_size=batch_size, new_tokens=new_tokens))
         outputs = load_file(Path(bundle_dir) / "smoke/expected.safetensors")
         return edgepack.smoke.ProbeResult(10, "test scope", outputs, 0.0)

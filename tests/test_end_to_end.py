@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import edgepack
 from edgepack.bundle.archive import create_archive
-from edgepack.bundle.manifest import MANIFEST, canonical_json
+from edgepack.bundle.manifest import FORMAT_VERSION, MANIFEST, canonical_json, content_section
 from edgepack.bundle.reader import check_integrity, open_path
 from edgepack.cli import cli
 from edgepack.errors import NoPlanFits, VerificationError
@@ -36,6 +36,7 @@ DESIGN_KEYS = {
     "fidelity": ("metric", "value", "floor"),
     "smoke": ("inputs", "expected", "tolerances"),
     "files": None,
+    "content": ("scheme", "digest"),
 }
 
 #: Fidelity sentences: none of them is a smoke or calibration sample.
@@ -99,7 +100,8 @@ def test_manifest_has_every_design_key(packed):
         for sub in inner or ():
             assert sub in manifest[key], f"{key}.{sub}"
     assert manifest["format"] == "edgepack.bundle"
-    assert manifest["format_version"] == "1.0"
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["content"] == content_section(manifest)
     for entry in manifest["plan"]:
         assert set(entry) >= {"plugin", "version", "options"}
     for candidate in manifest["candidates"]:
@@ -211,7 +213,7 @@ def test_load_refuses_a_tampered_bundle(bundle_copy):
 def test_verify_passes_on_the_packed_bundle(packed):
     report = edgepack.verify(packed.bundle)
     assert report.ok, report.failures
-    assert report.checks == ["integrity", "signature", "weights", "load", "smoke", "memory"]
+    assert report.checks == ["integrity", "content", "signature", "weights", "load", "smoke", "memory"]
     assert 0 < report.measured_peak_bytes <= report.budget_bytes == 200_000_000
     assert report.fidelity["value"] >= packed.manifest["fidelity"]["floor"]
 
@@ -253,12 +255,13 @@ def test_verify_checks_the_smoke_outputs(bundle_copy):
     save_file({k: torch.roll(v, 1, dims=0).contiguous() for k, v in expected.items()}, expected_file)
     manifest = json.loads((bundle_copy / MANIFEST).read_text())
     manifest["files"] = file_entries(bundle_copy)
+    manifest["content"] = content_section(manifest)
     (bundle_copy / MANIFEST).write_bytes(canonical_json(manifest))
     report = edgepack.verify(bundle_copy)
     assert not report.ok
     assert report.failures
     assert {(f.check, f.path) for f in report.failures} == {("smoke", "smoke/expected.safetensors")}
-    assert report.checks == ["integrity", "signature", "weights", "load", "smoke", "memory"]
+    assert report.checks == ["integrity", "content", "signature", "weights", "load", "smoke", "memory"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -416,11 +416,13 @@ def test_a_bundle_records_what_to_install(packed):
 
 
 def test_verify_says_what_to_install_when_a_plugin_is_missing_or_older(bundle_copy):
+    from edgepack.bundle.manifest import content_section
     from edgepack.bundle.verify import verify
 
     manifest_path = bundle_copy / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["producer"]["requires"]["precision"] = "edgepack>=99.0"
+    manifest["content"] = content_section(manifest)  # edited consistently: the digest covers requires
     manifest_path.write_text(json.dumps(manifest))
     report = verify(bundle_copy)
     assert [(f.check, f.path) for f in report.failures] == [("plugins", "manifest.json:plan[0]")]
@@ -430,6 +432,7 @@ def test_verify_says_what_to_install_when_a_plugin_is_missing_or_older(bundle_co
 
     manifest["plan"][0]["plugin"] = "lowrank"
     manifest["producer"]["requires"] = {"lowrank": "acme-lowrank>=1.2.3"}
+    manifest["content"] = content_section(manifest)
     manifest_path.write_text(json.dumps(manifest))
     result = CliRunner().invoke(cli, ["verify", str(bundle_copy)])
     assert result.exit_code == 1 and "Traceback" not in result.output

@@ -479,3 +479,40 @@ def test_help_and_unsigned_verify_do_not_import_cryptography(tiny):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_load_and_run_check_the_signature_before_loading(tiny, keys, monkeypatch):
+    """``edgepack.load`` / ``edgepack run`` refuse what verify refuses about signatures, before
+    anything is loaded: a bundle not signed by a trusted key, and a broken signature without
+    keys; a good signature lets the load go on (here to a model loader that records it ran)."""
+    import edgepack.runtime
+    from edgepack.errors import VerificationError
+
+    release, other = keys
+    loaded = []
+    monkeypatch.setattr(edgepack.runtime, "load_model_dir", lambda *a, **k: loaded.append(1) or (_Stop(), None))
+    with pytest.raises(VerificationError, match="unsigned"):
+        edgepack.runtime.load(tiny, keys=[release.public])
+    sign(tiny, other.private)
+    with pytest.raises(VerificationError, match="signature check"):
+        edgepack.runtime.load(tiny, keys=[release.public])
+    result = CliRunner().invoke(cli, ["run", str(tiny), "--key", str(release.public), "text"])
+    assert_one_error_line(result, 1, "signature check", other.fingerprint)
+    assert loaded == []
+    with pytest.raises(_Stopped):  # signed by a trusted key: the model is loaded
+        edgepack.runtime.load(tiny, keys=[release.public, other.public])
+    document = _signature(tiny)
+    document["signed_at"] = "2021-01-01T00:00:00+00:00"
+    _rewrite_signature(tiny, document)
+    with pytest.raises(VerificationError, match="signature check"):  # broken: refused with no keys too
+        edgepack.runtime.load(tiny)
+    assert loaded == [1]
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Stop:
+    def parameters(self):
+        raise _Stopped

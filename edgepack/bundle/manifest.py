@@ -34,7 +34,12 @@ from typing import Any, Callable
 from edgepack.errors import UsageError
 
 FORMAT = "edgepack.bundle"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
+#: The first format version whose manifests must carry a content digest (``content``).
+CONTENT_SINCE = "1.1"
+#: The definition of the content digest a manifest's ``content.scheme`` names (see
+#: :func:`content_view`); a manifest naming another scheme is refused, never skipped.
+CONTENT_SCHEME = "edgepack-content/1"
 MANIFEST = "manifest.json"
 #: The detached signature beside the manifest (see :mod:`edgepack.bundle.signing`): the one
 #: file of a bundle that ``files`` does not list, since it signs the manifest that lists them.
@@ -102,6 +107,7 @@ SMOKE_FILES = ("inputs", "expected", "tolerances")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FORMAT_VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -373,13 +379,17 @@ def format_version_problem(version: Any) -> str | None:
     return None
 
 
+def _minor(manifest: dict[str, Any]) -> int:
+    """The minor number of the manifest's format version of this major one; -1 otherwise."""
+    version = manifest.get("format_version")
+    if not (isinstance(version, str) and _FORMAT_VERSION.fullmatch(version)) or major(version) != major(FORMAT_VERSION):
+        return -1
+    return int(version.split(".")[1])
+
+
 def _newer_minor(manifest: dict[str, Any]) -> bool:
     """Whether the manifest is of a newer minor version of the format than this edgepack's."""
-    version = manifest.get("format_version")
-    if not (isinstance(version, str) and _FORMAT_VERSION.fullmatch(version)):
-        return False
-    minor = int(version.split(".")[1])
-    return major(version) == major(FORMAT_VERSION) and minor > int(FORMAT_VERSION.split(".")[1])
+    return _minor(manifest) > int(FORMAT_VERSION.split(".")[1])
 
 
 def _unknown_keys(manifest: dict[str, Any]) -> list[str]:
@@ -455,6 +465,16 @@ def _strings(value: Any) -> str | None:
     return f"must be a list of strings, got {_show(value)}"
 
 
+_CODE_FILE = re.compile(r"model/[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.py")
+
+
+def _code_files(value: Any) -> str | None:
+    if isinstance(value, list) and all(isinstance(v, str) and _CODE_FILE.fullmatch(v) for v in value) \
+            and len(set(value)) == len(value):
+        return None
+    return f"must be a list of distinct Python files directly in model/ (model/NAME.py), got {_show(value)}"
+
+
 def _object(value: Any) -> str | None:
     return None if isinstance(value, dict) else f"must be a JSON object, got {_show(value)}"
 
@@ -506,6 +526,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "producer.requires": _string_map,
     "source.model": _string,
     "source.sha256": _sha256_map,
+    "source.code": _sha256_map,
     "target.name": _name,
     "target.devices": _positive_int,
     "target.capabilities": _strings,
@@ -528,15 +549,21 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "smoke.new_tokens": _positive_int,
     "model.task": _one_of(*TASKS),
     "model.loader": _loader,
+    "model.code": _code_files,
     "parallel.world_size": _positive_int,
     "parallel.mode": _name,
     "parallel.shards": _shard_dirs,
     "parallel.backend": _string,
     "parallel.launch": _string,
+    "content.scheme": _one_of(CONTENT_SCHEME),
+    "content.digest": lambda value: None if isinstance(value, str) and _DIGEST.fullmatch(value) else (
+        f"must be 'sha256:' and 64 lowercase hexadecimal digits, got {_show(value)}"),
 }
 
-#: Optional top-level keys (a sharded bundle's ``parallel``) and the keys each requires.
-OPTIONAL: dict[str, tuple[str, ...]] = {"parallel": ("world_size", "mode", "shards", "launch")}
+#: Optional top-level keys (a sharded bundle's ``parallel``; ``content``, which format 1.0
+#: manifests lack and later ones must hold) and the keys each requires.
+OPTIONAL: dict[str, tuple[str, ...]] = {"parallel": ("world_size", "mode", "shards", "launch"),
+                                        "content": ("scheme", "digest")}
 
 
 def _plan_failures(plan: list[Any]) -> list[tuple[str, str]]:
@@ -622,6 +649,8 @@ def schema_failures(manifest: Any) -> list[Failure]:
             for sub in inner:
                 if sub not in manifest[key]:
                     add(f"{key}.{sub}", "required key is missing")
+    if "content" not in manifest and _minor(manifest) >= int(CONTENT_SINCE.split(".")[1]):
+        add("content", f"required key is missing (format {CONTENT_SINCE} and later manifests carry a content digest)")
     for key, inner in OPTIONAL.items():
         if key in manifest:
             if not isinstance(manifest[key], dict):
@@ -655,7 +684,8 @@ def schema_failures(manifest: Any) -> list[Failure]:
 
 def reference_failures(manifest: dict[str, Any]) -> list[Failure]:
     """Fields that name bundle files but name none of the files listed in ``files``
-    (``smoke.inputs``, ``smoke.expected``, ``smoke.tolerances``); for a schema-valid manifest."""
+    (``smoke.inputs``, ``smoke.expected``, ``smoke.tolerances``, ``model.code``), and Python
+    files that ``model.code`` does not declare; for a schema-valid manifest."""
     listed = {e["path"] for e in manifest.get("files", []) if isinstance(e, dict)}
     failures = []
     smoke = manifest.get("smoke")
@@ -665,6 +695,15 @@ def reference_failures(manifest: dict[str, Any]) -> list[Failure]:
             if isinstance(rel, str) and rel not in listed:
                 failures.append(Failure("schema", f"{MANIFEST}:smoke.{key}",
                                         f"names {rel}, which is not among the bundle's listed files"))
+    code = (manifest.get("model") or {}).get("code") or []
+    for rel in code:
+        if rel not in listed:
+            failures.append(Failure("schema", f"{MANIFEST}:model.code",
+                                    f"names {rel}, which is not among the bundle's listed files"))
+    for rel in sorted(listed, key=path_sort_key):
+        if rel.endswith(".py") and rel not in code:
+            failures.append(Failure("code", rel, "is a Python file that the manifest does not declare in "
+                                                 "model.code; a bundle holds no code it does not declare"))
     failures.extend(_sharding_failures(manifest, listed))
     return failures
 
@@ -766,3 +805,98 @@ def integrity_failures(root: Path, manifest: dict[str, Any]) -> list[Failure]:
     for rel, detail in sorted(rest, key=lambda item: path_sort_key(item[0])):
         failures.append(Failure("files", rel, detail))
     return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# The content digest: what the bundle is, apart from how and where it was made
+
+#: The manifest fields the content digest covers (scheme ``edgepack-content/1``): a section
+#: name maps to the keys of it that are covered, or to None for the whole section. Everything
+#: else is the record of the build, which varies by nature and is not covered: ``bundle.created``,
+#: ``producer`` (but ``requires``, what loading needs), ``source.model`` (a path on the packing
+#: machine), ``target.probed``, ``budget`` (negotiated from this machine's memory), ``candidates``
+#: and ``memory`` (measured), ``fidelity`` (measured; its effect on the tolerances is covered
+#: through ``smoke/``), and unknown keys of newer format versions.
+CONTENT_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "format": None,
+    "bundle": ("name", "version"),
+    "producer": ("requires",),
+    "source": ("sha256",),
+    "model": None,
+    "target": ("name", "devices", "capabilities", "options"),
+    "workload": None,
+    "plan": None,
+    "smoke": None,
+    "parallel": None,
+}
+#: Files the content digest does not cover: the model card, which reports measured figures.
+CONTENT_EXCLUDED_FILES = ("README.md",)
+
+
+def content_view(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The part of a (schema-valid) manifest that the content digest covers: the fields of
+    :data:`CONTENT_FIELDS` and every ``files`` entry but :data:`CONTENT_EXCLUDED_FILES`, which
+    through their hashes cover every byte of ``model/`` and ``smoke/``."""
+    view: dict[str, Any] = {"scheme": CONTENT_SCHEME}
+    for section, keys in CONTENT_FIELDS.items():
+        if section not in manifest:
+            continue
+        value = manifest[section]
+        if keys is not None and isinstance(value, dict):
+            value = {k: value[k] for k in keys if k in value}
+        view[section] = value
+    view["files"] = [e for e in manifest.get("files", [])
+                     if not (isinstance(e, dict) and e.get("path") in CONTENT_EXCLUDED_FILES)]
+    return view
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """``sha256:`` and the hex SHA-256 of the canonical JSON of :func:`content_view`: equal for
+    two bundles of the same content, whenever and wherever each was packed."""
+    return "sha256:" + hashlib.sha256(canonical_json(content_view(manifest))).hexdigest()
+
+
+def content_section(manifest: dict[str, Any]) -> dict[str, str]:
+    """The manifest's ``content`` object for a manifest whose ``files`` are final."""
+    return {"scheme": CONTENT_SCHEME, "digest": content_digest(manifest)}
+
+
+def content_failures(manifest: dict[str, Any]) -> list[Failure]:
+    """The recorded content digest against the one the manifest's own content gives (for a
+    schema-valid manifest whose files passed :func:`integrity_failures`); empty for a format 1.0
+    manifest, which has none."""
+    recorded = manifest.get("content")
+    if not isinstance(recorded, dict):
+        return []
+    actual = content_digest(manifest)
+    if recorded.get("digest") != actual:
+        return [Failure("content", f"{MANIFEST}:content.digest",
+                        f"records {recorded.get('digest')}, but the manifest's content gives {actual}")]
+    return []
+
+
+def content_differences(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where the covered content of two manifests differs: ``(key or file path, what)`` pairs,
+    fields first, then files in path order; empty when their content digests are equal."""
+    va, vb = content_view(a), content_view(b)
+    out: list[tuple[str, str]] = []
+    for key in sorted((set(va) | set(vb)) - {"files"}):
+        if va.get(key) == vb.get(key):
+            continue
+        if isinstance(va.get(key), dict) and isinstance(vb.get(key), dict):
+            for sub in sorted(set(va[key]) | set(vb[key])):
+                if va[key].get(sub) != vb[key].get(sub):
+                    out.append((f"{key}.{sub}", f"{_show(va[key].get(sub))} against {_show(vb[key].get(sub))}"))
+        else:
+            out.append((key, f"{_show(va.get(key))} against {_show(vb.get(key))}"))
+    fa = {e["path"]: e for e in va["files"] if isinstance(e, dict) and "path" in e}
+    fb = {e["path"]: e for e in vb["files"] if isinstance(e, dict) and "path" in e}
+    for path in sorted(set(fa) | set(fb), key=path_sort_key):
+        if path not in fb:
+            out.append((path, "only in the first bundle"))
+        elif path not in fa:
+            out.append((path, "only in the second bundle"))
+        elif fa[path].get("sha256") != fb[path].get("sha256"):
+            out.append((path, f"differs ({fa[path].get('size')} bytes, sha256 {str(fa[path].get('sha256'))[:12]}... "
+                              f"against {fb[path].get('size')} bytes, {str(fb[path].get('sha256'))[:12]}...)"))
+    return out

@@ -13,12 +13,12 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from edgepack.bundle.archive import is_archive, safe_extract
 from edgepack.bundle.manifest import (
     MANIFEST, MAX_MANIFEST_BYTES, Failure, NotRegularFile, StrictJSONError, format_version_problem,
-    integrity_failures, open_regular, reference_failures, schema_failures, strict_json,
+    content_failures, integrity_failures, open_regular, reference_failures, schema_failures, strict_json,
 )
 from edgepack.errors import UsageError, VerificationError
 
@@ -112,16 +112,24 @@ def check_integrity(root: Path) -> tuple[dict[str, Any] | None, list[Failure]]:
     return manifest, failures
 
 
-def read_verified(bundle: str | Path) -> tuple[Path, dict[str, Any]]:
+def read_verified(bundle: str | Path, keys: Sequence[Any] = ()) -> tuple[Path, dict[str, Any]]:
     """The bundle directory and manifest, after the integrity checks (and that the files the
-    manifest names are among its listed files); VerificationError names the first fault."""
+    manifest names are among its listed files), the content digest and the signature check of
+    :func:`edgepack.bundle.signing.check` (a signature that is present must hold; with trusted
+    ``keys``, public key files or loaded keys, one of them must have signed); VerificationError
+    names the first fault."""
     root = open_path(bundle)
     manifest, failures = check_integrity(root)
     if manifest is not None and not failures:
-        failures = reference_failures(manifest)
+        failures = reference_failures(manifest) or content_failures(manifest)
     if failures:
         first = failures[0]
         more = f" (and {len(failures) - 1} more problems)" if len(failures) > 1 else ""
         raise VerificationError(f"bundle {root} failed its integrity check: {first.path}: {first.detail}{more}")
     assert manifest is not None
+    from edgepack.bundle.signing import check as check_signature
+
+    signature = check_signature(root, keys)
+    if not signature.ok:
+        raise VerificationError(f"bundle {root} failed its signature check: {signature.detail}")
     return root, manifest

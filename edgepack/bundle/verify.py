@@ -1,18 +1,22 @@
-"""``edgepack verify``: hashes → schema → signature → load on the target → smoke tests → peak ≤ budget."""
+"""``edgepack verify``: hashes → schema → content digest → signature → load on the target → smoke
+tests → peak ≤ budget."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from edgepack.bundle.manifest import (
-    MANIFEST, SIGNATURE, Failure, NotRegularFile, open_regular, reference_failures, tolerances_problem,
-    untrusted_keys,
+    MANIFEST, SIGNATURE, Failure, NotRegularFile, content_failures, open_regular, reference_failures,
+    tolerances_problem, untrusted_keys,
 )
 from edgepack.bundle.reader import check_integrity, open_path
 from edgepack.errors import EdgepackError, UsageError, VerificationError
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgepack.bundle.signing import PublicKey
@@ -36,6 +40,8 @@ class VerifyReport:
     signature: dict[str, Any] | None = None
     #: Top-level manifest keys of a newer minor format version: kept, not read or trusted.
     untrusted_keys: list[str] = field(default_factory=list)
+    #: The bundle's content digest (``content.digest``; None for a format 1.0 bundle).
+    content_digest: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -54,6 +60,7 @@ class VerifyReport:
             "fidelity": self.fidelity,
             "signature": self.signature,
             "untrusted_keys": self.untrusted_keys,
+            "content_digest": self.content_digest,
         }
 
 
@@ -129,13 +136,16 @@ def _version_failure(manifest: dict[str, Any], minimum: Any) -> Failure | None:
 
 
 def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda message: None,
-           keys: Sequence["str | Path | PublicKey"] = (), min_version: str | None = None) -> VerifyReport:
+           keys: Sequence["str | Path | PublicKey"] = (), min_version: str | None = None,
+           digest: str | None = None, allow_code: bool = False) -> VerifyReport:
     """Verify a bundle (directory or archive) on this machine.
 
     Checks, in order: the manifest's format version and schema (every field read below is
     validated first); every file's size and sha256 (changed, missing, unlisted, unreadable
     files, links and special files are each reported by path); that the smoke files the
-    manifest names are among its listed files; the signature (see
+    manifest names are among its listed files; that the recorded content digest is the one
+    the manifest's content gives, and equals ``digest`` when one is given (the digest of the
+    bundle a release engineer approved); the signature (see
     :func:`edgepack.bundle.signing.check`: one that is present must hold; with trusted ``keys``
     one must be present and made by one of them); that the bundle's version is at least
     ``min_version`` (PEP 440); that the target is present here; that the model loads in a
@@ -151,12 +161,19 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     :param keys: trusted public keys (``NAME.pub`` files or loaded keys): any of them may have
         signed the bundle.
     :param min_version: the oldest bundle version accepted.
+    :param digest: the content digest (``sha256:...``) the bundle must have.
+    :param allow_code: a bundle that holds the model's own Python code (``model.code``, packed
+        with ``--allow-code``) is loaded, running that code; without it such a bundle fails
+        the ``code`` check and nothing is loaded. Verify never runs any other code of a bundle.
     """
     from edgepack.host import load_registry
     from edgepack.runtime import plan_steps, requirement_problems
     from edgepack.smoke import DEFAULT_NEW_TOKENS, check, compare, measure_in_fresh_process
 
     minimum = _parse_min_version(min_version)
+    if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+        raise UsageError(f"--digest {digest!r} is not a content digest such as sha256:<64 hexadecimal digits> "
+                         "(edgepack inspect prints a bundle's)")
     trusted: list[Any] = []
     if keys:
         from edgepack.bundle.signing import load_public_keys
@@ -172,6 +189,15 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     report.checks.append("integrity")
     if manifest is None:
         return report
+    if not report.failures:
+        report.failures.extend(content_failures(manifest))
+        recorded = (manifest.get("content") or {}).get("digest")
+        report.content_digest = recorded
+        if digest is not None and not report.failures and recorded != digest:
+            report.failures.append(Failure("content", f"{MANIFEST}:content.digest", (
+                f"the bundle's content digest is {recorded}, not the {digest} that --digest requires" if recorded
+                else f"the bundle (format {manifest['format_version']}) has no content digest; --digest requires {digest}")))
+        report.checks.append("content")
     report.untrusted_keys = untrusted_keys(manifest)
     from edgepack.bundle.signing import check as check_signature  # imports cryptography only for a signature
 
@@ -197,6 +223,13 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
                 report.failures.append(Failure("weights", entry["path"], str(exc)))
     report.checks.append("weights")
     if report.failures:
+        return report
+
+    code = manifest["model"].get("code") or []
+    if code and not allow_code:
+        report.failures.append(Failure("code", code[0], (
+            f"the bundle holds the model's own Python code ({', '.join(code)}), which loading it would run; "
+            "verify runs a bundle's code only with --allow-code")))
         return report
 
     # Every field used below was validated by the schema.
@@ -249,7 +282,7 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
             root, task=task, steps=plan_steps(manifest),
             loader=manifest["model"]["loader"], target=target_name,
             batch_size=manifest["workload"]["batch_size"],
-            new_tokens=smoke.get("new_tokens", DEFAULT_NEW_TOKENS), **measure,
+            new_tokens=smoke.get("new_tokens", DEFAULT_NEW_TOKENS), allow_code=bool(code), **measure,
         )
     except VerificationError as exc:
         report.failures.append(Failure("load", "model/", str(exc)))

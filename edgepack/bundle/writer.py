@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepack.bundle.manifest import MANIFEST, canonical_json, file_entries, scan_tree
+from edgepack.bundle.manifest import MANIFEST, canonical_json, content_section, file_entries, scan_tree
 from edgepack.errors import UsageError
 
 RENAME_NOREPLACE = 1
@@ -139,8 +139,8 @@ class BundleWriter:
         return self
 
     def commit(self, manifest: dict[str, Any], *, finish: Callable[[Path], None] | None = None) -> Path:
-        """Add ``files`` to the manifest (kept as :attr:`manifest`), write it last, fsync
-        everything, and move the bundle into place.
+        """Add ``files`` and the ``content`` digest to the manifest (kept as :attr:`manifest`),
+        write it last, fsync everything, and move the bundle into place.
 
         ``finish``, when given, is called with the staging directory once the manifest is
         written and before the bundle is published, to add the files that sit beside the
@@ -154,7 +154,8 @@ class BundleWriter:
         assert self.staging is not None, "commit() outside the with-block"
         staging = self.staging
         # file_entries refuses links and special files, before anything is changed through one.
-        self.manifest = manifest = dict(manifest, files=file_entries(staging))
+        manifest = dict(manifest, files=file_entries(staging))
+        self.manifest = manifest = dict(manifest, content=content_section(manifest))
         scan = scan_tree(staging)
         # Bundles are release artifacts: readable by all (safetensors writes 0600 files).
         for rel in scan.dirs:
