@@ -497,6 +497,59 @@ def rebuild(bundle: str, model: str, samples: str | None, out: str | None, allow
 
 
 @cli.command()
+@click.argument("bundle_a", type=str)
+@click.argument("bundle_b", type=str)
+@_json_opt
+def diff(bundle_a: str, bundle_b: str, as_json: bool) -> None:
+    """Show what differs between two bundles (directories or archives).
+
+    The content (what the content digest covers: plan, target, workload, every file of model/
+    and smoke/ by sha256) decides the exit code: 0 when identical, 1 when not. The record of
+    each build (fidelity, predicted and measured memory, budget, producing versions, time) is
+    shown beside it. Both bundles are integrity-checked first.
+
+    \b
+    Example:
+      edgepack diff dist/old/all-minilm-l6-v2-1.3.0-cpu dist/all-minilm-l6-v2-1.4.0-cpu
+    """
+    from edgepack.bundle.diff import diff_bundles
+    from edgepack.memory import format_peak, format_size
+
+    result = diff_bundles(bundle_a, bundle_b)
+    if as_json:
+        _emit_json(result.to_json())
+        sys.exit(0 if result.identical else 1)
+
+    def show(label: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if label.endswith("bytes"):
+            return format_peak(value) if isinstance(value, list) else format_size(value)
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "-"
+        return str(value)
+
+    click.echo(f"A  {result.a}  ({result.digest_a})")
+    click.echo(f"B  {result.b}  ({result.digest_b})")
+    if result.identical:
+        click.echo("content identical")
+    else:
+        click.echo("content differs:")
+        for key, detail in result.content:
+            if key in result.sizes:
+                continue
+            click.echo(f"  {key}: {detail}")
+        for path, (size_a, size_b) in result.sizes.items():
+            click.echo(f"  {path:<40} {show('bytes', size_a):>10} -> {show('bytes', size_b):>10}"
+                       + ("   (model card, not content)" if path == "README.md" else ""))
+    if result.record:
+        click.echo("record (how each was built and measured; not content):")
+        for label, value_a, value_b in result.record:
+            click.echo(f"  {label:<22} {show(label, value_a)} -> {show(label, value_b)}")
+    sys.exit(0 if result.identical else 1)
+
+
+@cli.command()
 @click.argument("bundle", type=str)
 @_json_opt
 def inspect(bundle: str, as_json: bool) -> None:
