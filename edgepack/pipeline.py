@@ -468,7 +468,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     original, tokenizer, inputs, expected = session.original, session.tokenizer, session.inputs, session.expected
     calibration = session.calibration
 
-    from edgepack.bundle.writer import BundleWriter
+    from edgepack.bundle.writer import BundleWriter, disk_full
     from edgepack.smoke import (
         EXPECTED_FILE, INPUTS_FILE, PACK_REPEATS, TOLERANCES_FILE, acceptance_limit, close_call, compare, margin_bytes,
         measure_in_fresh_process, tolerances,
@@ -519,6 +519,8 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             except (MemoryError, OSError):  # the machine's trouble (disk full), not the plan's
                 raise
             except Exception as exc:  # a plugin's bug rejects its candidate, not the whole pack
+                if disk_full(exc):  # a library's error for a full disk (safetensors): not the plan's
+                    raise
                 reason = f"{stage} failed: {type(exc).__name__}: {exc}"
                 if apply:
                     raise PackFailed(f"plan {candidate.spec}: {reason}") from exc
@@ -623,7 +625,11 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
         from edgepack.bundle.archive import create_archive
 
         progress("writing archive")
-        result.archive = create_archive(final)
+        try:
+            result.archive = create_archive(final)
+        except OSError as exc:
+            raise UsageError(f"bundle {final} was written, but its archive {final.name}.tar.gz could not be: "
+                             f"{exc.strerror or exc}") from None
     return result
 
 

@@ -398,9 +398,31 @@ def probe_command(spec_path: str | Path, root: str | Path | None = None) -> list
     return [sys.executable, "-I", "-c", _BOOTSTRAP, os.pathsep.join(sites), str(root), str(spec_path)]
 
 
+#: Linux: the shim that makes a command die with the process that started it (the parent death
+#: signal survives exec), so a SIGKILLed pack or verify leaves no measuring process running.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"  # PR_SET_PDEATHSIG
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(137)\n"  # the parent died before the line above took effect
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _dying_with_parent(command: list[str]) -> list[str]:
+    """``command``, run through :data:`_DIE_WITH_PARENT` on Linux."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+
+
 def run_isolated(command: list[str], *, timeout: float, env: dict[str, str] | None = None) -> Any:
     """Run ``command`` in its own process group with an empty temporary working directory and
-    no standard input, capturing its output; a subprocess.CompletedProcess.
+    no standard input, capturing its output; a subprocess.CompletedProcess. On Linux the
+    command dies with this process (a SIGKILLed pack leaves no measuring process behind).
 
     Raises VerificationError when it runs longer than ``timeout`` seconds, after killing its
     whole process group (the child and anything it started)."""
@@ -410,8 +432,8 @@ def run_isolated(command: list[str], *, timeout: float, env: dict[str, str] | No
     from edgepack.errors import VerificationError
 
     with tempfile.TemporaryDirectory(prefix="edgepack-probe-cwd-") as empty:
-        proc = subprocess.Popen(command, cwd=empty, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(_dying_with_parent(command), cwd=empty, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -449,7 +449,9 @@ def test_writer_signs_before_publishing(tmp_path, keys, fake_probe):
     def fail(staging: Path) -> None:
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    from edgepack.bundle.writer import DiskFull
+
+    with pytest.raises(DiskFull, match="no bundle was written"):  # a full disk while signing: one sentence
         with BundleWriter(tmp_path / "dist", "other-0.1.0-cpu") as writer:
             (writer.staging / "README.md").write_bytes(b"x")
             writer.commit(base_manifest(), finish=fail)

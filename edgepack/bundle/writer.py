@@ -11,6 +11,36 @@ and the old one are swapped in one step with ``renameat2(RENAME_EXCHANGE)``, so 
 always holds one of them; the old one is then removed. Where renameat2 is not available (other
 systems, or a file system without these flags) the fallback is ``os.rename`` onto a path
 checked first, and for ``overwrite`` moving the old bundle aside and back again on failure.
+
+Crash safety. A pack killed at any point (SIGKILL, a power cut after the last fsync) leaves
+at the final path either nothing, the previous complete bundle, or the new complete bundle,
+never a mix: nothing is written there but by the one rename (or exchange) of a fully written
+and fsynced staging directory. What a killed pack does leave is its hidden staging directory
+(``.NAME.partial-*``; after an exchange, the old bundle waiting there to be removed), so the
+name of every staging directory records its owner: ``.NAME.partial-PID-START-HOST-RANDOM``,
+with the creating process's id, its start time (``/proc/PID/stat`` field 22, which tells a
+reused process id apart) and ``HOST``, a hash of the kernel's boot id and the process's pid
+namespace (process ids mean something only within one boot and one namespace). Entering a
+writer removes the staging directories of the same bundle name whose owner is gone, as
+long as they are real directories (never a link, never followed: removal goes through
+``shutil.rmtree``, which does not follow links), owned by this user, and have this ``HOST``
+token with the owner's process absent or started at another time. A staging directory of a
+live process (another pack of the same bundle, in this process or another) is never touched,
+nor one made on another machine or in another container, before a reboot, or by an edgepack
+without this scheme: those are left for a person to remove. Where there is no ``/proc``
+(other systems) the names carry no owner and nothing is cleaned up. The fallback swap's
+``.NAME.old-OWNER-*`` directory (the previous bundle moved aside) is handled the same way,
+except that when its owner died before the new bundle was moved into place (the final path
+is empty), the previous bundle is moved back instead of removed; and so is a temporary file
+that a step of the pack wrote beside its staging directory, named after it with a leading
+dot and a ``.partial`` suffix (``pack --sign`` writes the signature that way).
+
+A full disk (``ENOSPC``, or ``EDQUOT``), met anywhere inside the ``with`` block, whether as
+an ``OSError`` or as an error raised from or while handling one, or as a library's error that
+only says so in its text (safetensors: ``... (os error 28)``), leaves the block as
+:class:`DiskFull` (a UsageError: exit 2), one sentence naming the bundle and, when known, the
+file, after the staging directory is removed; nothing is published, and a bundle being
+replaced is unchanged. (A failed publication is already a UsageError that says so.)
 """
 
 from __future__ import annotations
@@ -18,8 +48,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import platform
+import re
 import shutil
 import stat
 import sys
@@ -28,7 +60,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack.bundle.manifest import MANIFEST, canonical_json, content_section, file_entries, scan_tree
-from edgepack.errors import UsageError
+from edgepack.errors import EdgepackError, UsageError
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -94,6 +126,103 @@ def _fsync_path(path: Path, *, directory: bool) -> None:
         os.close(fd)
 
 
+class DiskFull(UsageError):
+    """The disk (or the user's quota) filled up while a bundle was being written (exit 2)."""
+
+
+#: errno values meaning "the disk is full".
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: How a Rust library (safetensors) spells an OS error in its message.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def disk_full(exc: BaseException) -> tuple[int, str | None] | None:
+    """``(errno, filename)`` when ``exc`` or an exception it was raised from or while handling
+    is a full disk; None otherwise."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL:
+            filename = current.filename
+            return current.errno, os.fsdecode(filename) if filename is not None else None
+        # A library's own error may only say so in its text; edgepack's errors never count
+        # (their text may quote another error, as "no plan fits" quotes each candidate's).
+        library = not isinstance(current, (OSError, EdgepackError))
+        match = _RUST_OS_ERROR.search(str(current)) if library else None
+        if match and int(match.group(1)) in _FULL:
+            return int(match.group(1)), None
+        todo += [current.__context__, current.__cause__]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Owners of staging directories (see the module docstring)
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Field 22 of ``/proc/PID/stat`` (the start time, in clock ticks after boot); None when
+    the process does not exist; raises OSError when that cannot be told."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None
+    except ProcessLookupError:  # the process went away while being read
+        return None
+    # The command name (field 2) is in parentheses and may hold anything: split after it.
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[22 - 3].decode("ascii")
+
+
+@functools.lru_cache(maxsize=None)
+def _host_token() -> str | None:
+    """A short hash of this kernel's boot id and this process's pid namespace; None where
+    they cannot be read (process ids then cannot be checked)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as handle:
+            boot = handle.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid").encode()
+    except OSError:
+        return None
+    if not boot:
+        return None
+    return hashlib.sha256(boot + b"\0" + namespace).hexdigest()[:8]
+
+
+def _owner_tag() -> str | None:
+    """``PID-START-HOST`` for this process, or None where owners cannot be recorded."""
+    host = _host_token()
+    if host is None:
+        return None
+    try:
+        start = _proc_start_time(os.getpid())
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if start is None else f"{os.getpid()}-{start}-{host}"
+
+
+_OWNED = re.compile(r"(\d+)-(\d+)-([0-9a-f]{8})-[a-z0-9_]+")
+
+
+def _owner_is_gone(tag: str) -> bool:
+    """Whether the process that ``tag`` (``PID-START-HOST-RANDOM``) names is certainly gone:
+    it ran under this boot and pid namespace, and its id is now unused or another process's."""
+    match = _OWNED.fullmatch(tag)
+    if match is None or match.group(3) != _host_token():
+        return False  # no owner recorded, or another machine's, container's or boot's
+    pid, start = int(match.group(1)), match.group(2)
+    try:
+        return _proc_start_time(pid) != start
+    except (OSError, ValueError, IndexError):  # cannot tell: keep it
+        return False
+
+
 def _remove(path: Path) -> None:
     """Remove what is at ``path`` (a directory tree, a file or a link), never following a link."""
     try:
@@ -127,16 +256,89 @@ class BundleWriter:
         self.manifest: dict[str, Any] = {}
 
     def __enter__(self) -> "BundleWriter":
-        if os.path.lexists(self.final) and not self.overwrite:
-            raise UsageError(f"bundle {self.final} already exists; remove it or pass --force")
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise UsageError(f"--out {self.out_dir} is not a directory")
+        if self.out_dir.is_dir():
+            self.remove_stale()  # first: a killed fallback swap may put a previous bundle back
+        if os.path.lexists(self.final) and not self.overwrite:
+            raise UsageError(f"bundle {self.final} already exists; remove it or pass --force")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.out_dir))
+            self.staging = Path(tempfile.mkdtemp(prefix=self._hidden_prefix("partial"), dir=self.out_dir))
         except OSError as exc:
+            if exc.errno in _FULL:
+                raise DiskFull(f"--out {self.out_dir}: {(exc.strerror or str(exc)).lower()}; "
+                               f"bundle {self.final} was not written") from None
             raise UsageError(f"--out {self.out_dir} is not writable: {exc.strerror or exc}") from None
         return self
+
+    def _hidden_prefix(self, kind: str) -> str:
+        """``.NAME.KIND-PID-START-HOST-`` (``.NAME.KIND-`` where owners cannot be recorded)."""
+        owner = _owner_tag()
+        return f".{self.final.name}.{kind}-" + (f"{owner}-" if owner else "")
+
+    def remove_stale(self) -> list[Path]:
+        """Remove what killed writers of this bundle name left in the output directory (see the
+        module docstring); returns the paths removed (or, for a previous bundle moved back into
+        place, the final path). Never raises: what cannot be removed stays."""
+        done: list[Path] = []
+        try:
+            entries = sorted(os.scandir(self.out_dir), key=lambda e: e.name)
+        except OSError:
+            return done
+        uid = os.geteuid() if hasattr(os, "geteuid") else None
+        for entry in entries:
+            kind = self._stale_kind(entry.name)
+            if kind is None:
+                continue
+            path = Path(entry.path)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            wanted = stat.S_ISREG if kind == "file" else stat.S_ISDIR
+            if not wanted(info.st_mode) or (uid is not None and info.st_uid != uid):
+                continue  # a link (never followed, never removed), something else, another user's
+            previous = path / "bundle"
+            if kind == "old" and not os.path.lexists(self.final) and os.path.lexists(previous):
+                # The owner moved the previous bundle aside and died before moving a new one in.
+                try:
+                    if not stat.S_ISDIR(os.lstat(previous).st_mode):
+                        continue
+                    self._move_back(previous)
+                except OSError:
+                    continue  # the previous bundle stays where it is, for a person to move back
+                done.append(self.final)
+            _remove(path)
+            done.append(path)
+        return done
+
+    def _stale_kind(self, name: str) -> str | None:
+        """``partial`` (a staging directory), ``old`` (the fallback swap's previous bundle) or
+        ``file`` (a temporary file written beside a staging directory, named after it, such as
+        the signature's ``..NAME.partial-OWNER.manifest.sig.json.*.partial``) when ``name`` is
+        one of those of this bundle name and its owner is certainly gone; None otherwise."""
+        for kind, prefix in (("partial", f".{self.final.name}.partial-"), ("old", f".{self.final.name}.old-"),
+                             ("file", f"..{self.final.name}.partial-")):
+            if not name.startswith(prefix):
+                continue
+            tag, dot, rest = name[len(prefix):].partition(".")
+            if (kind == "file") != bool(dot) or (kind == "file" and not rest.endswith(".partial")):
+                return None
+            return kind if _owner_is_gone(tag) else None
+        return None
+
+    def _move_back(self, previous: Path) -> None:
+        """Move a previous bundle that a killed swap left aside back to the final path."""
+        try:
+            _renameat2(previous, self.final, RENAME_NOREPLACE)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            if os.path.lexists(self.final):
+                raise FileExistsError(errno.EEXIST, "exists", os.fspath(self.final)) from None
+            os.rename(previous, self.final)
+        _fsync_path(self.out_dir, directory=True)
 
     def commit(self, manifest: dict[str, Any], *, finish: Callable[[Path], None] | None = None) -> Path:
         """Add ``files`` and the ``content`` digest to the manifest (kept as :attr:`manifest`),
@@ -241,7 +443,7 @@ class BundleWriter:
         """The overwrite fallback without renameat2: move the old bundle aside, move the new
         one in, and move the old one back if that fails."""
         assert self.staging is not None
-        aside = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.out_dir))
+        aside = Path(tempfile.mkdtemp(prefix=self._hidden_prefix("old"), dir=self.out_dir))
         old = aside / "bundle"
         try:
             os.rename(self.final, old)
@@ -268,6 +470,29 @@ class BundleWriter:
         _fsync_path(self.out_dir, directory=True)
         _remove(aside)
 
-    def __exit__(self, *exc: Any) -> None:
-        if not self.committed and self.staging is not None:
-            _remove(self.staging)
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+        if self.committed or self.staging is None:
+            return
+        _remove(self.staging)
+        # A UsageError (this writer's own, DiskFull included) already says what happened.
+        full = disk_full(exc) if isinstance(exc, Exception) and not isinstance(exc, UsageError) else None
+        if full is not None:
+            raise DiskFull(self._disk_full_message(*full)) from exc
+
+    def _disk_full_message(self, code: int, filename: str | None) -> str:
+        """One sentence: the disk is full, where, and what became of the bundle."""
+        assert self.staging is not None
+        what = os.strerror(code).lower()  # "no space left on device", "disk quota exceeded"
+        where = ""
+        if filename:
+            try:
+                rel = Path(filename).relative_to(self.staging).as_posix()
+            except ValueError:
+                where = f" ({filename})"
+            else:
+                where = f" ({rel})" if rel != "." else ""
+        if self.overwrite and os.path.lexists(self.final):
+            outcome = "the previous bundle is unchanged"
+        else:
+            outcome = "no bundle was written"
+        return f"{what} while writing bundle {self.final}{where}: {outcome}"
