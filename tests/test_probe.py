@@ -104,6 +104,7 @@ def test_verify_from_inside_a_bundle_imports_nothing_from_it(bundle_copy):
     """``cd bundle && edgepack verify .``, where the bundle lists planted modules among its
     files (so it passes the integrity check). (PYTHONPATH is the parent's to trust; the child
     ignoring it is tested in-process below.)"""
+    from edgepack.bundle.manifest import content_section
     from edgepack.model import sha256_file
 
     markers = plant(bundle_copy)
@@ -113,6 +114,7 @@ def test_verify_from_inside_a_bundle_imports_nothing_from_it(bundle_copy):
         file = bundle_copy / f"{name}.py"
         manifest["files"].append({"path": file.name, "size": file.stat().st_size, "sha256": sha256_file(file)})
     manifest["files"].sort(key=lambda entry: entry["path"])
+    manifest["content"] = content_section(manifest)
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([str(EDGEPACK), "verify", ".", "--json"], cwd=bundle_copy, env=env,

@@ -685,7 +685,7 @@ def schema_failures(manifest: Any) -> list[Failure]:
 def reference_failures(manifest: dict[str, Any]) -> list[Failure]:
     """Fields that name bundle files but name none of the files listed in ``files``
     (``smoke.inputs``, ``smoke.expected``, ``smoke.tolerances``, ``model.code``), and Python
-    files that ``model.code`` does not declare; for a schema-valid manifest."""
+    files in ``model/`` that ``model.code`` does not declare; for a schema-valid manifest."""
     listed = {e["path"] for e in manifest.get("files", []) if isinstance(e, dict)}
     failures = []
     smoke = manifest.get("smoke")
@@ -700,8 +700,8 @@ def reference_failures(manifest: dict[str, Any]) -> list[Failure]:
         if rel not in listed:
             failures.append(Failure("schema", f"{MANIFEST}:model.code",
                                     f"names {rel}, which is not among the bundle's listed files"))
-    for rel in sorted(listed, key=path_sort_key):
-        if rel.endswith(".py") and rel not in code:
+    for rel in sorted(listed, key=path_sort_key):  # model/ is where transformers imports a model's code from
+        if rel.startswith("model/") and rel.endswith(".py") and rel not in code:
             failures.append(Failure("code", rel, "is a Python file that the manifest does not declare in "
                                                  "model.code; a bundle holds no code it does not declare"))
     failures.extend(_sharding_failures(manifest, listed))
