@@ -515,6 +515,14 @@ class Compressor(abc.ABC):
         """Rebuild the model that :meth:`save` wrote. Only called when save returned True."""
         raise NotImplementedError(f"{self.name} wrote no weights of its own")
 
+    def details(self, model_dir: Path, options: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What :meth:`apply` decided beyond the options, read back from the saved ``model_dir``
+        (JSON values), or None. Recorded as the plan step's ``details`` in the manifest (and so
+        covered by the content digest: keep it deterministic). A ``modules`` map of
+        ``{module: {"format", "bytes", "sensitivity"?}}`` is shown in the bundle's model card,
+        most sensitive first. The default records nothing."""
+        return None
+
     def complete(self, options: Mapping[str, Any], probe: Probe) -> dict[str, Any]:
         """Options with the values that follow from the target filled in (for example how many
         ranks a model is split into); called after :meth:`parse_options` for every plan step.

@@ -104,6 +104,22 @@ def _write_readme(path: Path, manifest: dict[str, Any]) -> None:
         f"{(c.get('measured') or {}).get('fidelity', '-')} | {c.get('rejected_because', 'chosen' if c.get('chosen') else '-')} |"
         for c in manifest["candidates"]
     )
+    tables = ""
+    for step in manifest["plan"]:
+        modules = (step.get("details") or {}).get("modules")
+        if not modules:
+            continue
+        ranked = sorted(modules.items(), key=lambda item: -(item[1].get("sensitivity") or 0))
+        formats: dict[str, int] = {}
+        for info in modules.values():
+            formats[info["format"]] = formats.get(info["format"], 0) + 1
+        tables += (f"\n## Per-module formats ({step['plugin']})\n\n"
+                   f"{len(modules)} modules: " + ", ".join(f"{n} {f}" for f, n in sorted(formats.items()))
+                   + (f"; {step['details']['bits']} bits per weight on average" if "bits" in step["details"] else "")
+                   + ". The ten most sensitive (output error with that module alone at the lowest format):\n\n"
+                   "| module | format | stored | sensitivity |\n|---|---|---|---|\n"
+                   + "".join(f"| {name} | {info['format']} | {format_size(info['bytes'])} | {info.get('sensitivity', '-')} |\n"
+                             for name, info in ranked[:10]))
     text = f"""# {manifest['bundle']['name']} {manifest['bundle']['version']} for {manifest['target']['name']}
 
 Packed by edgepack {manifest['producer']['edgepack']} on {manifest['bundle']['created']}.
@@ -124,7 +140,7 @@ Load with {how}. Check before release with `edgepack verify <this directory>`.
 | plan | est. peak | measured peak | fidelity | outcome |
 |---|---|---|---|---|
 {rows}
-"""
+{tables}"""
     path.write_text(text, encoding="utf-8")
 
 
@@ -606,11 +622,13 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
         measured_peak: Any = chosen.measured["peak_bytes"]
         if measured_peak is not None and chosen.measured.get("rank_peaks"):
             measured_peak = list(chosen.measured["rank_peaks"])  # one entry per rank (DESIGN section 5)
+        # what each step's apply decided beyond its options (a mixed allocation ...)
+        details = [compressor.details(staging / "model", options) for compressor, options in chosen.steps]
         manifest = _manifest(
             registry=registry, bundle_name=name or source.slug, version=version, source=source, target=tgt, probe=probe,
             workload=workload, budget=negotiated, candidates=candidates, chosen=chosen,
             measured_peak=measured_peak, scope=scope, fidelity=chosen_fidelity, floor=floor,
-            loader=chosen_loader, samples=len(session.samples),
+            loader=chosen_loader, samples=len(session.samples), details=details,
         )
         sharding = sharded_as(chosen.steps)
         if sharding is not None:
@@ -723,7 +741,8 @@ def _calibration_batches(tokenizer: Any, seq_len: int, task: str) -> list[dict[s
 
 def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, target: Any, probe: Any, workload: Workload,
               budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | list[int] | None, scope: str,
-              fidelity: Any, floor: float, loader: str | None, samples: int) -> dict[str, Any]:
+              fidelity: Any, floor: float, loader: str | None, samples: int,
+              details: Sequence[dict[str, Any] | None] = ()) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -773,7 +792,8 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
         },
         "workload": workload.to_json(),
         "budget": budget.to_json(),
-        "plan": [s.to_json() for s in chosen.plan],
+        "plan": [dict(s.to_json(), **({"details": d} if d else {}))
+                 for s, d in zip(chosen.plan, list(details) + [None] * len(chosen.plan))],
         "candidates": [c.to_json() for c in candidates],
         "memory": {
             "budget_bytes": budget.bytes_per_device,

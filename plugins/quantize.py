@@ -18,6 +18,14 @@ Schemes:
     ``model.int4.safetensors`` and rebuilds the model with :meth:`Quantize.restore`; the
     manifest names this plugin as the loader.
 
+``mixed``
+    int8 and int4 modules in one model, chosen per module to meet ``bits=`` (average stored bits
+    per quantized weight, scales included): every Linear and Embedding starts at int8, the
+    output error of the model with that module alone at int4 is measured on the calibration
+    inputs (its sensitivity), and the modules that lose least per byte saved go to int4
+    (GPTQ-rounded for Linears) until the average is at most ``bits``. Stored like int4, with
+    each module's bits and sensitivity in the file's metadata (``Quantize.allocation``).
+
 ``keep=`` lists module-name fragments kept in higher precision (for example ``keep=word_embeddings``
 or ``keep=[layer.0.,layer.5.]``).
 
@@ -403,6 +411,75 @@ def _head(options: Mapping[str, Any]) -> bool:
     return options.get("head") is True
 
 
+def _numel(header: dict[str, Any], name: str) -> int:
+    """Weights in quantized module ``name`` of an int4-format file's header (its packed codes
+    hold two per byte at 4 bits, one at 8)."""
+    info = header[f"{name}.qdata"]
+    count = 1
+    for dim in info["shape"]:
+        count *= dim
+    return count * 2 if info["dtype"] == "U8" else count
+
+
+def _mixed_bits(options: Mapping[str, Any]) -> float:
+    return float(options.get("bits") or 6.5)
+
+
+#: Calibration batches the sensitivity of each module is measured on (scheme=mixed).
+SENSITIVITY_BATCHES = 2
+
+
+def module_sensitivities(model: Any, modules: list[tuple[str, Any]], group_size: int,
+                         calibration: list[dict[str, Any]]) -> dict[str, float]:
+    """Each module's sensitivity to int4: the relative squared error of the model's output
+    (logits, or the last hidden state) on ``calibration`` when that module alone has its
+    weight rounded to int4 (group-wise, round to nearest), every other module as it is."""
+
+    trimmed = []
+    for batch in calibration:  # padding to the calibration length costs time and tells nothing
+        mask = batch.get("attention_mask")
+        length = int(mask.sum(dim=1).max()) if mask is not None and mask.dim() == 2 else None
+        trimmed.append({k: v[:, :length] if length and getattr(v, "dim", lambda: 0)() == 2 else v
+                        for k, v in batch.items()})
+
+    def outputs() -> list[Any]:
+        with torch.inference_mode():
+            results = []
+            for batch in trimmed:
+                out = model(**batch)
+                results.append((out.logits if getattr(out, "logits", None) is not None else out[0]).float())
+            return results
+
+    # 16-bit weights (after precision) are measured in fp32: CPUs without native bf16 run bf16
+    # matmuls many times slower, and the casts there and back are exact
+    stored = {(module, kind, key): tensor.dtype for module in model.modules()
+              for kind in ("_parameters", "_buffers") for key, tensor in getattr(module, kind).items()
+              if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32}
+    lowered = bool(stored)
+    if lowered:
+        model.float()
+    try:
+        reference = outputs()
+        norm = sum(float((r ** 2).sum()) for r in reference) or 1.0
+        result = {}
+        for name, module in modules:
+            original = module.weight.data
+            packed, scale, offset = quantize_int4_groups(original, group_size)
+            module.weight.data = dequantize(packed, scale, offset, 4, original.dtype)
+            try:
+                result[name] = sum(float(((o - r) ** 2).sum()) for o, r in zip(outputs(), reference)) / norm
+            finally:
+                module.weight.data = original
+    finally:
+        for (module, kind, key), dtype in stored.items():  # each tensor back in its own dtype
+            tensor = getattr(module, kind)[key]
+            if kind == "_parameters":
+                tensor.data = tensor.data.to(dtype)
+            else:
+                module._buffers[key] = tensor.to(dtype)
+    return result
+
+
 class Quantize(Compressor):
     """int8 / int8-dynamic / int4 quantization of Linear and Embedding weights."""
 
@@ -411,7 +488,8 @@ class Quantize(Compressor):
     version = edgepack.__version__
     description = "int8 (torchao, stock-loadable), int8-dynamic, or group-wise int4 weights"
     options = (
-        Option("scheme", str, ("int8", "int8-dynamic", "int4"), "int8", help="storage scheme"),
+        Option("scheme", str, ("int8", "int8-dynamic", "int4", "mixed"), "int8",
+               help="storage scheme (mixed: int8 and int4 modules, chosen by measured sensitivity)"),
         Option("group_size", int, (16, 32, 64, 128), None, help="int4: columns sharing a scale (default 32)"),
         Option("embeddings", bool, (), None, help="quantize embedding tables too (default true)"),
         Option("keep", list, (), None, help="module-name fragments kept unquantized, as keep=[layer.0.,layer.5.]"),
@@ -421,6 +499,8 @@ class Quantize(Compressor):
                help="int8: quantize the output head too, per channel (decoders; default false)"),
         Option("compute", str, ("auto", "input"), None,
                help="matmul dtype: auto = bf16 on CPUs with native bf16 (default), input = the activations' dtype"),
+        Option("bits", float, (), None, minimum=4.25, maximum=9.0,
+               help="mixed: average stored bits per quantized weight, scales included (default 6.5)"),
     )
 
     # -- checks and planning ---------------------------------------------------------------
@@ -430,14 +510,19 @@ class Quantize(Compressor):
         if any(step.plugin == self.name for step in previous):
             return "quantize is already in the plan"
         for step in previous:
-            if step.plugin == "prune" and float(step.options.get("heads") or 0) > 0 and options["scheme"] != "int4":
+            if step.plugin == "prune" and float(step.options.get("heads") or 0) > 0 and options["scheme"] not in ("int4", "mixed"):
                 # BERT-style head pruning cannot be written into a stock config, so prune owns the
                 # weight file; the torchao schemes need stock saving.
-                return "int8 schemes cannot follow prune:heads (both would own the weight file); use scheme=int4"
+                return "int8 schemes cannot follow prune:heads (both would own the weight file); use scheme=int4 or mixed"
             if step.plugin == "sparsify":
                 return "quantize cannot follow sparsify: no storage format combines both yet"
         if _head(options) and options["scheme"] != "int8":
             return "head=true needs scheme=int8 (the fused decoding kernel is int8 weight-only)"
+        if options.get("bits") is not None and options["scheme"] != "mixed":
+            return "bits= sets the average of scheme=mixed; other schemes have fixed bits"
+        if options["scheme"] == "mixed" and _mixed_bits(options) < self.bits_per_weight({**options, "scheme": "int4"}, 0):
+            return (f"bits={_mixed_bits(options)} is below int4's {self.bits_per_weight({**options, 'scheme': 'int4'}, 0):.2f} "
+                    f"bits at group_size={_group_size(options)}")
         if options["scheme"] == "int8-dynamic" and "int8" not in probe.capabilities:
             return f"int8-dynamic needs int8 compute, which target {probe.target} lacks"
         return super().check(options, probe, previous)
@@ -447,7 +532,8 @@ class Quantize(Compressor):
         sets: list[dict[str, Any]] = [{"scheme": "int8"}]
         if "int8" in probe.capabilities:
             sets.append({"scheme": "int8-dynamic"})
-        sets += [{"scheme": "int4", "group_size": 32}, {"scheme": "int4", "group_size": 128}]
+        sets += [{"scheme": "mixed", "bits": 7.0}, {"scheme": "mixed", "bits": 6.0},
+                 {"scheme": "int4", "group_size": 32}, {"scheme": "int4", "group_size": 128}]
         if facts.is_decoder and facts.parameters_by_kind.get("other", 0) >= facts.vocab_size * facts.hidden_size:
             sets.append({"scheme": "int8", "head": True})  # an untied head of its own
         return sets
@@ -461,6 +547,8 @@ class Quantize(Compressor):
         """Stored bits per weight, scales and offsets included, for rows of ``row_width``."""
         if options["scheme"] == "int4":
             return 4 + 32 / _group_size(options)  # fp16 scale + fp16 offset per group
+        if options["scheme"] == "mixed":
+            return _mixed_bits(options)  # the allocation's upper bound
         return 8 + (32 + 8) / row_width  # fp32 scale and int8 zero point per row
 
     def estimate(self, footprint: Footprint, options: Mapping[str, Any], target: Probe) -> Footprint:
@@ -472,7 +560,7 @@ class Quantize(Compressor):
             # torchao's CPU path: int8 activations, int32 accumulators and a dequantized weight
             # per call; refitted on MiniLM (fp32 and bf16) under the fixed-allocator probe
             scratch = 3.0
-        elif options["scheme"] == "int4":
+        elif options["scheme"] in ("int4", "mixed"):
             # unpacked codes and the weight dequantized for one matmul (in place); refitted as above
             scratch = act_bytes + 1
         else:
@@ -490,7 +578,14 @@ class Quantize(Compressor):
             return 0.0007 + (0.01 if _head(options) else 0.0)
         if scheme == "int8-dynamic":
             return 0.004
-        return 0.03 * (_group_size(options) / 32) ** 0.5
+        int4 = 0.03 * (_group_size(options) / 32) ** 0.5
+        if scheme == "mixed":
+            # the least sensitive bytes go to int4 first, so the loss grows faster than the bits
+            # saved: between int8's and int4's priors, quadratic in the share of bits saved
+            full, low = 8.1, self.bits_per_weight({**options, "scheme": "int4"}, 0)
+            share = min(1.0, max(0.0, (full - _mixed_bits(options)) / (full - low)))
+            return 0.0007 + (int4 - 0.0007) * share ** 2
+        return int4
 
     # -- apply, save, restore --------------------------------------------------------------
 
@@ -502,6 +597,8 @@ class Quantize(Compressor):
             raise UsageError("quantize found no Linear or Embedding modules to quantize (check keep=)")
         if options["scheme"] == "int4":
             return self._apply_int4(model, chosen, options, context)
+        if options["scheme"] == "mixed":
+            return self._apply_mixed(model, chosen, options, context)
         return self._apply_torchao(model, chosen, options)
 
     def _apply_torchao(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any]) -> Any:
@@ -551,12 +648,104 @@ class Quantize(Compressor):
         model._edgepack_int4 = {"group_size": group, "modules": [n for n, _ in chosen]}
         return model
 
-    def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
-        """int4: write config.json and ``model.int4.safetensors`` (packed nibbles, fp16 scales
-        and offsets, other tensors as they are). int8 schemes: stock saving (returns False)."""
+    def _apply_mixed(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any],
+                     context: ApplyContext | None) -> Any:
+        """Measure each module's sensitivity, allocate int4 to the cheapest bytes until the
+        average is at most ``bits``, then quantize: int4 (GPTQ for Linears with calibration
+        inputs) and int8 per row."""
         _define_modules()
-        if options["scheme"] != "int4":
+        group = _group_size(options)
+        target = _mixed_bits(options)
+        low = self.bits_per_weight({**options, "scheme": "int4"}, 0)
+        calibration = list(context.calibration or [])[:SENSITIVITY_BATCHES] if context is not None else []
+        if not calibration:
+            raise UsageError("quantize:scheme=mixed needs calibration inputs to measure sensitivity")
+        eligible = [(n, m) for n, m in chosen if m.weight.shape[1] % group == 0]
+        if context is not None and context.progress:
+            context.progress(f"  measuring the sensitivity of {len(eligible)} modules to int4 on "
+                             f"{len(calibration)} calibration batch(es)")
+        sensitivity = module_sensitivities(model, eligible, group, calibration)
+        high = {n: self.bits_per_weight({"scheme": "int8"}, m.weight.shape[1]) for n, m in chosen}
+        sizes = {n: m.weight.numel() for n, m in chosen}
+        stored = sum(sizes[n] * high[n] for n in sizes)
+        allowed = target * sum(sizes.values())
+        to_int4: set[str] = set()
+        for name, _ in sorted(eligible, key=lambda nm: (sensitivity[nm[0]] / (sizes[nm[0]] * (high[nm[0]] - low)), nm[0])):
+            if stored <= allowed:
+                break
+            to_int4.add(name)
+            stored -= sizes[name] * (high[name] - low)
+        if stored > allowed:
+            raise UsageError(f"quantize:scheme=mixed,bits={target}: {stored / sum(sizes.values()):.2f} bits per "
+                             f"weight is the least this model reaches (modules whose width is not a multiple "
+                             f"of group_size={group} stay int8)")
+        hessians: dict[str, Any] = {}
+        linears = [(n, m) for n, m in chosen if n in to_int4 and isinstance(m, nn.Linear)]
+        if options.get("method", "gptq") == "gptq" and linears:
+            hessians = input_hessians(model, linears, list(context.calibration))
+        allocation = {}
+        for name, module in chosen:
+            weight = module.weight
+            if name in to_int4:
+                bits = 4
+                packed, scale, offset = (gptq_int4(weight, hessians[name], group) if name in hessians
+                                         else quantize_int4_groups(weight, group))
+            else:
+                bits, offset = 8, None
+                packed, scale = quantize_int8_rows(weight)
+            if isinstance(module, nn.Embedding):
+                new = QuantEmbedding(module.num_embeddings, module.embedding_dim, bits, packed, scale, offset,
+                                     module.padding_idx, weight.dtype)
+            else:
+                bias = module.bias.detach() if module.bias is not None else None
+                new = QuantLinear(module.in_features, module.out_features, bits, packed, scale, offset, bias)
+            replace_module(model, name, new)
+            allocation[name] = {"bits": bits, "sensitivity": float(f"{sensitivity.get(name, float('nan')):.4g}")}
+        model._edgepack_allocation = allocation
+        return model
+
+    @staticmethod
+    def allocation(model_dir: Path) -> dict[str, dict[str, Any]]:
+        """A mixed bundle's per-module formats: ``{module: {"bits", "sensitivity"}}`` (empty
+        for other schemes)."""
+        from edgepack.model import read_format_metadata
+
+        file = Path(model_dir) / INT4_FILE
+        if not file.is_file():
+            return {}
+        quantized = json.loads(read_format_metadata(file, INT4_FORMAT)["quantized"])
+        return {name: {"bits": info.get("bits", 4), "sensitivity": info.get("sensitivity")}
+                for name, info in quantized.items() if "sensitivity" in info}
+
+    def details(self, model_dir: Path, options: Mapping[str, Any]) -> dict[str, Any] | None:
+        """scheme=mixed: the allocation, one entry per quantized module: its format (``int4``
+        or ``int8``), the bytes it is stored in (codes, scales and offsets, read from the
+        file's header) and its measured sensitivity."""
+        if options["scheme"] != "mixed" or not (Path(model_dir) / INT4_FILE).is_file():
+            return None  # (a sharded bundle's weights are in its rank directories)
+        from edgepack.model import safetensors_layout
+
+        header, _ = safetensors_layout(Path(model_dir) / INT4_FILE)
+
+        def stored(name: str) -> int:
+            spans = [header[f"{name}.{part}"]["data_offsets"] for part in ("qdata", "scale", "offset")
+                     if f"{name}.{part}" in header]
+            return sum(end - start for start, end in spans)
+
+        modules = {name: {"format": f"int{info['bits']}", "bytes": stored(name), "sensitivity": info["sensitivity"]}
+                   for name, info in self.allocation(model_dir).items()}
+        return {"bits": round(8 * sum(m["bytes"] for m in modules.values())
+                              / max(1, sum(_numel(header, n) for n in modules)), 3),
+                "modules": modules}
+
+    def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
+        """int4 and mixed: write config.json and ``model.int4.safetensors`` (packed nibbles and
+        int8 rows, their scales and offsets, other tensors as they are; each module's bits, and
+        for mixed its sensitivity, in the metadata). int8 schemes: stock saving (returns False)."""
+        _define_modules()
+        if options["scheme"] not in ("int4", "mixed"):
             return False
+        allocation = getattr(model, "_edgepack_allocation", {})
         from edgepack.model import save_safetensors
 
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -567,7 +756,9 @@ class Quantize(Compressor):
                 quantized[name] = {"kind": "embedding" if isinstance(module, QuantEmbedding) else "linear",
                                    "shape": [module.num_embeddings, module.embedding_dim] if isinstance(module, QuantEmbedding)
                                    else [module.out_features, module.in_features],
-                                   "padding_idx": getattr(module, "padding_idx", None)}
+                                   "padding_idx": getattr(module, "padding_idx", None),
+                                   "bits": module.bits, **({"sensitivity": allocation[name]["sensitivity"]}
+                                                           if name in allocation else {})}
         tensors = unique_tensors(model)
         metadata = {
             "format": INT4_FORMAT,
@@ -593,11 +784,14 @@ class Quantize(Compressor):
         tensors = load_file(file, device=device)
         for name, info in quantized.items():
             p = f"{name}." if name else ""
-            q, s, o = tensors.pop(p + "qdata"), tensors.pop(p + "scale"), tensors.pop(p + "offset")
+            bits = info.get("bits", 4)
+            if bits not in (4, 8):
+                raise UsageError(f"{file}: module {name!r} has {bits} bits; this edgepack reads 4 and 8")
+            q, s, o = tensors.pop(p + "qdata"), tensors.pop(p + "scale"), tensors.pop(p + "offset", None)
             if info["kind"] == "embedding":
-                new = QuantEmbedding(info["shape"][0], info["shape"][1], 4, q, s, o, info["padding_idx"], dtype)
+                new = QuantEmbedding(info["shape"][0], info["shape"][1], bits, q, s, o, info["padding_idx"], dtype)
             else:
-                new = QuantLinear(info["shape"][1], info["shape"][0], 4, q, s, o, tensors.pop(p + "bias", None))
+                new = QuantLinear(info["shape"][1], info["shape"][0], bits, q, s, o, tensors.pop(p + "bias", None))
             replace_module(model, name, new)
         return assign_weights(model, tensors, file)
 
@@ -612,7 +806,7 @@ class Quantize(Compressor):
         ``_weight_int8pack_mm`` and the int4 Linears of decoders are repacked for
         ``_weight_int4pack_mm_for_cpu`` (see the module docstring)."""
         _define_modules()
-        if options["scheme"] != "int4":
+        if options["scheme"] not in ("int4", "mixed"):
             model = self._swap_torchao(model, options)
         if (options.get("compute") or "auto") == "auto" and device == "cpu" and probe is not None \
                 and "bf16-native" in probe.capabilities:

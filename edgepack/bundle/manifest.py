@@ -582,6 +582,8 @@ def _plan_failures(plan: list[Any]) -> list[tuple[str, str]]:
             problems.append((f"{key}.version", problem))
         if "options" in step and not isinstance(step["options"], dict):
             problems.append((f"{key}.options", f"must be a JSON object, got {_show(step['options'])}"))
+        if "details" in step and not isinstance(step["details"], dict):
+            problems.append((f"{key}.details", f"must be a JSON object, got {_show(step['details'])}"))
     return problems
 
 

@@ -1,0 +1,163 @@
+"""quantize:scheme=mixed (issue 13): int8 and int4 modules in one model, allocated by measured
+sensitivity under an average-bits bound; stored, restored and planned like any scheme."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+
+import edgepack
+from edgepack.errors import UsageError
+from edgepack.interfaces import PlanStep
+from edgepack.testing import build_encoder
+
+torch = pytest.importorskip("torch")
+
+from edgepack.plugins.quantize import (  # noqa: E402
+    INT4_FILE, QuantEmbedding, QuantLinear, Quantize, module_sensitivities,
+)
+from test_quantize import FULL_PROBE, builtin_registry  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import transformers
+
+    from edgepack.pipeline import _calibration_batches
+
+    path = build_encoder(tmp_path_factory.mktemp("src") / "tiny-bert")
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    calibration = _calibration_batches(tokenizer, 32, "feature-extraction")
+    return path, model, calibration
+
+
+def _mixed(model, calibration, **options):
+    context = types.SimpleNamespace(calibration=calibration, progress=None)
+    quantize = Quantize()
+    options = quantize.complete(quantize.parse_options({"scheme": "mixed", **options}), FULL_PROBE)
+    return quantize.apply(copy.deepcopy(model), options, context), options
+
+
+def _stored_bits(model):
+    """Average stored bits per quantized weight, scales and offsets included."""
+    bits = total = 0
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            rows, cols = ((module.num_embeddings, module.embedding_dim) if isinstance(module, QuantEmbedding)
+                          else (module.out_features, module.in_features))
+            row_width = cols
+            per = Quantize.bits_per_weight({"scheme": "int4" if module.bits == 4 else "int8", "group_size": 32},
+                                           row_width)
+            bits += per * rows * cols
+            total += rows * cols
+    return bits / total
+
+
+def test_allocation_meets_the_bits_bound_and_sends_the_least_sensitive_bytes_to_int4(tiny):
+    _, model, calibration = tiny
+    results = {}
+    for target in (8.55, 7.0, 5.2):  # the tiny encoder stores int8 rows of 64 at 8.63 bits
+        quantized, _ = _mixed(model, calibration, bits=target)
+        allocation = quantized._edgepack_allocation
+        assert _stored_bits(quantized) <= target + 1e-9
+        results[target] = {name for name, info in allocation.items() if info["bits"] == 4}
+    assert results[8.55] < results[7.0] <= results[5.2]  # fewer bits, more int4
+    # the int4 modules are a prefix of the order of least loss per byte saved
+    quantized, _ = _mixed(model, calibration, bits=8.55)
+    sens = {n: info["sensitivity"] for n, info in quantized._edgepack_allocation.items()}
+    weights = {n: m.weight for n, m in model.named_modules() if n in sens}
+    saved = {n: w.numel() * (Quantize.bits_per_weight({"scheme": "int8"}, w.shape[1]) - 5.0) for n, w in weights.items()}
+    order = sorted(sens, key=lambda n: (sens[n] / saved[n], n))
+    assert set(order[:len(results[8.55])]) == results[8.55]
+
+
+def test_sensitivity_is_measured_output_error_and_leaves_the_model_unchanged(tiny):
+    _, model, calibration = tiny
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:3]
+    before = {n: m.weight.detach().clone() for n, m in modules}
+    sens = module_sensitivities(model, modules, 32, calibration[:1])
+    assert all(s > 0 for s in sens.values())
+    assert all(torch.equal(before[n], m.weight) for n, m in modules)
+    lowered = copy.deepcopy(model).to(torch.bfloat16)  # 16-bit models are measured in fp32, then restored
+    again = module_sensitivities(lowered, [(n, lowered.get_submodule(n)) for n, _ in modules], 32, calibration[:1])
+    assert all(p.dtype == torch.bfloat16 for p in lowered.parameters())
+    assert set(again) == set(sens)
+
+
+def test_mixed_round_trips_through_save_and_restore(tiny, tmp_path):
+    _, model, calibration = tiny
+    quantized, options = _mixed(model, calibration, bits=6.0)
+    quantize = Quantize()
+    assert quantize.save(quantized, tmp_path, options)
+    restored = quantize.restore(tmp_path, options, "cpu")
+    assert Quantize.allocation(tmp_path) == quantized._edgepack_allocation
+    bits = {n: m.bits for n, m in restored.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    assert set(bits.values()) == {4, 8}
+    batch = calibration[0]
+    with torch.inference_mode():
+        assert torch.equal(quantized(**batch).last_hidden_state, restored(**batch).last_hidden_state)
+    assert (tmp_path / INT4_FILE).is_file()
+
+
+def test_option_checks():
+    quantize = Quantize()
+    assert "bits= sets the average of scheme=mixed" in quantize.check(
+        {"scheme": "int8", "bits": 6.0}, FULL_PROBE, [])
+    assert "below int4's 6.00 bits at group_size=16" in quantize.check(
+        {"scheme": "mixed", "bits": 5.0, "group_size": 16}, FULL_PROBE, [])
+    assert quantize.check({"scheme": "mixed", "bits": 5.0}, FULL_PROBE, []) is None
+    with pytest.raises(UsageError, match="bits=9.5.*above its maximum"):
+        quantize.parse_options({"scheme": "mixed", "bits": "9.5"})
+    assert quantize.check({"scheme": "mixed"}, FULL_PROBE, [PlanStep("prune", "1", {"heads": 0.25})]) is None
+
+
+def test_the_planner_offers_mixed_between_int8_and_int4(model_dir):
+    from edgepack.planner import plan_model
+
+    _, candidates = plan_model(str(model_dir), target="cpu", budget="26MB", registry=builtin_registry())
+    fitting = [c for c in candidates if c.fits]
+    assert "scheme=mixed" in fitting[0].spec  # int8 does not fit; mixed loses less than int4
+    by_spec = {c.spec: c for c in candidates}
+    int8, int4 = by_spec["quantize:scheme=int8"], by_spec["quantize:group_size=32,scheme=int4"]
+    for bits in ("6.0", "7.0"):
+        mixed = by_spec[f"quantize:bits={bits},scheme=mixed"]
+        assert int4.estimate.peak_bytes < mixed.estimate.peak_bytes < int8.estimate.peak_bytes
+        assert int8.quality_cost < mixed.quality_cost < int4.quality_cost
+
+
+def test_pack_and_verify_a_mixed_bundle(tiny, tmp_path):
+    path, _, _ = tiny
+    result = edgepack.pack(path, target="cpu", apply=["quantize:scheme=mixed,bits=6"], out=tmp_path,
+                           min_fidelity=0.0, progress=lambda message: None)
+    assert result.manifest["model"]["loader"] == "quantize"
+    details = result.manifest["plan"][0]["details"]
+    modules = details["modules"]
+    assert {m["format"] for m in modules.values()} == {"int4", "int8"}
+    assert details["bits"] <= 6.0
+    assert Quantize.allocation(result.bundle / "model") == {
+        name: {"bits": int(m["format"][3:]), "sensitivity": m["sensitivity"]} for name, m in modules.items()}
+    from edgepack.model import safetensors_layout
+
+    header, _ = safetensors_layout(result.bundle / "model" / INT4_FILE)
+    word = "embeddings.word_embeddings"
+    assert modules[word]["bytes"] == sum(e - b for k, (b, e) in ((k, v["data_offsets"]) for k, v in header.items()
+                                                                 if k != "__metadata__") if k.startswith(word + "."))
+    card = (result.bundle / "README.md").read_text()
+    most = max(modules, key=lambda n: modules[n]["sensitivity"])
+    assert "## Per-module formats (quantize)" in card and f"| {most} | {modules[most]['format']} |" in card
+    report = edgepack.verify(result.bundle)
+    assert report.ok, report.failures
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("budget, floor", [("26MB", 0.99), ("24MB", 0.985)])
+def test_minilm_fits_between_int8_and_int4_at_the_floor(model_dir, tmp_path, budget, floor):
+    """The issue's goals: at 26 MB with the default floor, and at 24 MB at 0.985."""
+    result = edgepack.pack(str(model_dir), target="cpu", budget=budget, out=tmp_path,
+                           progress=lambda message: None)
+    plan = " + ".join(s["plugin"] + ":" + str(s["options"].get("scheme", "")) for s in result.manifest["plan"])
+    assert "mixed" in plan
+    assert result.manifest["fidelity"]["value"] >= floor
