@@ -450,7 +450,7 @@ class Bloat(Compressor):
         return model.double()
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # 35-40 s (run: pytest --extended)
 def test_pack_falls_back_when_the_best_candidate_misses_the_budget(model_dir, tmp_path, monkeypatch):
     import edgepack.smoke
 

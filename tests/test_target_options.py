@@ -83,15 +83,19 @@ def test_cuda_contradictions_name_both_numbers():
 
 
 def test_verify_refuses_a_machine_smaller_than_the_described_one(bundle_copy):
+    from edgepack.bundle.manifest import content_section
+
     manifest_path = bundle_copy / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     assert manifest["target"]["options"] == {}
     manifest["target"]["options"] = {"memory": 10**18}
+    manifest["content"] = content_section(manifest)  # an edit made consistently: the digest covers options
     manifest_path.write_text(json.dumps(manifest))
     report = verify(bundle_copy)
     assert [(f.check, f.path) for f in report.failures] == [("target", "manifest.json:target.options")]
     assert "packed for cpu:memory=1000000000000000000 bytes, but this machine has" in report.failures[0].detail
     manifest["target"]["options"] = {"memory": "lots"}
+    manifest["content"] = content_section(manifest)
     manifest_path.write_text(json.dumps(manifest))
     report = verify(bundle_copy)
     assert report.failures[0].path == "manifest.json:target" and "not a size" in report.failures[0].detail
