@@ -380,14 +380,21 @@ def drive_pack(args: list[str], *, kill_after: str, inspect: Callable[[str], Non
                 record["killed_at"] = line
                 break
             label = line or f"at {time.monotonic() - started:.1f} s"
+            stopped = False
             os.killpg(proc.pid, signal.SIGSTOP)
             try:
-                while not all_stopped(proc.pid):
+                # A parent inside vfork waits (state D, never T) for its child to exec; with the
+                # child stopped too it never stops: skip that instant rather than wait forever.
+                deadline = time.monotonic() + 2.0
+                while not all_stopped(proc.pid) and time.monotonic() < deadline:
                     time.sleep(0.001)
-                inspect(label)
+                stopped = all_stopped(proc.pid)
+                if stopped:
+                    inspect(label)
             finally:
                 os.killpg(proc.pid, signal.SIGCONT)
-            record["inspections"].append(label)
+            if stopped:
+                record["inspections"].append(label)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
