@@ -880,11 +880,12 @@ def rebuild(bundle: str | Path, model: str | Path, *, samples: str | Path | None
     """
     import tempfile
 
-    from edgepack.bundle.manifest import content_differences, content_digest
+    from edgepack.bundle.manifest import content_differences, content_view, recorded_digest
     from edgepack.bundle.reader import read_verified
+    from edgepack.runtime import plan_steps
 
     root, manifest = read_verified(bundle)
-    recorded = (manifest.get("content") or {}).get("digest") or content_digest(manifest)
+    recorded = recorded_digest(manifest)
     workload = manifest["workload"]
     session = open_source(model, samples=samples, batch_size=workload["batch_size"], seq_len=workload["seq_len"],
                           cache_len=workload.get("cache_len"), progress=progress, allow_code=allow_code)
@@ -896,24 +897,17 @@ def rebuild(bundle: str | Path, model: str | Path, *, samples: str | Path | None
     workdir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="edgepack-rebuild-"))
     try:
         request = rebuild_request(manifest, workdir)
-        progress(f"rebuilding {root.name}: plan {', '.join(_plan_step_spec(s) for s in manifest['plan']) or 'none'} "
+        progress(f"rebuilding {root.name}: plan {', '.join(s.spec() for s in plan_steps(manifest)) or 'none'} "
                  f"for {request.target}")
         result = pack_target(session, request, progress=progress, registry=registry)
         rebuilt = result.manifest
         differences = content_differences(manifest, rebuilt)
-        compared = sum(1 for e in rebuilt["files"] if e["path"] != "README.md")
+        compared = len(content_view(rebuilt)["files"])
         return RebuildResult(str(bundle), recorded, rebuilt["content"]["digest"], differences, compared,
                              kept=result.bundle if out is not None else None)
     finally:
         if out is None:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _plan_step_spec(step: dict[str, Any]) -> str:
-    """A manifest plan entry as ``--apply`` spells it."""
-    from edgepack.interfaces import PlanStep
-
-    return PlanStep(step["plugin"], step.get("version", ""), step.get("options") or {}).spec()
 
 
 def _digests(sha: dict[str, str]) -> str:

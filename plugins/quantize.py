@@ -421,6 +421,11 @@ def _numel(header: dict[str, Any], name: str) -> int:
     return count * 2 if info["dtype"] == "U8" else count
 
 
+def _int4_bits(options: Mapping[str, Any]) -> float:
+    """Stored bits per int4 weight at the options' group size (scale and offset included)."""
+    return Quantize.bits_per_weight({**options, "scheme": "int4"}, 0)
+
+
 def _mixed_bits(options: Mapping[str, Any]) -> float:
     return float(options.get("bits") or 6.5)
 
@@ -604,8 +609,8 @@ class Quantize(Compressor):
             return "head=true needs scheme=int8 (the fused decoding kernel is int8 weight-only)"
         if options.get("bits") is not None and options["scheme"] != "mixed":
             return "bits= sets the average of scheme=mixed; other schemes have fixed bits"
-        if options["scheme"] == "mixed" and _mixed_bits(options) < self.bits_per_weight({**options, "scheme": "int4"}, 0):
-            return (f"bits={_mixed_bits(options)} is below int4's {self.bits_per_weight({**options, 'scheme': 'int4'}, 0):.2f} "
+        if options["scheme"] == "mixed" and _mixed_bits(options) < _int4_bits(options):
+            return (f"bits={_mixed_bits(options)} is below int4's {_int4_bits(options):.2f} "
                     f"bits at group_size={_group_size(options)}")
         if options["scheme"] == "int8-dynamic" and "int8" not in probe.capabilities:
             return f"int8-dynamic needs int8 compute, which target {probe.target} lacks"
@@ -666,7 +671,7 @@ class Quantize(Compressor):
         if scheme == "mixed":
             # the least sensitive bytes go to int4 first, so the loss grows faster than the bits
             # saved: between int8's and int4's priors, quadratic in the share of bits saved
-            full, low = 8.1, self.bits_per_weight({**options, "scheme": "int4"}, 0)
+            full, low = 8.1, _int4_bits(options)
             share = min(1.0, max(0.0, (full - _mixed_bits(options)) / (full - low)))
             return 0.0007 + (int4 - 0.0007) * share ** 2
         return int4
@@ -740,7 +745,7 @@ class Quantize(Compressor):
         _define_modules()
         group = _group_size(options)
         target = _mixed_bits(options)
-        low = self.bits_per_weight({**options, "scheme": "int4"}, 0)
+        low = _int4_bits(options)
         calibration = list(context.calibration or [])[:SENSITIVITY_BATCHES] if context is not None else []
         if not calibration:
             raise UsageError("quantize:scheme=mixed needs calibration inputs to measure sensitivity")
@@ -964,7 +969,7 @@ def edgepack_register_commands(cli):
         chosen = _targets(loaded, True, [])
         eligible = [(n, m) for n, m in chosen if m.weight.shape[1] % group == 0]
         measured = cached_sensitivities(loaded, eligible, group, calibration)
-        low = Quantize.bits_per_weight({"scheme": "int4", "group_size": group}, 0)
+        low = _int4_bits({"group_size": group})
         plans = {bits: allocate(chosen, [n for n, _ in eligible], measured, bits, low) for bits in levels}
         rows = [{"module": n, "shape": list(m.weight.shape), "params": m.weight.numel(),
                  "sensitivity": measured.get(n),

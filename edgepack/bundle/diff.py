@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack.bundle.manifest import content_differences, content_digest
+from edgepack.bundle.manifest import content_differences, recorded_digest
 from edgepack.bundle.reader import read_verified
 
 #: The record fields compared, as (label, section, key): shown when they differ.
@@ -68,16 +68,11 @@ class BundleDiff:
 
 
 def _plan_text(manifest: dict[str, Any]) -> str:
-    """The plan as ``--apply`` spells it: ``prune:ffn=0.25 + quantize:scheme=int8``."""
-    from edgepack.interfaces import PlanStep
+    """The plan as ``--apply`` spells it, with each plugin's version:
+    ``prune:ffn=0.25 (0.1.0) + quantize:scheme=int8 (0.1.0)``."""
+    from edgepack.runtime import plan_steps
 
-    steps = [PlanStep(s["plugin"], s["version"], s["options"]).spec() + f" ({s['version']})" for s in manifest["plan"]]
-    return " + ".join(steps) or "(none)"
-
-
-def _digest(manifest: dict[str, Any]) -> str:
-    recorded = manifest.get("content")
-    return recorded["digest"] if isinstance(recorded, dict) else content_digest(manifest)
+    return " + ".join(f"{s.spec()} ({s.version})" for s in plan_steps(manifest)) or "(none)"
 
 
 def diff_bundles(a: str | Path, b: str | Path) -> BundleDiff:
@@ -89,7 +84,7 @@ def diff_bundles(a: str | Path, b: str | Path) -> BundleDiff:
     _, mb = read_verified(b)
     content = [(key, f"{_plan_text(ma)} against {_plan_text(mb)}" if key == "plan" else detail)
                for key, detail in content_differences(ma, mb)]
-    result = BundleDiff(str(a), str(b), _digest(ma), _digest(mb), content=content)
+    result = BundleDiff(str(a), str(b), recorded_digest(ma), recorded_digest(mb), content=content)
     for label, section, key in RECORD_FIELDS:
         va, vb = (ma.get(section) or {}).get(key), (mb.get(section) or {}).get(key)
         if va != vb:

@@ -107,7 +107,8 @@ SMOKE_FILES = ("inputs", "expected", "tolerances")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FORMAT_VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+#: A content digest as written: ``sha256:`` and 64 lowercase hexadecimal digits.
+CONTENT_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -556,7 +557,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "parallel.backend": _string,
     "parallel.launch": _string,
     "content.scheme": _one_of(CONTENT_SCHEME),
-    "content.digest": lambda value: None if isinstance(value, str) and _DIGEST.fullmatch(value) else (
+    "content.digest": lambda value: None if isinstance(value, str) and CONTENT_DIGEST.fullmatch(value) else (
         f"must be 'sha256:' and 64 lowercase hexadecimal digits, got {_show(value)}"),
 }
 
@@ -856,6 +857,13 @@ def content_digest(manifest: dict[str, Any]) -> str:
     """``sha256:`` and the hex SHA-256 of the canonical JSON of :func:`content_view`: equal for
     two bundles of the same content, whenever and wherever each was packed."""
     return "sha256:" + hashlib.sha256(canonical_json(content_view(manifest))).hexdigest()
+
+
+def recorded_digest(manifest: dict[str, Any]) -> str:
+    """The manifest's recorded content digest; for a format 1.0 manifest, which records none,
+    the digest its content gives."""
+    recorded = manifest.get("content")
+    return recorded["digest"] if isinstance(recorded, dict) else content_digest(manifest)
 
 
 def content_section(manifest: dict[str, Any]) -> dict[str, str]:

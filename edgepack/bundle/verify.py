@@ -4,19 +4,16 @@ tests → peak ≤ budget."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from edgepack.bundle.manifest import (
-    MANIFEST, SIGNATURE, Failure, NotRegularFile, content_failures, open_regular, reference_failures,
+    CONTENT_DIGEST, MANIFEST, SIGNATURE, Failure, NotRegularFile, content_failures, open_regular, reference_failures,
     tolerances_problem, untrusted_keys,
 )
 from edgepack.bundle.reader import check_integrity, open_path
 from edgepack.errors import EdgepackError, UsageError, VerificationError
-
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgepack.bundle.signing import PublicKey
@@ -171,7 +168,7 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     from edgepack.smoke import DEFAULT_NEW_TOKENS, check, compare, measure_in_fresh_process
 
     minimum = _parse_min_version(min_version)
-    if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+    if digest is not None and not (isinstance(digest, str) and CONTENT_DIGEST.fullmatch(digest)):
         raise UsageError(f"--digest {digest!r} is not a content digest such as sha256:<64 hexadecimal digits> "
                          "(edgepack inspect prints a bundle's)")
     trusted: list[Any] = []

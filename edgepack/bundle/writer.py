@@ -110,6 +110,26 @@ def _renameat2(src: str | os.PathLike[str], dst: str | os.PathLike[str], flags: 
         raise OSError(code, os.strerror(code), os.fspath(src), None, os.fspath(dst))
 
 
+def _rename_no_replace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` unless something is there: ``renameat2(RENAME_NOREPLACE)``, or where
+    that is not supported ``os.rename`` onto a path checked first (it would replace an empty
+    directory silently). FileExistsError when something is at ``dst``; other OSErrors as raised."""
+    try:
+        _renameat2(src, dst, RENAME_NOREPLACE)  # its EEXIST is a FileExistsError
+        return
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", os.fspath(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, "exists", os.fspath(dst)) from None
+        raise
+
+
 def _fsync_path(path: Path, *, directory: bool) -> None:
     """fsync one file or directory, opened without following a link."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -330,14 +350,7 @@ class BundleWriter:
 
     def _move_back(self, previous: Path) -> None:
         """Move a previous bundle that a killed swap left aside back to the final path."""
-        try:
-            _renameat2(previous, self.final, RENAME_NOREPLACE)
-        except OSError as exc:
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            if os.path.lexists(self.final):
-                raise FileExistsError(errno.EEXIST, "exists", os.fspath(self.final)) from None
-            os.rename(previous, self.final)
+        _rename_no_replace(previous, self.final)
         _fsync_path(self.out_dir, directory=True)
 
     def commit(self, manifest: dict[str, Any], *, finish: Callable[[Path], None] | None = None) -> Path:
@@ -421,21 +434,11 @@ class BundleWriter:
     def _rename_noreplace(self) -> None:
         assert self.staging is not None
         try:
-            _renameat2(self.staging, self.final, RENAME_NOREPLACE)
+            _rename_no_replace(self.staging, self.final)
+        except FileExistsError:
+            raise self._exists_error() from None
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                raise self._exists_error() from None
-            if exc.errno not in _UNSUPPORTED:
-                raise UsageError(f"bundle {self.final} could not be published: {exc.strerror or exc}") from None
-            # No renameat2 here: os.rename replaces an empty directory silently, so check first.
-            if os.path.lexists(self.final):
-                raise self._exists_error() from None
-            try:
-                os.rename(self.staging, self.final)
-            except OSError as exc2:
-                if exc2.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                    raise self._exists_error() from None
-                raise UsageError(f"bundle {self.final} could not be published: {exc2.strerror or exc2}") from None
+            raise UsageError(f"bundle {self.final} could not be published: {exc.strerror or exc}") from None
         self.committed = True
         _fsync_path(self.out_dir, directory=True)
 
