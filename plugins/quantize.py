@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import edgepack
 from edgepack.errors import UsageError
@@ -172,22 +172,12 @@ def gptq_int4(weight: Any, hessian: Any, group_size: int, damp: float = 0.01, bl
 
 
 def input_hessians(model: Any, modules: list[tuple[str, Any]], calibration: list[dict[str, Any]]) -> dict[str, Any]:
-    """``2 XᵀX / n`` of each Linear's inputs over the calibration batches, padding excluded."""
+    """``2 XᵀX / n`` of each Linear's inputs over the calibration batches, padding excluded,
+    from passes of the whole model (every module's statistics at once)."""
     sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in modules}
     counts = dict.fromkeys(sums, 0)
     mask_holder: dict[str, Any] = {}
-
-    def hook_for(name: str):
-        def hook(module: Any, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            mask = mask_holder.get("mask")
-            x = x[mask.bool()] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
-            x = x.double()
-            sums[name] += x.T @ x
-            counts[name] += x.shape[0]
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules]
+    handles = _accumulate(sums, counts, modules, mask_holder)
     try:
         with torch.inference_mode():
             for batch in calibration:
@@ -197,6 +187,113 @@ def input_hessians(model: Any, modules: list[tuple[str, Any]], calibration: list
         for handle in handles:
             handle.remove()
     return {name: 2 * sums[name] / max(counts[name], 1) for name in sums}
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the inputs it wanted are captured."""
+
+
+def _repeated_layers(model: Any, names: set[str]) -> tuple[str, list[Any]] | None:
+    """The model's stack of repeated layers (``model.layers``, ``encoder.layer``, ``h``): the
+    ModuleList holding most of ``names``, as (its name, its layers); None when there is none."""
+    best: tuple[str, list[Any]] | None = None
+    count = 0
+    for prefix, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        inside = sum(1 for n in names if n.startswith(prefix + "."))
+        if inside > count:
+            best, count = (prefix, list(module)), inside
+    return best
+
+
+def _accumulate(sums: dict[str, Any], counts: dict[str, int], modules: list[tuple[str, Any]],
+                mask_holder: dict[str, Any]) -> list[Any]:
+    """Forward pre-hooks adding each module's ``XᵀX`` (padding excluded) to ``sums``."""
+    def hook_for(name: str):
+        def hook(module: Any, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            mask = mask_holder.get("mask")
+            x = x[mask.bool()] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
+            x = x.double()
+            sums[name] += x.T @ x
+            counts[name] += x.shape[0]
+        return hook
+    return [m.register_forward_pre_hook(hook_for(name)) for name, m in modules]
+
+
+def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: list[dict[str, Any]],
+                       progress: Any = None) -> Iterator[dict[str, Any]]:
+    """``2 XᵀX / n`` of the Linears' inputs (the same as :func:`input_hessians`), one layer of
+    the model's repeated stack at a time, as GPTQ implementations do: the calibration inputs of
+    the first layer are captured once, then each layer runs alone on its inputs, which gives
+    its statistics and the next layer's inputs, and its statistics are yielded for the caller
+    to quantize that layer. Only one layer's statistics are alive at a time (the whole model's
+    would be ``Σ 8·in²`` bytes: 10 GB for a 1.1 B Llama). Each layer sees the outputs of the
+    original layers before it, as the whole-model pass does (feeding it the quantized layers'
+    outputs instead measured worse on all-MiniLM-L6-v2 int4: mean cosine 0.9762 against
+    0.9778). Modules outside the stack (an output head) come last, from one pass of the whole
+    model."""
+    import time
+
+    names = {name for name, _ in modules}
+    stack = _repeated_layers(model, names)
+    groups: list[list[tuple[str, Any]]] = []
+    if stack is not None:
+        prefix, layers = stack
+        groups = [[(n, m) for n, m in modules if n.startswith(f"{prefix}.{i}.")] for i in range(len(layers))]
+    rest = [(n, m) for n, m in modules if not any((n, m) in g for g in groups)]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if config is not None and use_cache is not None:
+        config.use_cache = False  # no KV cache: calibration passes generate nothing
+    try:
+        with torch.inference_mode():
+            if stack is not None and any(groups):
+                captured: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+
+                def catch(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                    captured.append((args, kwargs, None))
+                    raise _Stop
+
+                handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+                try:
+                    for batch in calibration:
+                        try:
+                            model(**batch)
+                        except _Stop:
+                            args, kwargs, _ = captured[-1]
+                            captured[-1] = (args, kwargs, batch.get("attention_mask"))
+                finally:
+                    handle.remove()
+                start = time.perf_counter()
+                for index, (layer, group) in enumerate(zip(layers, groups)):
+                    sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in group}
+                    counts = dict.fromkeys(sums, 0)
+                    mask_holder: dict[str, Any] = {}
+                    hooks = _accumulate(sums, counts, group, mask_holder)
+                    try:  # statistics, and the inputs of the next layer (before this one is quantized)
+                        for i, (args, kwargs, mask) in enumerate(captured):
+                            mask_holder["mask"] = mask
+                            out = layer(*args, **kwargs)
+                            out = out[0] if isinstance(out, tuple) else out
+                            captured[i] = ((out, *args[1:]), kwargs, mask)
+                    finally:
+                        for hook in hooks:
+                            hook.remove()
+                    if group:
+                        yield {n: 2 * sums[n] / max(counts[n], 1) for n in sums}
+                    del sums
+                    if progress is not None and group:
+                        done = time.perf_counter() - start
+                        left = done / (index + 1) * (len(layers) - index - 1)
+                        progress(f"  GPTQ: layer {index + 1} of {len(layers)} ({done:.0f} s, about {left:.0f} s left)")
+                del captured
+            if rest:
+                yield input_hessians(model, rest, calibration)
+    finally:
+        if config is not None and use_cache is not None:
+            config.use_cache = use_cache
 
 
 def unpack_int4(packed: Any) -> Any:
@@ -393,6 +490,46 @@ def _targets(model: Any, embeddings: bool, keep: Sequence[str], head: bool = Fal
         if isinstance(module, nn.Linear) or (embeddings and isinstance(module, nn.Embedding)):
             chosen.append((name, module))
     return chosen
+
+
+def _quantize_module(model: Any, name: str, module: Any, bits: int, group: int, hessian: Any = None) -> None:
+    """Replace ``module`` by its int4 (GPTQ-rounded when a Hessian is given) or int8 form."""
+    weight = module.weight
+    offset = None
+    if bits == 4:
+        packed, scale, offset = (gptq_int4(weight, hessian, group) if hessian is not None
+                                 else quantize_int4_groups(weight, group))
+    else:
+        packed, scale = quantize_int8_rows(weight)
+    if isinstance(module, nn.Embedding):
+        new = QuantEmbedding(module.num_embeddings, module.embedding_dim, bits, packed, scale, offset,
+                             module.padding_idx, weight.dtype)
+    else:
+        bias = module.bias.detach() if module.bias is not None else None
+        new = QuantLinear(module.in_features, module.out_features, bits, packed, scale, offset, bias)
+    replace_module(model, name, new)
+
+
+def _quantize_modules(model: Any, chosen: list[tuple[str, Any]], bits: Mapping[str, int], group: int,
+                      options: Mapping[str, Any], context: ApplyContext | None) -> None:
+    """Quantize each chosen module to its ``bits``; with ``method=gptq`` and calibration
+    inputs, the int4 Linears are GPTQ-rounded layer by layer (:func:`layerwise_hessians`)."""
+    done: set[str] = set()
+    calibration = list(context.calibration or []) if context is not None else []
+    if options.get("method", "gptq") == "gptq" and calibration:
+        linears = [(n, m) for n, m in chosen if bits[n] == 4 and isinstance(m, nn.Linear)]
+        if linears:
+            progress = context.progress if context is not None else None
+            if progress:
+                progress(f"  GPTQ: collecting input statistics of {len(linears)} Linear layers, layer by layer")
+            by_name = dict(linears)
+            for hessians in layerwise_hessians(model, linears, calibration, progress):
+                for name in list(hessians):
+                    _quantize_module(model, name, by_name[name], 4, group, hessians.pop(name))
+                    done.add(name)
+    for name, module in chosen:
+        if name not in done:
+            _quantize_module(model, name, module, bits[name], group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,25 +852,7 @@ class Quantize(Compressor):
         _define_modules()
         group = _group_size(options)
         chosen = [(n, m) for n, m in chosen if m.weight.shape[1] % group == 0]  # others stay as they are
-        hessians: dict[str, Any] = {}
-        if options.get("method", "gptq") == "gptq" and context is not None and context.calibration:
-            linears = [(n, m) for n, m in chosen if isinstance(m, nn.Linear)]
-            if context.progress:
-                context.progress(f"  collecting input statistics of {len(linears)} Linear layers for GPTQ")
-            hessians = input_hessians(model, linears, context.calibration)
-        for name, module in chosen:
-            weight = module.weight
-            if name in hessians:
-                packed, scale, offset = gptq_int4(weight, hessians[name], group)
-            else:
-                packed, scale, offset = quantize_int4_groups(weight, group)
-            if isinstance(module, nn.Embedding):
-                new = QuantEmbedding(module.num_embeddings, module.embedding_dim, 4, packed, scale, offset,
-                                     module.padding_idx, weight.dtype)
-            else:
-                bias = module.bias.detach() if module.bias is not None else None
-                new = QuantLinear(module.in_features, module.out_features, 4, packed, scale, offset, bias)
-            replace_module(model, name, new)
+        _quantize_modules(model, chosen, {n: 4 for n, _ in chosen}, group, options, context)
         model._edgepack_int4 = {"group_size": group, "modules": [n for n, _ in chosen]}
         return model
 
@@ -758,29 +877,10 @@ class Quantize(Compressor):
         if reached > target:
             raise UsageError(f"quantize:scheme=mixed,bits={target}: {reached:.2f} bits per weight is the least this "
                              f"model reaches (modules whose width is not a multiple of group_size={group} stay int8)")
-        hessians: dict[str, Any] = {}
-        linears = [(n, m) for n, m in chosen if n in to_int4 and isinstance(m, nn.Linear)]
-        if options.get("method", "gptq") == "gptq" and linears:
-            hessians = input_hessians(model, linears, list(context.calibration))
-        allocation = {}
-        for name, module in chosen:
-            weight = module.weight
-            if name in to_int4:
-                bits = 4
-                packed, scale, offset = (gptq_int4(weight, hessians[name], group) if name in hessians
-                                         else quantize_int4_groups(weight, group))
-            else:
-                bits, offset = 8, None
-                packed, scale = quantize_int8_rows(weight)
-            if isinstance(module, nn.Embedding):
-                new = QuantEmbedding(module.num_embeddings, module.embedding_dim, bits, packed, scale, offset,
-                                     module.padding_idx, weight.dtype)
-            else:
-                bias = module.bias.detach() if module.bias is not None else None
-                new = QuantLinear(module.in_features, module.out_features, bits, packed, scale, offset, bias)
-            replace_module(model, name, new)
-            allocation[name] = {"bits": bits, "sensitivity": float(f"{sensitivity.get(name, float('nan')):.4g}")}
-        model._edgepack_allocation = allocation
+        bits = {n: 4 if n in to_int4 else 8 for n, _ in chosen}
+        _quantize_modules(model, chosen, bits, group, options, context)
+        model._edgepack_allocation = {n: {"bits": bits[n], "sensitivity": float(f"{sensitivity.get(n, float('nan')):.4g}")}
+                                      for n, _ in chosen}
         return model
 
     @staticmethod

@@ -17,8 +17,8 @@ from edgepack.smoke import CALIBRATION_SAMPLES, DEFAULT_SAMPLES, HELD_OUT_SAMPLE
 torch = pytest.importorskip("torch")
 
 from edgepack.plugins.quantize import (  # noqa: E402
-    INT4_FILE, QuantEmbedding, QuantLinear, Quantize, dequantize, gptq_int4, quantize_int4_groups,
-    quantize_int8_rows, unpack_int4,
+    INT4_FILE, QuantEmbedding, QuantLinear, Quantize, dequantize, gptq_int4, input_hessians, layerwise_hessians,
+    quantize_int4_groups, quantize_int8_rows, unpack_int4,
 )
 
 #: Sentences for fidelity: neither smoke nor calibration samples.
@@ -220,6 +220,33 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert err_gptq < 0.7 * err_rtn, (err_gptq, err_rtn)
     # same grid: round-to-nearest is optimal per weight, GPTQ trades weight error for output error
     assert (weight - gptq).pow(2).mean() >= (1 - 1e-6) * (weight - rtn).pow(2).mean()
+
+
+@pytest.mark.parametrize("kind", ["llama", "encoder"])
+def test_layerwise_statistics_equal_the_whole_model_pass_one_layer_at_a_time(kind, tmp_path):
+    """GPTQ's statistics are collected a layer at a time (only one layer's alive), and they are
+    the ones a pass of the whole model gives; modules outside the layer stack come last."""
+    from edgepack.pipeline import open_source
+    from edgepack.testing import build_decoder, build_encoder
+
+    path = build_decoder("llama", tmp_path / "m") if kind == "llama" else build_encoder(tmp_path / "m")
+    session = open_source(path, seq_len=32)
+    model = session.original
+    use_cache = getattr(model.config, "use_cache", None)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    whole = input_hessians(model, linears, session.calibration)
+    seen = []
+    for hessians in layerwise_hessians(model, linears, session.calibration):
+        seen.append(sorted(hessians))
+        for name, h in hessians.items():
+            torch.testing.assert_close(h, whole[name], rtol=1e-9, atol=1e-9)
+    layers = model.config.num_hidden_layers
+    stack = "model.layers." if kind == "llama" else "encoder.layer."
+    assert all(len({n.split(".")[len(stack.split(".")) - 1] for n in group}) == 1 for group in seen[:layers])
+    assert all(n.startswith(stack) for group in seen[:layers] for n in group)
+    assert sorted(n for group in seen for n in group) == sorted(whole)
+    assert len(seen) == layers + (1 if any(not n.startswith(stack) for n in whole) else 0)
+    assert getattr(model.config, "use_cache", None) == use_cache  # set back after the passes without a cache
 
 
 @pytest.mark.parametrize("bits", [4, 8])
