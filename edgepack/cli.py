@@ -242,12 +242,19 @@ def _load_recipe(path: str | None) -> dict[str, Any]:
 @click.option("--sign", "sign_key", default=None, metavar="KEY",
               help="Sign the bundle with this private key (edgepack keygen) before it is published.")
 @click.option("--out", "-o", default=None, help="Directory to write the bundle into.  [required, or set in the recipe]")
+@click.option("--shard-size", default=None, metavar="SIZE",
+              help="Largest weights file: bigger weights are written as shards with a model.safetensors.index.json, "
+                   "so saving and loading hold one shard at a time.  [default: 1GB]")
+@click.option("--work-memory", default=None, metavar="SIZE",
+              help="Memory packing may use here: plans whose packing is estimated to need more are refused "
+                   "before any work, with the figure. The source's weights are memory-mapped and do not count.")
 @_code_opt
 @_json_opt
 def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, ...], recipe: str | None,
          batch_size: int | None, seq_len: int | None, cache_len: int | None, min_fidelity: float | None, bundle_version: str | None,
          samples: str | None, devices: int | None, name: str | None, archive: bool | None, force: bool,
-         sign_key: str | None, out: str | None, allow_code: bool, as_json: bool) -> None:
+         sign_key: str | None, out: str | None, shard_size: str | None, work_memory: str | None, allow_code: bool,
+         as_json: bool) -> None:
     """Pack MODEL for a target under a memory budget into a verified bundle.
 
     MODEL is a local Hugging Face model directory (or a hub id already in the local cache;
@@ -270,7 +277,8 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
         "target": target, "budget": budget, "apply": list(apply_) or None, "batch_size": batch_size,
         "seq_len": seq_len, "cache_len": cache_len, "min_fidelity": min_fidelity, "version": bundle_version,
         "samples": samples, "devices": devices, "name": name, "archive": archive, "out": out,
-        "force": force or None, "sign": sign_key,
+        "force": force or None, "sign": sign_key, "shard_size": shard_size,
+        "work_memory": work_memory,
     }
     workload, requests = merge(recipe_settings, flags)
     if not all(r.get("out") for r in requests):
@@ -684,46 +692,55 @@ def _is_sharded(bundle: str) -> bool:
 
 @cli.command()
 @click.argument("bundle", type=str)
-@click.option("--repeats", type=click.IntRange(min=1), default=10, help="Timed runs after one warm-up.")
+@click.option("--repeats", type=click.IntRange(min=1), default=10, help="Timed runs after the first (warm-up) one.")
 @click.option("--source", "source", metavar="MODEL", default=None,
-              help="Also time the source model (as stored, on the same device) in the same run, its runs "
-                   "interleaved with the bundle's, and report the speed-up.")
+              help="The source model to compare with.  [default: the manifest's source path, when it still "
+                   "holds the weights the bundle was packed from]")
+@click.option("--no-source", is_flag=True, help="Time the bundle alone.")
 @_code_opt
 @_json_opt
-def bench(bundle: str, repeats: int, source: str | None, allow_code: bool, as_json: bool) -> None:
-    """Time BUNDLE on this machine at its declared workload (batch, sequence length); decoders
-    also batch-1 prefill latency and decode tokens/s.
+def bench(bundle: str, repeats: int, source: str | None, no_source: bool, allow_code: bool, as_json: bool) -> None:
+    """Time BUNDLE on this machine at its declared workload (batch, sequence length): latency
+    p50 and p95, throughput, load time and peak memory, beside the source model measured the
+    same way in the same run (its timed runs interleaved with the bundle's); decoders also
+    batch-1 prefill latency and decode tokens/s.
 
     \b
     Examples:
       edgepack bench dist/all-minilm-l6-v2-0.1.0-cpu --repeats 20
       edgepack bench dist/all-minilm-l6-v2-0.1.0-cpu --source ./all-MiniLM-L6-v2
     """
+    from edgepack.memory import format_size
     from edgepack.runtime import benchmark
 
-    result = benchmark(bundle, repeats=repeats, source=source, allow_code=allow_code)
+    if source is not None and no_source:
+        raise UsageError("--source and --no-source contradict each other; give one")
+    result = benchmark(bundle, repeats=repeats, source=source, allow_code=allow_code, compare_source=not no_source)
     if as_json:
         _emit_json(result)
-    else:
-        click.echo(f"{result['bundle']}: batch {result['batch_size']} x {result['seq_len']} tokens, "
-                   f"median {result['median_ms']:.2f} ms, p90 {result['p90_ms']:.2f} ms over {repeats} runs "
-                   f"on {result['device']}")
-        if "prefill_ms" in result:
-            click.echo(f"  batch 1: prefill {result['prefill_ms']:.2f} ms, decoding {result['tokens_per_s']:.1f} tokens/s "
-                       f"(median of runs generating {result['new_tokens']} tokens, less the prefill)")
-        elif "tokens_per_s" in result:
-            click.echo(f"  generating {result['new_tokens']} tokens: {result['tokens_per_s']:.1f} tokens/s")
-        if "source" in result:
-            src = result["source"]
-            click.echo(f"  source {src['model']}: median {src['median_ms']:.2f} ms, p90 {src['p90_ms']:.2f} ms "
-                       f"(the bundle is {result['speedup']:.2f}x its speed)")
-            if "decode_speedup" in result:
-                click.echo(f"  source batch 1: prefill {src['prefill_ms']:.2f} ms, decoding {src['tokens_per_s']:.1f} "
-                           f"tokens/s (the bundle decodes at {result['decode_speedup']:.2f}x)")
-        if "rank_peak_bytes" in result:
-            from edgepack.memory import format_size
-
-            click.echo("  peak memory per rank: " + ", ".join(format_size(p) for p in result["rank_peak_bytes"]))
+        return
+    click.echo(f"{result['bundle']}: batch {result['batch_size']} x {result['seq_len']} tokens on {result['device']}, "
+               f"{repeats} timed runs")
+    if "rank_peak_bytes" in result:
+        click.echo(f"  p50 {result['p50_ms']:.2f} ms, p95 {result['p95_ms']:.2f} ms, {result['throughput_per_s']:.1f} seq/s"
+                   + (f", {result['tokens_per_s']:.1f} tokens/s" if "tokens_per_s" in result else ""))
+        click.echo("  peak memory per rank: " + ", ".join(format_size(p) for p in result["rank_peak_bytes"]))
+        return
+    rows = [("bundle", result)] + ([("source", result["source"])] if "source" in result else [])
+    click.echo(f"  {'':8}{'p50':>11}{'p95':>11}{'throughput':>14}{'load':>9}{'peak memory':>13}")
+    for name, row in rows:
+        click.echo(f"  {name:8}{row['p50_ms']:>8.2f} ms{row['p95_ms']:>8.2f} ms{row['throughput_per_s']:>8.1f} seq/s"
+                   f"{row['load_s']:>7.2f} s{format_size(row['peak_bytes']):>13}")
+    if "source" in result:
+        click.echo(f"  the bundle runs at {result['speedup']:.2f}x the source's speed in "
+                   f"{result['memory_ratio']:.2f}x its memory ({result['source']['model']})")
+    elif result.get("source_skipped"):
+        click.echo(f"  not compared: {result['source_skipped']}")
+    if "prefill_ms" in result:
+        for name, row in rows:
+            click.echo(f"  {name} batch 1: prefill {row['prefill_ms']:.2f} ms, decoding {row['tokens_per_s']:.1f} tokens/s")
+        click.echo(f"  (decoding: median of runs generating {result['new_tokens']} tokens, less the prefill"
+                   + (f"; the bundle decodes at {result['decode_speedup']:.2f}x)" if "decode_speedup" in result else ")"))
 
 
 def _show_plugin_warnings() -> None:

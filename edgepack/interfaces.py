@@ -515,6 +515,14 @@ class Compressor(abc.ABC):
         """Rebuild the model that :meth:`save` wrote. Only called when save returned True."""
         raise NotImplementedError(f"{self.name} wrote no weights of its own")
 
+    def pack_scratch_bytes(self, facts: ModelFacts, options: Mapping[str, Any]) -> int:
+        """Memory :meth:`apply` needs while it runs beyond the model it is given and the one it
+        returns (statistics it collects, temporaries), in bytes. The planner adds it to the
+        cost of packing a plan, which ``pack --work-memory`` caps. The default: three fp32
+        copies of the largest weight (one weight's temporaries at a time)."""
+        largest = max((o * i for o, i in facts.linear_shapes), default=facts.hidden_size * facts.vocab_size)
+        return 3 * 4 * max(largest, facts.hidden_size * facts.vocab_size)
+
     def details(self, model_dir: Path, options: Mapping[str, Any]) -> dict[str, Any] | None:
         """What :meth:`apply` decided beyond the options, read back from the saved ``model_dir``
         (JSON values), or None. Recorded as the plan step's ``details`` in the manifest (and so

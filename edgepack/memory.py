@@ -194,3 +194,16 @@ def estimate_plan(facts: ModelFacts, workload: Workload, steps: list[tuple[Any, 
     for compressor, options in steps:
         footprint = compressor.estimate(footprint, options, probe)
     return footprint, estimate_peak(footprint, facts, workload)
+
+
+def process_status_bytes(key: str) -> int | None:
+    """A ``kB`` field of this process's /proc/self/status (VmRSS, VmHWM, RssAnon) in bytes, or
+    None off Linux."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import datetime as _dt
 import platform
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import edgepack
 from edgepack.errors import EdgepackError, NoPlanFits, UsageError, VerificationError
@@ -24,6 +25,11 @@ _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:[-+][0-9A-Za-
 
 #: How many fitting candidates pack measures before giving up.
 MAX_MEASURED = 4
+
+#: The largest weights file stock saving writes (``--shard-size``); larger models get shards.
+DEFAULT_SHARD_SIZE = 10**9
+#: shards smaller than this would only multiply files
+MIN_SHARD_SIZE = 10**6
 
 # Pack keeps a plan only if its measured peak leaves a margin under the budget for the
 # run-to-run variation of the measurement (edgepack.smoke.margin_bytes: max(1 MiB, 5% of the
@@ -41,6 +47,9 @@ class PackResult:
     candidates: list[Candidate] = field(default_factory=list)
     #: The fingerprint of the key that signed the bundle (``--sign``), None when unsigned.
     signed_by: str | None = None
+    #: How long each phase took (golden outputs; apply, save and measure of each candidate
+    #: measured; write), in order.
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def size_bytes(self) -> int:
@@ -60,13 +69,18 @@ class PackResult:
             "fidelity": {k: self.manifest["fidelity"][k] for k in ("metric", "value", "floor")},
             "size_bytes": self.size_bytes,
             "weights_bytes": sum(f["size"] for f in self.manifest["files"] if f["path"].endswith(".safetensors") and f["path"].startswith("model/")),
+            "phases": self.phases,
         }
 
 
-def _save_model(model: Any, steps: Sequence[tuple[Compressor, dict[str, Any]]], model_dir: Path) -> str | None:
+def _save_model(model: Any, steps: Sequence[tuple[Compressor, dict[str, Any]]], model_dir: Path,
+                max_shard_bytes: int = 0) -> str | None:
     """Write the model's weights and config; return the plugin that owns loading, if any.
-    Every safetensors file's metadata is put in a fixed order (safetensors writes it in a
-    random one), so the same plan gives the same bytes."""
+    Stock saving writes shards of at most ``max_shard_bytes`` (0: DEFAULT_SHARD_SIZE) with a
+    ``model.safetensors.index.json`` when there is more than one (Hugging Face's convention):
+    saving holds one shard's bytes at a time, and loading streams shard by shard. Every
+    safetensors file's metadata is put in a fixed order (safetensors writes it in a random
+    one), so the same plan gives the same bytes."""
     from edgepack.model import normalize_safetensors
 
     loader = None
@@ -75,7 +89,7 @@ def _save_model(model: Any, steps: Sequence[tuple[Compressor, dict[str, Any]]], 
             loader = compressor.name
             break
     else:
-        model.save_pretrained(model_dir, safe_serialization=True)
+        model.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_bytes or DEFAULT_SHARD_SIZE)
     for path in sorted(model_dir.rglob("*.safetensors")):
         if path.is_file() and not path.is_symlink():  # the bundle writer refuses links later
             normalize_safetensors(path)
@@ -150,8 +164,9 @@ def _progress_default(message: str) -> None:
 
 @dataclass
 class SourceSession:
-    """A model opened once for packing: facts now; weights, tokenizer, smoke inputs, golden
-    outputs and calibration inputs on first use, shared by every target packed from it."""
+    """A model opened once for packing: facts now; tokenizer, smoke inputs, golden outputs and
+    calibration inputs on first use, shared by every target packed from it (the weights are
+    loaded, memory-mapped, by each use of :attr:`original`)."""
 
     source: Any
     samples: list[str]
@@ -159,6 +174,8 @@ class SourceSession:
     seq_len: int
     cache_len: int | None
     progress: Callable[[str], None] = _progress_default
+    #: how long each phase of packing took, in order: {phase, [bundle, target, candidate,] seconds}
+    phases: list[dict[str, Any]] = field(default_factory=list)
     _cache: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -182,11 +199,13 @@ class SourceSession:
 
     @property
     def original(self) -> Any:
-        """The original model in fp32 (loaded once)."""
-        def load() -> Any:
-            self.progress(f"loading weights of {self.source.path}")
-            return self.source.load()
-        return self._get("original", load)
+        """The original model in fp32, loaded afresh on each use and held by nobody else.
+        Its weights are memory-mapped from the source's safetensors (copy-on-write: changing
+        them never touches the file), so a load costs page cache the kernel can drop, not
+        memory of the pack's own; each candidate starts from one instead of a copy of the
+        whole model."""
+        self.progress(f"loading weights of {self.source.path}")
+        return self.source.load()
 
     @property
     def tokenizer(self) -> Any:
@@ -210,9 +229,23 @@ class SourceSession:
         from edgepack.smoke import run_outputs
 
         def make() -> dict[str, Any]:
-            self.progress(f"computing golden outputs of the original model on {len(self.samples)} smoke inputs")
-            return run_outputs(self.original, self.inputs, self.facts.task, self.batch_size)
+            inputs, original = self.inputs, self.original
+            with self.timed("golden outputs"):
+                self.progress(f"computing golden outputs of the original model on {len(self.samples)} smoke inputs")
+                return run_outputs(original, inputs, self.facts.task, self.batch_size)
         return self._get("expected", make)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str, **about: Any) -> Iterator[None]:
+        """Record how long ``phase`` took in :attr:`phases` (``pack --json`` reports them)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.phases.append({"phase": phase, **about, "seconds": round(seconds, 3)})
+            if seconds >= 1.0:
+                self.progress(f"  {phase} took {seconds:.1f} s")
 
     @property
     def calibration(self) -> list[dict[str, Any]]:
@@ -259,9 +292,11 @@ def open_source(model: str | Path, *, samples: str | Path | None = None, batch_s
 
     :param allow_code: run the model directory's own code when its config asks for it (see
         :meth:`edgepack.model.ModelSource.open`); it is then copied into the bundle."""
+    from edgepack.environment import release_large_blocks
     from edgepack.model import ModelSource
     from edgepack.smoke import DEFAULT_SAMPLES, read_samples
 
+    release_large_blocks()  # a weight's freed temporaries go back to the OS, not into the heap
     for flag, value in (("--batch", batch_size), ("--seq-len", seq_len), ("--cache-len", cache_len or 1)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
@@ -312,6 +347,10 @@ class PackRequest:
     :param force: replace an existing bundle of the same name.
     :param sign: a private key file (``edgepack keygen``): the bundle is signed before it is
         published (``manifest.sig.json``, see :mod:`edgepack.bundle.signing`).
+    :param shard_size: the largest weights file of stock saving (``500MB``; default
+        :data:`DEFAULT_SHARD_SIZE`); bigger weights are written as shards with an index.
+    :param work_memory: the memory packing may use (``3GB``): candidates whose packing is
+        estimated to need more (:func:`edgepack.planner.pack_cost`) are refused before any work.
     """
 
     target: str = "cpu"
@@ -325,6 +364,8 @@ class PackRequest:
     name: str | None = None
     force: bool = False
     sign: str | Path | None = None
+    shard_size: str | int | None = None
+    work_memory: str | int | None = None
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "PackRequest":
@@ -346,10 +387,19 @@ class PackRequest:
             check_bundle_name(self.name)
         if self.budget is not None:
             parse_size(self.budget, "--budget")
+        if self.work_memory is not None:
+            parse_size(self.work_memory, "--work-memory")
+        if self.shard_size is not None and self.max_shard_bytes < MIN_SHARD_SIZE:
+            raise UsageError(f"--shard-size must be at least {format_size(MIN_SHARD_SIZE)}, got {self.shard_size}")
         if self.sign is not None:  # a bad key is refused before any work, not after packing
             from edgepack.bundle.signing import load_private_key
 
             load_private_key(self.sign, "--sign")
+
+    @property
+    def max_shard_bytes(self) -> int:
+        """``shard_size`` in bytes."""
+        return DEFAULT_SHARD_SIZE if self.shard_size is None else parse_size(self.shard_size, "--shard-size")
 
     @property
     def target_name(self) -> str:
@@ -407,8 +457,8 @@ def pack_many(model: str | Path, targets: Sequence[PackRequest | dict[str, Any]]
               seq_len: int = 128, cache_len: int | None = None, samples: str | Path | None = None,
               progress: Callable[[str], None] = _progress_default, registry: Any = None,
               allow_code: bool = False, **shared: Any) -> list[TargetOutcome]:
-    """Pack one model for several targets in one run: the model, its golden outputs and the
-    calibration inputs are loaded and computed once.
+    """Pack one model for several targets in one run: the golden outputs and the calibration
+    inputs are computed once.
 
     Each entry of ``targets`` is a :class:`PackRequest`, or a dict of its fields that is laid
     over ``shared`` (an entry's own setting wins over a shared one). Every setting is checked
@@ -479,12 +529,14 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             f"no plan fits the budget of {format_size(negotiated.bytes_per_device)} per device: the smallest "
             f"estimated peak is {format_size(best.estimate.peak_bytes)}, reached by {best.spec}"
         )
+    fitting = _packable(fitting, request, facts, workload, probe, progress)
 
     bundle_name = request.bundle_name(source.slug)
-    original, tokenizer, inputs, expected = session.original, session.tokenizer, session.inputs, session.expected
+    tokenizer, inputs, expected = session.tokenizer, session.inputs, session.expected
     calibration = session.calibration
 
     from edgepack.bundle.writer import BundleWriter, disk_full
+    from edgepack.environment import trim_heap
     from edgepack.smoke import (
         EXPECTED_FILE, INPUTS_FILE, PACK_REPEATS, TOLERANCES_FILE, acceptance_limit, close_call, compare, margin_bytes,
         measure_in_fresh_process, tolerances,
@@ -513,20 +565,23 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                 candidate.rejected_because = reason
                 continue
             progress(f"applying plan {candidate.spec} (candidate {index + 1} of {min(len(fitting), MAX_MEASURED)})")
-            model = copy.deepcopy(original)
+            about = {"bundle": bundle_name, "target": target, "candidate": candidate.spec}
+            model = session.original  # afresh, memory-mapped: no copy of the whole model
             context = ApplyContext(tgt, probe, facts, calibration, progress)
             model_dir = staging / "model"
             if model_dir.exists():
                 shutil.rmtree(model_dir)
             stage = "saving"
             try:
-                for compressor, options in candidate.steps:
-                    stage = f"plugin {compressor.name!r} ({registry.compressors[compressor.name].distribution})"
-                    progress(f"  {compressor.name}: {', '.join(f'{k}={format_option_value(v)}' for k, v in options.items()) or 'defaults'}")
-                    model = compressor.apply(model, options, context)
+                with session.timed("apply", **about):
+                    for compressor, options in candidate.steps:
+                        stage = f"plugin {compressor.name!r} ({registry.compressors[compressor.name].distribution})"
+                        progress(f"  {compressor.name}: {', '.join(f'{k}={format_option_value(v)}' for k, v in options.items()) or 'defaults'}")
+                        model = compressor.apply(model, options, context)
                 progress("writing model weights")
                 stage = "saving"
-                loader = _save_model(model, candidate.steps, model_dir)
+                with session.timed("save", **about):
+                    loader = _save_model(model, candidate.steps, model_dir, request.max_shard_bytes)
             except UsageError as exc:
                 if apply:  # the user's own plan: their mistake to hear about
                     raise
@@ -545,6 +600,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                 continue
             finally:
                 del model
+                trim_heap()  # the model is in reference cycles (its quantizer): free it before measuring
             tokenizer.save_pretrained(model_dir)
             for rel in source.side_files():
                 (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -562,12 +618,13 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             if sharding is not None:
                 measure.update(ranks=sharding[0], device=rank_device(tgt, probe))
             try:
-                measured_result = measure_in_fresh_process(staging, **measure)
-                if probe.present and close_call(negotiated.bytes_per_device, measured_result):
-                    progress(f"  measured peak {format_size(measured_result.peak_bytes)} is close to the budget: "
-                             f"measuring {PACK_REPEATS - 1} more times")
-                    measured_result = measured_result.with_more(measure_in_fresh_process(
-                        staging, repeats=PACK_REPEATS - 1, **measure))
+                with session.timed("measure", **about):
+                    measured_result = measure_in_fresh_process(staging, **measure)
+                    if probe.present and close_call(negotiated.bytes_per_device, measured_result):
+                        progress(f"  measured peak {format_size(measured_result.peak_bytes)} is close to the budget: "
+                                 f"measuring {PACK_REPEATS - 1} more times")
+                        measured_result = measured_result.with_more(measure_in_fresh_process(
+                            staging, repeats=PACK_REPEATS - 1, **measure))
             except VerificationError as exc:
                 candidate.rejected_because = str(exc)
                 continue
@@ -629,16 +686,18 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             workload=workload, budget=negotiated, candidates=candidates, chosen=chosen,
             measured_peak=measured_peak, scope=scope, fidelity=chosen_fidelity, floor=floor,
             loader=chosen_loader, samples=len(session.samples), details=details,
+            max_shard_bytes=request.max_shard_bytes,
         )
         sharding = sharded_as(chosen.steps)
         if sharding is not None:
             manifest["parallel"] = parallel_section(sharding, manifest["bundle"], tgt.name, rank_device(tgt, probe))
         _write_readme(staging / "README.md", manifest)
         progress("writing manifest")
-        final = writer.commit(manifest, finish=_signer(request.sign, signature, progress))
+        with session.timed("write", bundle=bundle_name, target=target):
+            final = writer.commit(manifest, finish=_signer(request.sign, signature, progress))
 
-    result = PackResult(final, writer.manifest, candidates=candidates,
-                        signed_by=signature.get("key"))
+    result = PackResult(final, writer.manifest, candidates=candidates, signed_by=signature.get("key"),
+                        phases=[p for p in session.phases if p.get("bundle", bundle_name) == bundle_name])
     if request.archive:
         from edgepack.bundle.archive import create_archive
 
@@ -649,6 +708,38 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             raise UsageError(f"bundle {final} was written, but its archive {final.name}.tar.gz could not be: "
                              f"{exc.strerror or exc}") from None
     return result
+
+
+def _packable(fitting: list[Candidate], request: PackRequest, facts: Any, workload: Workload, probe: Any,
+              progress: Callable[[str], None]) -> list[Candidate]:
+    """Estimate what packing each fitting candidate costs; with ``--work-memory``, refuse those
+    that need more, with the figures (NoPlanFits when none is left)."""
+    from edgepack.memory import process_status_bytes
+    from edgepack.planner import pack_cost
+
+    base = process_status_bytes("RssAnon") or 0
+    for candidate in fitting:
+        candidate.pack_cost = pack_cost(candidate, facts, workload, probe, base_bytes=base,
+                                        max_shard_bytes=request.max_shard_bytes)
+    if request.work_memory is None:
+        return fitting
+    work = parse_size(request.work_memory, "--work-memory")
+
+    def needs(cost: Any) -> str:
+        return (f"needs about {format_size(cost.peak_bytes)} (applying and writing {format_size(cost.apply_bytes)}, "
+                f"measuring {format_size(cost.measure_bytes)})")
+
+    kept = [c for c in fitting if c.pack_cost.peak_bytes <= work]  # type: ignore[union-attr]
+    for candidate in fitting:
+        if candidate not in kept:
+            candidate.rejected_because = f"packing it {needs(candidate.pack_cost)}, more than --work-memory {format_size(work)}"
+            if kept:
+                progress(f"refused {candidate.spec}: {candidate.rejected_because}")
+    if not kept:
+        cheapest = min(fitting, key=lambda c: c.pack_cost.peak_bytes)  # type: ignore[union-attr]
+        raise NoPlanFits(f"no plan can be packed within --work-memory {format_size(work)}: the cheapest to pack, "
+                         f"{cheapest.spec}, {needs(cheapest.pack_cost)}")
+    return kept
 
 
 def _signer(key_file: str | Path | None, signature: dict[str, Any],
@@ -742,7 +833,7 @@ def _calibration_batches(tokenizer: Any, seq_len: int, task: str) -> list[dict[s
 def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, target: Any, probe: Any, workload: Workload,
               budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | list[int] | None, scope: str,
               fidelity: Any, floor: float, loader: str | None, samples: int,
-              details: Sequence[dict[str, Any] | None] = ()) -> dict[str, Any]:
+              details: Sequence[dict[str, Any] | None] = (), max_shard_bytes: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -780,6 +871,7 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
             "num_parameters": source.facts.num_parameters,
             "loader": loader,
             "stock_transformers": loader is None and not source.code,
+            "max_shard_bytes": max_shard_bytes,  # what rebuild needs to write the same files
             # the model's own Python files (--allow-code): loading runs them
             **({"code": [f"model/{name}" for name in sorted(source.code)]} if source.code else {}),
         },
@@ -859,6 +951,7 @@ def rebuild_request(manifest: dict[str, Any], out: str | Path) -> PackRequest:
         budget=budget["bytes_per_device"] if budget.get("source") == "user" else None,
         min_fidelity=manifest["fidelity"]["floor"], version=manifest["bundle"]["version"],
         name=manifest["bundle"]["name"], devices=target["devices"] if target["devices"] > 1 else None,
+        shard_size=manifest["model"].get("max_shard_bytes"),
     )
 
 

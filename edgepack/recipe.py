@@ -10,9 +10,11 @@
     min_fidelity = 0.99
     version = "0.1.0"
     out = "dist"
+    shard_size = "1GB"
+    work_memory = "8GB"
 
 Several targets, each with its own budget (and optionally plan and floor), give one bundle
-per target in one run; the model, its golden outputs and calibration inputs are computed once::
+per target in one run; the golden outputs and calibration inputs are computed once::
 
     out = "dist"
 
@@ -62,6 +64,8 @@ KEYS: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "name": ("name", str),
     "archive": ("archive", bool),
     "out": ("out", str),
+    "shard_size": ("shard_size", (str, int)),
+    "work_memory": ("work_memory", (str, int)),
 }
 
 
@@ -144,8 +148,8 @@ def _convert(file: Path, data: dict[str, Any], where: str = "") -> dict[str, Any
                                        for v in value):
             raise UsageError(f"recipe {file}: key {where}'apply' must be a list of PLUGIN[:KEY=VALUE,...] strings "
                              "or tables with a 'plugin' key")
-        if norm == "budget":
-            value = parse_size(value, f"recipe {file}: {where}budget")
+        if norm in ("budget", "shard_size", "work_memory"):
+            value = parse_size(value, f"recipe {file}: {where}{norm}")
         if norm in ("samples", "out"):
             value = str((file.parent / value).resolve()) if not Path(value).is_absolute() else value
         settings[name] = value

@@ -280,62 +280,125 @@ def load(bundle: str | Path, *, keys: Sequence[Any] = (), allow_code: bool = Fal
 
 
 def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | None = None,
-              allow_code: bool = False) -> dict[str, Any]:
-    """Latency of the bundle at its declared workload: one warm-up, then ``repeats`` timed runs
-    over the smoke inputs' first batch; for decoders also batch-1 prefill latency and decode
-    tokens/s.
+              allow_code: bool = False, compare_source: bool = True) -> dict[str, Any]:
+    """Speed and memory of the bundle at its declared workload, beside its source model.
 
-    :param source: the source model directory: it is loaded as stored (stock transformers,
-        safetensors only, no code of its own) on the same device and timed in the same run, each
-        of its runs interleaved with one of the bundle's, so that ``result["source"]`` and the
-        speed-ups compare like with like on a noisy machine.
+    The bundle is loaded and one batch of its smoke inputs run under the target's memory meter
+    (``load_s``, ``peak_bytes``: what loading and one batch added to this process; that batch
+    is also the warm-up); then ``repeats`` timed runs over that batch give the latency's
+    ``p50_ms`` and ``p95_ms`` and the ``throughput_per_s`` (sequences per second at the
+    declared batch size).
+    Decoders also get batch-1 prefill latency and decode tokens/s.
+
+    :param source: the source model directory. Without it, the manifest's source path is used
+        when it still holds the weights the bundle was packed from (same sha256), unless
+        ``compare_source`` is False. It is loaded as stored (stock transformers, safetensors
+        only) on the same device and measured the same way, its timed runs interleaved with
+        the bundle's so that ``result["source"]`` and the speed-ups compare like with like on a
+        noisy machine; ``result["source_skipped"]`` says why a recorded source was not used.
     :param allow_code: run the bundle's (and the source's) own code, as :func:`open_bundle`."""
-    import statistics
+    import time
 
     import torch
     from safetensors.torch import load_file
 
     from edgepack.bundle.reader import read_verified
+    from edgepack.host import load_registry
 
     path, manifest = read_verified(bundle)
     if isinstance(manifest.get("parallel"), dict):
         if source is not None:
             raise UsageError("bench --source is not supported for sharded bundles yet")
         return _benchmark_sharded(path, manifest, repeats)
-    session = open_bundle(bundle, allow_code=allow_code)
-    reference = _load_source(source, session, allow_code) if source is not None else None
+    skipped = None
+    if source is None and compare_source:
+        source, skipped = _recorded_source(manifest)
+    target = load_registry().target(manifest["target"]["name"], options=manifest["target"].get("options") or {})
+    meter = target.memory_meter()
+
+    def load_and_run(load: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+        """Load under the meter and run one batch (also the warm-up): (what loaded, figures)."""
+        meter.start()
+        start = time.perf_counter()
+        loaded = load()
+        load_s = time.perf_counter() - start
+        model = loaded.model if isinstance(loaded, Session) else loaded
+        with torch.inference_mode():
+            model(**batch_for(loaded))
+        return loaded, {"load_s": round(load_s, 3), "peak_bytes": int(meter.peak_bytes())}
+
+    batch: dict[str, Any] = {}
+
+    def batch_for(loaded: Any) -> dict[str, Any]:
+        if not batch:  # the smoke inputs' first batch, on the bundle's device
+            stored = load_file(path / manifest["smoke"]["inputs"])
+            rows = next(iter(stored.values())).shape[0]
+            index = torch.arange(int(manifest["workload"]["batch_size"])) % rows  # repeat samples if needed
+            batch.update({k: v[index].to(loaded.device) for k, v in stored.items()})
+        return batch
+
+    session, figures = load_and_run(lambda: open_bundle(bundle, allow_code=allow_code))
+    reference = None
+    if source is not None:
+        reference, source_figures = load_and_run(lambda: _load_source(source, session, allow_code))
     workload = session.manifest["workload"]
-    inputs = load_file(session.path / session.manifest["smoke"]["inputs"])
     batch_size = int(workload["batch_size"])
-    rows = next(iter(inputs.values())).shape[0]
-    index = torch.arange(batch_size) % rows  # repeat samples if the batch exceeds them
-    batch = {k: v[index].to(session.device) for k, v in inputs.items()}
     models = {"bundle": session.model} | ({"source": reference} if reference is not None else {})
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for i in range(repeats + 1):
+        for _ in range(repeats):
             for name, model in models.items():
-                elapsed = _timed(lambda: model(**batch), session.device)
-                if i:
-                    times[name].append(elapsed * 1000)
+                times[name].append(_timed(lambda: model(**batch), session.device) * 1000)
 
     def summary(samples: list[float]) -> dict[str, float]:
         samples = sorted(samples)
-        return {"median_ms": statistics.median(samples), "p90_ms": samples[min(len(samples) - 1, int(0.9 * len(samples)))]}
+        p50 = percentile(samples, 50)
+        return {"p50_ms": p50, "p95_ms": percentile(samples, 95), "throughput_per_s": batch_size * 1000 / p50}
 
     result = {
         "bundle": str(session.path), "device": session.device, "batch_size": batch_size,
-        "seq_len": int(workload["seq_len"]), "repeats": repeats, **summary(times["bundle"]),
+        "seq_len": int(workload["seq_len"]), "repeats": repeats, **summary(times["bundle"]), **figures,
     }
     decode = session.task == "text-generation"
     speeds = _decode_speeds(models, {k: v[:1] for k, v in batch.items()}, repeats, session.device) if decode else {}
     result.update(speeds.get("bundle", {}))
     if reference is not None:
-        result["source"] = {"model": str(source), **summary(times["source"]), **speeds.get("source", {})}
-        result["speedup"] = result["source"]["median_ms"] / result["median_ms"]
+        result["source"] = {"model": str(source), **summary(times["source"]), **source_figures, **speeds.get("source", {})}
+        result["speedup"] = result["source"]["p50_ms"] / result["p50_ms"]
+        result["memory_ratio"] = result["peak_bytes"] / max(1, result["source"]["peak_bytes"])
         if decode:
             result["decode_speedup"] = result["tokens_per_s"] / result["source"]["tokens_per_s"]
+    elif skipped:
+        result["source_skipped"] = skipped
     return result
+
+
+def percentile(sorted_samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of sorted samples, interpolated between the nearest ranks (the
+    definition numpy and statistics.quantiles(method="inclusive") use)."""
+    if not sorted_samples:
+        raise ValueError("no samples")
+    rank = (len(sorted_samples) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(sorted_samples) - 1)
+    return sorted_samples[low] + (sorted_samples[high] - sorted_samples[low]) * (rank - low)
+
+
+def _recorded_source(manifest: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """The manifest's source directory when it still holds the weights the bundle was packed
+    from: (path, None); else (None, why not)."""
+    from edgepack.model import ModelSource
+
+    recorded = (manifest.get("source") or {}).get("model")
+    if not recorded or not Path(recorded).is_dir():
+        return None, f"the recorded source {recorded} is not here; give --source MODEL to compare"
+    try:
+        now = ModelSource.open(recorded).weights_sha256()
+    except (UsageError, OSError) as exc:
+        return None, f"the recorded source {recorded} cannot be read: {exc}"
+    if now != manifest["source"].get("sha256"):
+        return None, f"the recorded source {recorded} has changed since the bundle was packed; give --source MODEL to compare"
+    return Path(recorded), None
 
 
 def _load_source(source: str | Path, session: Session, allow_code: bool = False) -> Any:
@@ -404,8 +467,6 @@ def _decode_speeds(models: dict[str, Any], row: dict[str, Any], repeats: int, de
 def _benchmark_sharded(path: Path, manifest: dict[str, Any], repeats: int) -> dict[str, Any]:
     """:func:`benchmark` of a sharded bundle: every rank through torchrun, timed on rank 0
     between barriers (encoders: one forward; decoders: generating the smoke run's tokens)."""
-    import statistics
-
     import torch
     from safetensors.torch import load_file
 
@@ -421,10 +482,10 @@ def _benchmark_sharded(path: Path, manifest: dict[str, Any], repeats: int) -> di
     out = {
         "bundle": str(path), "device": f"{result['world_size']} ranks ({result['device']})",
         "batch_size": batch_size, "seq_len": int(workload["seq_len"]), "repeats": repeats,
-        "median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-        "rank_peak_bytes": result["rank_peak_bytes"],
+        "p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95),
+        "throughput_per_s": batch_size * 1000 / percentile(times, 50), "rank_peak_bytes": result["rank_peak_bytes"],
     }
     if manifest["model"]["task"] == "text-generation":
         out["new_tokens"] = new_tokens
-        out["tokens_per_s"] = batch_size * new_tokens / (out["median_ms"] / 1000)
+        out["tokens_per_s"] = batch_size * new_tokens / (out["p50_ms"] / 1000)
     return out

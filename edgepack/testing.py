@@ -98,6 +98,79 @@ def build_decoder(kind: str, out_dir: str | Path, seed: int = 0, **overrides: An
     return out
 
 
+def _process_memory(pid: int) -> tuple[int, int]:
+    """(resident, anonymous resident) bytes of one process; (0, 0) when it is gone."""
+    values = {"VmRSS": 0, "RssAnon": 0}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                key = line.split(":", 1)[0]
+                if key in values:
+                    values[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return values["VmRSS"], values["RssAnon"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children of each of its threads, and theirs)."""
+    kids: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += [int(p) for p in (task / "children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _descendants(k)]
+
+
+@dataclass
+class PeakRun:
+    """A command run by :func:`run_with_peaks`: its exit status, output, wall time, and the
+    peaks of memory sampled while it ran (bytes): ``rss``/``anon`` of the process itself,
+    ``tree_rss``/``tree_anon`` of it and every process below it at one instant. Anonymous
+    memory is what the process owns; the rest of its resident set is file-backed (a
+    memory-mapped model's page cache, shared libraries)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    peaks: dict[str, int]
+
+
+def run_with_peaks(cmd: list[str], interval: float = 0.01, **popen: Any) -> PeakRun:
+    """Run ``cmd`` and sample its memory (and its children's) from /proc every ``interval``
+    seconds (Linux). A sampler can miss a peak shorter than the interval: the figures are
+    lower bounds of the true peaks."""
+    import subprocess
+    import threading
+    import time
+
+    peaks = dict.fromkeys(("rss", "anon", "tree_rss", "tree_anon"), 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss, anon = _process_memory(proc.pid)
+            kids = [_process_memory(k) for k in _descendants(proc.pid)]
+            peaks["rss"], peaks["anon"] = max(peaks["rss"], rss), max(peaks["anon"], anon)
+            peaks["tree_rss"] = max(peaks["tree_rss"], rss + sum(k[0] for k in kids))
+            peaks["tree_anon"] = max(peaks["tree_anon"], anon + sum(k[1] for k in kids))
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    try:
+        out, err = proc.communicate()
+    finally:
+        done.set()
+        thread.join()
+    return PeakRun(proc.returncode, out, err, time.perf_counter() - start, peaks)
+
+
 # ---------------------------------------------------------------------------------------------
 # A small encoder
 
@@ -965,7 +1038,7 @@ def _model_rules(compressor: Any, steps: list[Any], session: Any, target: Any, p
     short = type(compressor).__name__
     facts, task = session.facts, session.facts.task
     report.ran("apply")
-    model = copy.deepcopy(session.original)
+    model = session.original  # a fresh load
     context = ApplyContext(target, probe, facts, session.calibration)
     ours = next(options for c, options in steps if c.name == compressor.name)
     for step, options in steps:

@@ -570,6 +570,12 @@ def _mixed_bits(options: Mapping[str, Any]) -> float:
 #: Calibration batches the sensitivity of each module is measured on (scheme=mixed).
 SENSITIVITY_BATCHES = 2
 
+#: tokens of edgepack's calibration set at the longest sequence length (16 texts × 128)
+CALIBRATION_TOKENS = 16 * 128
+
+#: what importing torchao's quantization adds to a process (measured 92 MB on torchao 0.18)
+TORCHAO_IMPORT_BYTES = 100 * 2**20
+
 
 def allocate(modules: list[tuple[str, Any]], eligible: Sequence[str], sensitivity: Mapping[str, float],
              bits: float, int4_bits: float) -> tuple[set[str], float]:
@@ -814,6 +820,25 @@ class Quantize(Compressor):
         return int4
 
     # -- apply, save, restore --------------------------------------------------------------
+
+    def pack_scratch_bytes(self, facts: ModelFacts, options: Mapping[str, Any]) -> int:
+        """int8 loads torchao; GPTQ holds one layer's float64 ``XᵀX`` at a time
+        (:func:`layerwise_hessians`); mixed also holds two calibration batches' outputs
+        (reference and trial)."""
+        scratch = super().pack_scratch_bytes(facts, options)
+        if options["scheme"] in ("int8", "int8-dynamic"):
+            scratch += TORCHAO_IMPORT_BYTES
+        if options["scheme"] in ("int4", "mixed") and options.get("method", "gptq") == "gptq" and facts.linear_shapes:
+            # one layer's float64 statistics at a time, GPTQ's working copies of the widest
+            # one, and the calibration hidden states in and out of a layer
+            stack = [i for o, i in facts.linear_shapes if o != facts.vocab_size]
+            scratch += (sum(8 * i * i for i in stack) // max(1, facts.num_layers)
+                        + 3 * 8 * max(stack or [facts.hidden_size]) ** 2
+                        + 2 * CALIBRATION_TOKENS * facts.hidden_size * 4)
+        if options["scheme"] == "mixed":
+            width = facts.vocab_size if facts.is_decoder else facts.hidden_size
+            scratch += 2 * SENSITIVITY_BATCHES * 8 * 128 * width * 4
+        return scratch
 
     def apply(self, model: Any, options: Mapping[str, Any], context: ApplyContext) -> Any:
         """Quantize the selected modules in place."""

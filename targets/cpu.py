@@ -10,20 +10,10 @@ from pathlib import Path
 
 import edgepack
 from edgepack.interfaces import DeviceInfo, MemoryMeter, Option, Probe, Size, Target
-
-_STATUS = Path("/proc/self/status")
+from edgepack.memory import process_status_bytes
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _status_bytes(key: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes, or None off Linux."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _meminfo() -> tuple[int, int]:
@@ -76,7 +66,7 @@ class RssMeter(MemoryMeter):
             self._reset = True
         except OSError:
             self._reset = False
-        current = _status_bytes("VmRSS")
+        current = process_status_bytes("VmRSS")
         self._baseline = current if current is not None else self._maxrss()
 
     @staticmethod
@@ -85,7 +75,7 @@ class RssMeter(MemoryMeter):
 
     def peak_bytes(self) -> int:
         """Peak resident bytes since start, above the baseline."""
-        peak = _status_bytes("VmHWM") if self._reset else None
+        peak = process_status_bytes("VmHWM") if self._reset else None
         if peak is None:
             peak = self._maxrss()
         return max(0, peak - self._baseline)

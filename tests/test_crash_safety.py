@@ -649,7 +649,7 @@ def _full_at_weights(monkeypatch):
 def _full_at_config(monkeypatch):
     import edgepack.pipeline
 
-    def save(model, steps, model_dir):
+    def save(model, steps, model_dir, *rest):
         Path(model_dir).mkdir(parents=True, exist_ok=True)
         (Path(model_dir) / "config.json").write_text('{"archi')
         raise _enospc(Path(model_dir) / "config.json")

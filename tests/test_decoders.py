@@ -136,11 +136,40 @@ def test_cli_run_json_for_a_decoder(packed):
     assert all(o["output"].strip() for o in data["outputs"])
 
 
-def test_bench_reports_decode_tokens_per_second(packed):
-    result = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--repeats", "2", "--json"])
+def test_bench_reports_latency_throughput_load_memory_and_decode_speed(packed):
+    result = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--repeats", "3", "--json", "--no-source"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["new_tokens"] == 32 and data["tokens_per_s"] > 0 and data["prefill_ms"] > 0
+    assert 0 < data["p50_ms"] <= data["p95_ms"]
+    assert data["throughput_per_s"] == pytest.approx(data["batch_size"] * 1000 / data["p50_ms"])
+    assert data["load_s"] > 0 and data["peak_bytes"] > 0
+    assert "source" not in data and "source_skipped" not in data
+
+
+def test_bench_compares_with_the_recorded_source_only_while_it_is_unchanged(packed, decoders, tmp_path):
+    import shutil
+
+    result = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["source"]["model"] == str(decoders["llama"])
+    # a bundle whose recorded source has changed since: timed alone, and told why
+    moved = tmp_path / "bundle"
+    shutil.copytree(packed["llama"].bundle, moved)
+    changed = tmp_path / "changed"
+    shutil.copytree(decoders["llama"], changed)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(changed / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["source"]["model"] = str(changed)  # a path: outside the content digest
+    (moved / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
+    text = CliRunner().invoke(cli, ["bench", str(moved), "--repeats", "1"])
+    assert text.exit_code == 0, text.output
+    assert f"not compared: the recorded source {changed} has changed since the bundle was packed" in text.output
 
 
 def test_bench_times_the_source_beside_the_bundle(packed, decoders):
@@ -151,8 +180,10 @@ def test_bench_times_the_source_beside_the_bundle(packed, decoders):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     source = data["source"]
-    assert source["model"] == str(decoders["llama"]) and source["median_ms"] > 0 and source["tokens_per_s"] > 0
-    assert data["speedup"] == pytest.approx(source["median_ms"] / data["median_ms"])
+    assert source["model"] == str(decoders["llama"]) and source["p50_ms"] > 0 and source["tokens_per_s"] > 0
+    assert source["load_s"] > 0 and source["peak_bytes"] > 0
+    assert data["speedup"] == pytest.approx(source["p50_ms"] / data["p50_ms"])
+    assert data["memory_ratio"] == pytest.approx(data["peak_bytes"] / source["peak_bytes"])
     assert data["decode_speedup"] == pytest.approx(data["tokens_per_s"] / source["tokens_per_s"])
     text = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--repeats", "1",
                                     "--source", str(decoders["llama"])])

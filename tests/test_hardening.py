@@ -259,7 +259,24 @@ def test_a_recipe_may_give_a_step_as_a_table(tmp_path):
         read_recipe(recipe)
 
 
-@pytest.mark.slow
+def test_keep_leaves_the_named_layers_unquantized_in_place(model_dir):
+    """quantize's keep= names module fragments that stay as they are (the end-to-end version
+    below runs the README's example through pack and verify)."""
+    import torch
+
+    from edgepack.host import load_registry
+    from edgepack.model import ModelSource
+
+    quantize = load_registry().compressors["quantize"].cls()
+    options = quantize.parse_options({"scheme": "int8", "keep": ["layer.0.", "layer.5."]})
+    model = quantize.apply(ModelSource.open(model_dir).load(), options, None)
+    kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and type(m.weight) is torch.nn.Parameter and m.weight.dtype == torch.float32]
+    assert kept and all("layer.0." in n or "layer.5." in n or n.startswith("pooler") for n in kept), kept
+    assert any("layer.0." in n for n in kept) and any("layer.5." in n for n in kept)
+
+
+@pytest.mark.extended
 def test_keep_leaves_the_named_layers_unquantized(model_dir, tmp_path):
     """The README's example, end to end through the command line."""
     result = CliRunner().invoke(cli, ["pack", str(model_dir), "--apply", "quantize:scheme=int8,keep=[layer.0.,layer.5.]",

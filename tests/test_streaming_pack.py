@@ -1,0 +1,142 @@
+"""Packing big models on a small machine (issue 12): what pack holds while it works, what it
+refuses before it starts (--work-memory), and sharded weights that verify and load with stock
+transformers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgepack.errors import NoPlanFits, UsageError
+from edgepack.testing import build_decoder, run_with_peaks
+
+MB = 10**6
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    """A decoder whose fp32 weights (about 590 MB) dwarf the sampler's noise, the libraries a
+    pack imports and the temporaries of quantizing the embedding table (about 160 MB here)."""
+    return build_decoder("llama", tmp_path_factory.mktemp("big") / "model", hidden_size=768, num_hidden_layers=16,
+                         intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4)
+
+
+SHARD = 100 * MB
+
+
+@pytest.fixture(scope="module")
+def packed(big, tmp_path_factory):
+    """int8 of ``big`` packed by the command line with 100 MB shards (four short smoke inputs:
+    the memory is the point here), its memory sampled."""
+    out = tmp_path_factory.mktemp("out")
+    samples = out.parent / "samples.txt"
+    samples.write_text("An edge device has little memory.\nPack it small.\nThe budget holds.\nShards stream.\n")
+    run = run_with_peaks([sys.executable, "-m", "edgepack.cli", "pack", str(big), "--target", "cpu", "--out", str(out),
+                          "--apply", "quantize:scheme=int8", "--min-fidelity", "0", "--shard-size", str(SHARD),
+                          "--samples", str(samples), "--seq-len", "32", "--json"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return run, result, Path(result["bundle"])
+
+
+def _weights(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def test_pack_never_holds_a_copy_of_the_fp32_model(big, packed):
+    run, result, bundle = packed
+    source = _weights(big)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    cost = manifest["candidates"][0]["pack_cost"]
+    # what the pack owns beyond its own runtime: the int8 model and one shard being written,
+    # never the whole fp32 model again (the source is memory-mapped: page cache, not its own)
+    own = run.peaks["anon"] - cost["base_bytes"]
+    assert own < 0.8 * source, (own, source, run.peaks)
+    # the planner's cost of packing is an upper bound of what the pack held
+    assert run.peaks["anon"] <= cost["apply_bytes"] * 1.05, (run.peaks, cost)
+    # per-phase timings: golden outputs, then apply, save and measure of the candidate, then write
+    phases = [p["phase"] for p in result["phases"]]
+    assert phases == ["golden outputs", "apply", "save", "measure", "write"], phases
+    assert all(p["seconds"] >= 0 for p in result["phases"])
+    assert sum(p["seconds"] for p in result["phases"]) <= run.seconds
+
+
+def test_weights_are_written_as_shards_with_an_index(packed):
+    _, _, bundle = packed
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    shards = sorted((bundle / "model").glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2, shards
+    assert all(p.stat().st_size <= SHARD + MB for p in shards)  # the bound, and a header's slack
+    index = json.loads((bundle / "model" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    listed = {f["path"] for f in manifest["files"]}
+    assert {f"model/{p.name}" for p in shards} | {"model/model.safetensors.index.json"} <= listed
+    assert manifest["model"]["max_shard_bytes"] == SHARD
+
+
+def test_a_sharded_bundle_verifies_and_loads_with_stock_transformers(packed):
+    import torch
+    import transformers
+
+    import edgepack
+    from edgepack.bundle.verify import verify
+
+    _, _, bundle = packed
+    report = verify(bundle)
+    assert report.ok, report.failures
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    stock = transformers.AutoModelForCausalLM.from_pretrained(bundle / "model", local_files_only=True).eval()
+    ours = edgepack.load(bundle)
+    with torch.inference_mode():
+        a, b = stock(ids).logits, ours(ids).logits
+    # torchao's int8 kernel and edgepack's differ in rounding, which 16 random layers amplify;
+    # a shard loaded wrong would give unrelated logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_work_memory_refuses_a_plan_before_any_work_with_the_figure(big, tmp_path):
+    from edgepack.pipeline import pack
+
+    with pytest.raises(NoPlanFits, match=r"--work-memory 100\.0 MB: the cheapest to pack, quantize:scheme=int4, "
+                                         r"needs about [\d.]+ [MG]B \(applying and writing"):
+        pack(big, target="cpu", out=tmp_path, apply=["quantize:scheme=int4"], work_memory="100MB")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_work_memory_keeps_the_candidates_whose_packing_fits(big):
+    """GPTQ's statistics make int4 costlier to pack than int8: a cap between the two keeps
+    int8 and refuses int4 with the reason."""
+    from edgepack.host import load_registry
+    from edgepack.model import ModelSource
+    from edgepack.pipeline import PackRequest, _packable
+    from edgepack.planner import build_candidate, fixed_plan, negotiate
+
+    registry = load_registry()
+    facts = ModelSource.open(big).facts
+    target = registry.target("cpu")
+    probe = target.planning_probe()
+    budget = negotiate(None, target, probe)
+    from edgepack.interfaces import Workload
+
+    workload = Workload(1, 128, 136)
+    int8, int4 = (build_candidate(fixed_plan(registry, [spec], probe), facts, workload, probe, budget)
+                  for spec in ("quantize:scheme=int8", "quantize:scheme=int4"))
+    _packable([int8, int4], PackRequest(), facts, workload, probe, lambda _: None)
+    assert int4.pack_cost.apply_bytes > int8.pack_cost.apply_bytes
+    cap = (int8.pack_cost.peak_bytes + int4.pack_cost.peak_bytes) // 2
+    kept = _packable([int8, int4], PackRequest(work_memory=cap), facts, workload, probe, lambda _: None)
+    assert kept == [int8]
+    assert "more than --work-memory" in int4.rejected_because
+
+
+@pytest.mark.parametrize("flag, value", [("--work-memory", "lots"), ("--shard-size", "10kB")])
+def test_bad_sizes_are_refused_by_name(big, tmp_path, flag, value):
+    from edgepack.pipeline import PackRequest
+
+    key = flag[2:].replace("-", "_")
+    with pytest.raises(UsageError, match=flag):
+        PackRequest(out=tmp_path, **{key: value}).check()
