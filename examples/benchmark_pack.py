@@ -1,10 +1,10 @@
 """What packing costs: peak memory and wall time of ``edgepack pack`` on a large decoder built
 from a config.
 
-    python examples/benchmark_pack.py                                  # ~0.4 B Llama, int8
-    python examples/benchmark_pack.py --size 1.1b --apply quantize:scheme=int8
-    python examples/benchmark_pack.py --size 1.1b --apply quantize:scheme=int8 --cap 3GB
-    python examples/benchmark_pack.py --size 0.55b --budget 500MB      # the planner chooses
+    python examples/benchmark_pack.py --apply quantize:scheme=int8                # 0.41 B Llama
+    python examples/benchmark_pack.py --size 0.9b --apply quantize:scheme=int4
+    python examples/benchmark_pack.py --size 0.9b --apply quantize:scheme=int8 --cap 3GB --work-memory 3GB
+    python examples/benchmark_pack.py --size 0.4b --budget 500MB                  # the planner chooses
 
 The model is written once under ``--work`` (default /tmp/edgepack-pack-bench) and reused. The
 pack runs as a child process (``edgepack pack ... --json``); a sampler
@@ -28,11 +28,12 @@ import os
 import sys
 from pathlib import Path
 
-#: (hidden, layers, intermediate, heads) of the built models
+#: (hidden, layers, intermediate, heads) of the built models (key vocabulary of 30522 tokens;
+#: a quarter as many key/value heads); parameters 0.15 B, 0.41 B, 0.94 B
 SIZES = {
-    "0.1b": (768, 8, 2048, 12),
-    "0.55b": (1536, 16, 4096, 12),
-    "1.1b": (2048, 22, 5632, 32),
+    "0.15b": (768, 16, 2048, 12),
+    "0.4b": (1536, 16, 4096, 12),
+    "0.9b": (2048, 22, 5632, 32),
 }
 
 
@@ -74,7 +75,7 @@ def _cgroup(size: str) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="0.55b", choices=sorted(SIZES))
+    parser.add_argument("--size", default="0.4b", choices=sorted(SIZES))
     parser.add_argument("--apply", action="append", default=[], help="a fixed plan step (repeatable)")
     parser.add_argument("--budget", help="the budget (default: the plan alone, no budget)")
     parser.add_argument("--work-memory", help="pack --work-memory SIZE")
