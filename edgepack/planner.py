@@ -317,11 +317,12 @@ class PackCost:
     The source's weights are not in it: they are memory-mapped from its safetensors, page
     cache the kernel shrinks to fit and reads again when needed.
 
-    :param apply: the pack process while it applies the plan and writes the weights: the
+    :param base_bytes: the pack process's own memory before it starts (libraries, tokenizer).
+    :param apply_bytes: the pack process while it applies the plan and writes the weights: the
         model the last step was given and the one it returns, the step's scratch
-        (:meth:`Compressor.pack_scratch_bytes`), then the weights and one shard's bytes.
-    :param measure: the pack process and the fresh process(es) measuring the packed model
-        (each rank's estimated peak, for a multi-device plan).
+        (:meth:`Compressor.pack_scratch_bytes`), then the weights and one file's bytes.
+    :param measure_bytes: the pack process and the fresh process(es) measuring the packed
+        model (each rank's estimated peak, for a multi-device plan).
     """
 
     base_bytes: int
@@ -344,16 +345,18 @@ def pack_cost(candidate: Candidate, facts: ModelFacts, workload: Workload, probe
     """Estimate what packing ``candidate`` costs (see :class:`PackCost`); ``base_bytes`` is
     the pack process's own resident memory before it starts."""
     steps = [(c, o) for c, o in candidate.steps if c.kind != "parallel"]
-    ranks = len(candidate.steps) - len(steps) and max(1, len(probe.devices))
+    split = [o for c, o in candidate.steps if c.kind == "parallel"]
+    ranks = int(split[0].get("ranks") or max(1, len(probe.devices))) if split else 1
     held = 0  # the first step is given the memory-mapped source: nothing of the pack's own
     apply = 0
     for index, (compressor, options) in enumerate(steps):
         after = estimate_plan(facts, workload, steps[:index + 1], probe)[1].weights_bytes
         apply = max(apply, held + after + compressor.pack_scratch_bytes(facts, options))
         held = after
+    # safetensors serialises a file in memory: one shard with stock saving; a plugin that may
+    # save a format of its own (it overrides save) is counted as writing one whole file
     own_format = any(type(c).save is not Compressor.save for c, _ in candidate.steps)
     weights = held or estimate_plan(facts, workload, [], probe)[1].weights_bytes
-    # safetensors serialises a file in memory: one shard (stock saving) or the whole file
     apply = max(apply, held + (weights if own_format else min(weights, max_shard_bytes)))
-    measure = max(1, ranks) * (FRESH_PROCESS_BYTES + candidate.estimate.peak_bytes)
+    measure = ranks * (FRESH_PROCESS_BYTES + candidate.estimate.peak_bytes)
     return PackCost(base_bytes, base_bytes + apply, base_bytes + measure)
