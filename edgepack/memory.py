@@ -196,11 +196,11 @@ def estimate_plan(facts: ModelFacts, workload: Workload, steps: list[tuple[Any, 
     return footprint, estimate_peak(footprint, facts, workload)
 
 
-def process_status_bytes(key: str) -> int | None:
-    """A ``kB`` field of this process's /proc/self/status (VmRSS, VmHWM, RssAnon) in bytes, or
-    None off Linux."""
+def process_status_bytes(key: str, pid: int | str = "self") -> int | None:
+    """A ``kB`` field of a process's /proc/PID/status (VmRSS, VmHWM, RssAnon; this process by
+    default) in bytes, or None off Linux or when the process is gone."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(f"/proc/{pid}/status") as handle:
             for line in handle:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024

@@ -100,16 +100,9 @@ def build_decoder(kind: str, out_dir: str | Path, seed: int = 0, **overrides: An
 
 def _process_memory(pid: int) -> tuple[int, int]:
     """(resident, anonymous resident) bytes of one process; (0, 0) when it is gone."""
-    values = {"VmRSS": 0, "RssAnon": 0}
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                key = line.split(":", 1)[0]
-                if key in values:
-                    values[key] = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return values["VmRSS"], values["RssAnon"]
+    from edgepack.memory import process_status_bytes
+
+    return process_status_bytes("VmRSS", pid) or 0, process_status_bytes("RssAnon", pid) or 0
 
 
 def _descendants(pid: int) -> list[int]:
