@@ -693,9 +693,10 @@ def _is_sharded(bundle: str) -> bool:
 @cli.command()
 @click.argument("bundle", type=str)
 @click.option("--repeats", type=click.IntRange(min=1), default=10, help="Timed runs after the first (warm-up) one.")
-@click.option("--source", "source", metavar="MODEL", default=None,
-              help="The source model to compare with.  [default: the manifest's source path, when it still "
-                   "holds the weights the bundle was packed from]")
+@click.option("--source", "source", metavar="MODEL|BUNDLE", default=None,
+              help="The model to compare with: a model directory, or another bundle of the same task (for "
+                   "example the cpu bundle beside an executorch one).  [default: the manifest's source path, "
+                   "when it still holds the weights the bundle was packed from]")
 @click.option("--no-source", is_flag=True, help="Time the bundle alone.")
 @_code_opt
 @_json_opt
@@ -709,6 +710,7 @@ def bench(bundle: str, repeats: int, source: str | None, no_source: bool, allow_
     Examples:
       edgepack bench dist/all-minilm-l6-v2-0.1.0-cpu --repeats 20
       edgepack bench dist/all-minilm-l6-v2-0.1.0-cpu --source ./all-MiniLM-L6-v2
+      edgepack bench dist/all-minilm-l6-v2-0.1.0-executorch --source dist/all-minilm-l6-v2-0.1.0-cpu
     """
     from edgepack.memory import format_size
     from edgepack.runtime import benchmark

@@ -406,6 +406,39 @@ class Target(abc.ABC):
     def memory_meter(self) -> MemoryMeter:
         """A meter for the peak memory a bundle uses on this target (see DESIGN section 5)."""
 
+    # -- targets that compile the model into a program (ExecuTorch ...) ---------------------
+
+    #: name of the program file a compiling target writes into ``model/`` in place of weights;
+    #: None (the default): the bundle holds weights that transformers or a plugin loads.
+    program: ClassVar[str | None] = None
+
+    def estimate(self, estimate: Any, footprint: "Footprint", facts: "ModelFacts", workload: "Workload") -> Any:
+        """The peak estimate (:class:`edgepack.memory.PeakEstimate`) of a plan as this target runs
+        it. ``estimate`` models eager PyTorch; a target whose runtime differs (a compiled
+        program) corrects it here. Pure arithmetic, like :meth:`Compressor.estimate`. The
+        default changes nothing."""
+        return estimate
+
+    def refuses(self, compressor: "Compressor", options: Mapping[str, Any]) -> str | None:
+        """Why this target cannot run what ``compressor`` with ``options`` makes (a sentence),
+        or None. Asked at plan time for every step, so a plan the target cannot run is refused
+        with its reason before anything is applied. The default refuses nothing."""
+        return None
+
+    def export(self, model: Any, model_dir: Path, *, task: str, workload: "Workload",
+               example: Mapping[str, Any], progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+        """Compile the compressed eager ``model`` into :attr:`program` inside ``model_dir``
+        for the declared ``workload`` (``example``: one batch of inputs) and return the
+        manifest's ``model.program`` section (JSON: format, runtime version, methods and
+        their signatures). Called instead of saving weights, only when :attr:`program` is set."""
+        raise NotImplementedError(f"target {self.name} does not compile models")
+
+    def load_program(self, model_dir: Path, program: Mapping[str, Any], task: str) -> Any:
+        """Run the program that :meth:`export` wrote: a model-like object whose call on the
+        inputs gives ``last_hidden_state`` (encoders) or ``logits`` (decoders, which also
+        ``generate``), with a ``config`` carrying the token ids generation needs."""
+        raise NotImplementedError(f"target {self.name} does not compile models")
+
 
 # ---------------------------------------------------------------------------------------------
 # Compressors

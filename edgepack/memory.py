@@ -188,12 +188,17 @@ def estimate_peak(footprint: Footprint, facts: ModelFacts, workload: Workload) -
     )
 
 
-def estimate_plan(facts: ModelFacts, workload: Workload, steps: list[tuple[Any, dict]], probe: Any) -> tuple[Footprint, PeakEstimate]:
-    """Footprint and peak estimate after applying ``steps`` ((compressor, options) pairs)."""
+def estimate_plan(facts: ModelFacts, workload: Workload, steps: list[tuple[Any, dict]], probe: Any,
+                  target: Any = None) -> tuple[Footprint, PeakEstimate]:
+    """Footprint and peak estimate after applying ``steps`` ((compressor, options) pairs), as
+    ``target`` runs the result (:meth:`Target.estimate`; None: eager PyTorch)."""
     footprint = initial_footprint(facts)
     for compressor, options in steps:
         footprint = compressor.estimate(footprint, options, probe)
-    return footprint, estimate_peak(footprint, facts, workload)
+    peak = estimate_peak(footprint, facts, workload)
+    if target is not None:
+        peak = target.estimate(peak, footprint, facts, workload)
+    return footprint, peak
 
 
 def process_status_bytes(key: str, pid: int | str = "self") -> int | None:

@@ -514,14 +514,16 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     user_budget = parse_size(budget, "--budget") if budget is not None else None
     source, facts, workload = session.source, session.facts, session.workload
     floor = DEFAULT_FLOOR[facts.task] if min_fidelity is None else min_fidelity
+    if tgt.program and not probe.present:  # a compiling target needs its toolchain here to export
+        raise UsageError(f"--target {target}: {probe.detail.get('reason') or 'not available on this machine'}")
     negotiated = negotiate(user_budget, tgt, probe)
     progress(negotiated.describe())
 
     if apply:
-        steps = choose_parallel_mode(fixed_plan(registry, apply, probe), facts, workload, probe, negotiated)
-        candidates = [build_candidate(steps, facts, workload, probe, negotiated)]
+        steps = choose_parallel_mode(fixed_plan(registry, apply, probe, tgt), facts, workload, probe, negotiated)
+        candidates = [build_candidate(steps, facts, workload, probe, negotiated, tgt)]
     else:
-        candidates = search(registry, facts, workload, probe, negotiated)
+        candidates = search(registry, facts, workload, probe, negotiated, target=tgt)
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         best = smallest(candidates)
@@ -578,10 +580,17 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                         stage = f"plugin {compressor.name!r} ({registry.compressors[compressor.name].distribution})"
                         progress(f"  {compressor.name}: {', '.join(f'{k}={format_option_value(v)}' for k, v in options.items()) or 'defaults'}")
                         model = compressor.apply(model, options, context)
-                progress("writing model weights")
                 stage = "saving"
+                program = None
                 with session.timed("save", **about):
-                    loader = _save_model(model, candidate.steps, model_dir, request.max_shard_bytes)
+                    if tgt.program:  # a compiling target: the bundle holds its program, not weights
+                        stage = f"exporting for target {tgt.name!r}"
+                        program = tgt.export(model, model_dir, task=facts.task, workload=workload,
+                                             example=inputs, progress=progress)
+                        loader = tgt.name
+                    else:
+                        progress("writing model weights")
+                        loader = _save_model(model, candidate.steps, model_dir, request.max_shard_bytes)
             except UsageError as exc:
                 if apply:  # the user's own plan: their mistake to hear about
                     raise
@@ -611,8 +620,11 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             where = probe_target if sharding is None else (
                 f"{sharding[0]} ranks ({rank_device(tgt, probe)}, launched with torchrun)")
             progress(f"loading the packed model in a fresh process and running the smoke inputs on {where}")
-            measure = dict(task=facts.task, steps=candidate.plan, loader=loader, target=probe_target,
+            measure = dict(task=facts.task, steps=candidate.plan, loader=loader,
+                           target=target if program is not None else probe_target,
                            batch_size=session.batch_size, target_options=dict(tgt.settings))
+            if program is not None:
+                measure["program"] = program
             if source.code:
                 measure["allow_code"] = True
             if sharding is not None:
@@ -651,7 +663,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             if fidelity.value < floor:
                 candidate.rejected_because = f"{fidelity.metric} {fidelity.value:.5f} is below the floor {floor}"
                 continue
-            chosen, chosen_fidelity, chosen_loader = candidate, fidelity, loader
+            chosen, chosen_fidelity, chosen_loader, chosen_program = candidate, fidelity, loader, program
             candidate.chosen = True
             break
         for candidate in fitting[MAX_MEASURED:]:
@@ -686,7 +698,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             workload=workload, budget=negotiated, candidates=candidates, chosen=chosen,
             measured_peak=measured_peak, scope=scope, fidelity=chosen_fidelity, floor=floor,
             loader=chosen_loader, samples=len(session.samples), details=details,
-            max_shard_bytes=request.max_shard_bytes,
+            max_shard_bytes=request.max_shard_bytes, program=chosen_program,
         )
         sharding = sharded_as(chosen.steps)
         if sharding is not None:
@@ -833,7 +845,8 @@ def _calibration_batches(tokenizer: Any, seq_len: int, task: str) -> list[dict[s
 def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, target: Any, probe: Any, workload: Workload,
               budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | list[int] | None, scope: str,
               fidelity: Any, floor: float, loader: str | None, samples: int,
-              details: Sequence[dict[str, Any] | None] = (), max_shard_bytes: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
+              details: Sequence[dict[str, Any] | None] = (), max_shard_bytes: int = DEFAULT_SHARD_SIZE,
+              program: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -872,6 +885,8 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
             "loader": loader,
             "stock_transformers": loader is None and not source.code,
             "max_shard_bytes": max_shard_bytes,  # what rebuild needs to write the same files
+            # a compiling target's program (model/model.pte ...): what runs it and its methods
+            **({"program": program} if program is not None else {}),
             # the model's own Python files (--allow-code): loading runs them
             **({"code": [f"model/{name}" for name in sorted(source.code)]} if source.code else {}),
         },

@@ -131,9 +131,9 @@ def parse_apply(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def build_candidate(steps: list[tuple[Compressor, dict[str, Any]]], facts: ModelFacts, workload: Workload,
-                    probe: Probe, budget: Budget) -> Candidate:
-    """Estimate one plan and rank it."""
-    footprint, estimate = estimate_plan(facts, workload, steps, probe)
+                    probe: Probe, budget: Budget, target: Target | None = None) -> Candidate:
+    """Estimate one plan (as ``target`` runs it) and rank it."""
+    footprint, estimate = estimate_plan(facts, workload, steps, probe, target)
     cost = sum(c.quality_cost(o, facts) for c, o in steps)
     fits = estimate.peak_bytes <= budget.bytes_per_device
     reason = None if fits else (
@@ -142,7 +142,20 @@ def build_candidate(steps: list[tuple[Compressor, dict[str, Any]]], facts: Model
     return Candidate(list(steps), estimate, cost, fits, reason, notes=footprint.notes)
 
 
-def fixed_plan(registry: Any, specs: Sequence[str | Mapping[str, Any]], probe: Probe) -> list[tuple[Compressor, dict[str, Any]]]:
+def step_problem(compressor: Compressor, options: Mapping[str, Any], probe: Probe, previous: Sequence[PlanStep],
+                 target: Target | None = None) -> str | None:
+    """Why a step cannot be planned: the compressor's own check (capabilities, the steps before
+    it), then what the target says it cannot run (:meth:`Target.refuses`); None when it can."""
+    reason = compressor.check(options, probe, previous)
+    if reason is None and target is not None:
+        refused = target.refuses(compressor, options)
+        if refused:
+            reason = f"target {target.name} cannot run it: {refused}"
+    return reason
+
+
+def fixed_plan(registry: Any, specs: Sequence[str | Mapping[str, Any]], probe: Probe,
+               target: Target | None = None) -> list[tuple[Compressor, dict[str, Any]]]:
     """The steps named by ``--apply`` flags, options parsed and checked against the target and
     the steps before them; UsageError names the option or the incompatibility."""
     steps: list[tuple[Compressor, dict[str, Any]]] = []
@@ -161,7 +174,7 @@ def fixed_plan(registry: Any, specs: Sequence[str | Mapping[str, Any]], probe: P
                              f"shards; give {steps[-1][0].name} last")
         options = compressor.complete(compressor.parse_options(raw), probe)
         previous = [PlanStep(c.name, c.version, o) for c, o in steps]
-        reason = compressor.check(options, probe, previous)
+        reason = step_problem(compressor, options, probe, previous, target)
         if reason:
             raise UsageError(f"--apply {spec}: {reason}")
         steps.append((compressor, options))
@@ -199,9 +212,11 @@ def choose_parallel_mode(steps: list[tuple[Compressor, dict[str, Any]]], facts: 
     return out
 
 
-def enumerate_plans(registry: Any, facts: ModelFacts, probe: Probe, limit: int = 2000) -> Iterable[list[tuple[Compressor, dict[str, Any]]]]:
+def enumerate_plans(registry: Any, facts: ModelFacts, probe: Probe, limit: int = 2000,
+                    target: Target | None = None) -> Iterable[list[tuple[Compressor, dict[str, Any]]]]:
     """Every composition (at most one option set per compressor, in KIND_ORDER) the target
-    supports, the empty plan first. Third-party compressors take part on equal terms."""
+    supports (``target``: also what it says it can run), the empty plan first. Third-party
+    compressors take part on equal terms."""
     compressors = sorted(
         (registry.compressor(name) for name in registry.compressors),
         key=lambda c: (KIND_ORDER.index(c.kind) if c.kind in KIND_ORDER else len(KIND_ORDER), c.name),
@@ -228,7 +243,7 @@ def enumerate_plans(registry: Any, facts: ModelFacts, probe: Probe, limit: int =
                 continue
             compressor, options = item
             previous = [PlanStep(c.name, c.version, o) for c, o in steps]
-            if compressor.check(options, probe, previous):
+            if step_problem(compressor, options, probe, previous, target):
                 ok = False
                 break
             steps.append(item)
@@ -241,10 +256,12 @@ def enumerate_plans(registry: Any, facts: ModelFacts, probe: Probe, limit: int =
                 return
 
 
-def search(registry: Any, facts: ModelFacts, workload: Workload, probe: Probe, budget: Budget) -> list[Candidate]:
-    """All candidate plans, fitting ones first, each group by quality cost then peak."""
-    candidates = [build_candidate(steps, facts, workload, probe, budget)
-                  for steps in enumerate_plans(registry, facts, probe)]
+def search(registry: Any, facts: ModelFacts, workload: Workload, probe: Probe, budget: Budget,
+           target: Target | None = None) -> list[Candidate]:
+    """All candidate plans (``target``: only steps it can run), fitting ones first, each group
+    by quality cost then peak."""
+    candidates = [build_candidate(steps, facts, workload, probe, budget, target)
+                  for steps in enumerate_plans(registry, facts, probe, target=target)]
     candidates.sort(key=lambda c: (not c.fits, c.quality_cost, c.estimate.peak_bytes))
     return candidates
 
@@ -299,7 +316,7 @@ def plan_model(model: "str | ModelSource", *, target: str = "cpu", budget: int |
         workload = Workload(batch_size, seq_len)
     user = parse_size(budget, "--budget") if budget is not None else None
     negotiated = negotiate(user, tgt, probe)
-    candidates = search(registry, facts, workload, probe, negotiated)
+    candidates = search(registry, facts, workload, probe, negotiated, target=tgt)
     first = next((c for c in candidates if c.fits), None)
     if first is not None:
         first.chosen = True  # the plan pack would measure first

@@ -53,8 +53,13 @@ def warm_up(config: Any, task: str, inputs: dict[str, Any], batch_size: int, dev
 
 def touch_weights(model: Any) -> None:
     """Read every weight once, so that memory-mapped weights are resident as they would be
-    once every embedding row has been used (a smoke run alone touches only a few rows)."""
+    once every embedding row has been used (a smoke run alone touches only a few rows).
+    A compiled program (no torch parameters) is left to its runtime, which reads its constants
+    when it loads."""
     import torch
+
+    if not hasattr(model, "parameters"):
+        return
 
     def plain(tensor: Any) -> list[Any]:
         if hasattr(tensor, "__tensor_flatten__"):  # torchao tensor subclasses: their inner data
@@ -110,14 +115,17 @@ def main(spec_path: str) -> None:
     inputs = load_file(bundle_dir / INPUTS_FILE)
     if spec.get("allow_code"):  # the bundle's own code, which the user allowed (--allow-code)
         allow_code_of(bundle_dir / "model")
-    config = transformers.AutoConfig.from_pretrained(bundle_dir / "model", local_files_only=True,
-                                                     **code_kwargs(bundle_dir / "model"))
+    program = spec.get("program")  # a compiling target's program: its runtime runs it, no model code
     probe = target.probe()  # describing the machine is not part of loading the bundle
-    warm_up(config, spec["task"], inputs, spec["batch_size"], target.device_type)
+    if program is None:
+        config = transformers.AutoConfig.from_pretrained(bundle_dir / "model", local_files_only=True,
+                                                         **code_kwargs(bundle_dir / "model"))
+        warm_up(config, spec["task"], inputs, spec["batch_size"], target.device_type)
     # A first load and one batch pay what the plan's kernels cost the process once (kernel
     # selection, lazy imports of the plugins' libraries); then everything is freed.
-    first, _ = load_model_dir(bundle_dir / "model", task=spec["task"], steps=steps, loader=spec["loader"],
-                              target_name=spec["target"], registry=registry, probe=probe, target=target)
+    load = dict(task=spec["task"], steps=steps, loader=spec["loader"], target_name=spec["target"],
+                registry=registry, probe=probe, target=target, program=program)
+    first, _ = load_model_dir(bundle_dir / "model", **load)
     run_outputs(first, {k: v[: spec["batch_size"]] for k, v in inputs.items()}, spec["task"],
                 spec["batch_size"], 2, device=target.device_type)
     del first
@@ -125,8 +133,7 @@ def main(spec_path: str) -> None:
     meter = target.memory_meter()
     started = time.perf_counter()
     meter.start()
-    model, _ = load_model_dir(bundle_dir / "model", task=spec["task"], steps=steps, loader=spec["loader"],
-                              target_name=spec["target"], registry=registry, probe=probe, target=target)
+    model, _ = load_model_dir(bundle_dir / "model", **load)
     touch_weights(model)
     outputs = run_outputs(model, inputs, spec["task"], spec["batch_size"], spec["new_tokens"],
                           device=target.device_type)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from edgepack.errors import UsageError, VerificationError
 from edgepack.interfaces import PlanStep
@@ -87,11 +87,14 @@ def refuse_pickles(model_dir: Path) -> None:
 
 
 def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loader: str | None,
-                   target_name: str, registry: Any = None, probe: Any = None, target: Any = None) -> tuple[Any, Any]:
+                   target_name: str, registry: Any = None, probe: Any = None, target: Any = None,
+                   program: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
     """Load ``model_dir`` as the plan stored it and place it on the target.
 
     :param loader: name of the plugin whose ``restore`` rebuilds the model, or None for stock
-        ``transformers`` loading.
+        ``transformers`` loading; for a compiling target's bundle, the target's name.
+    :param program: the manifest's ``model.program`` (a compiling target's bundle): the
+        target's runtime runs the program it names, and no model code is loaded.
     :param probe: the target's probe, when the caller has it already.
     :param target: the target built with the bundle's options (default: ``target_name`` without options).
     :returns: (model in eval mode on the target's device, the target's probe)
@@ -106,6 +109,11 @@ def load_model_dir(model_dir: Path, *, task: str, steps: Sequence[PlanStep], loa
         raise UsageError(f"target {target_name!r} is not present on this machine: {probe.detail.get('reason', '')}".rstrip(": "))
     steps = checked_steps(steps, registry)
     refuse_pickles(model_dir)
+    if program is not None:
+        if not target.program or loader != target.name:
+            raise VerificationError(f"the manifest's model.program is for loader {loader!r}, but target "
+                                    f"{target.name} does not compile models")
+        return target.load_program(model_dir, program, task), probe
     if loader:
         step = next((s for s in steps if s.plugin == loader), None)
         if step is None:
@@ -259,16 +267,17 @@ def open_bundle(bundle: str | Path, *, keys: Sequence[Any] = (), allow_code: boo
     problems = requirement_problems(manifest, registry)
     if problems:
         raise VerificationError(f"{problems[0][0]}: {problems[0][1]}")
+    target = registry.target(manifest["target"]["name"], options=manifest["target"].get("options") or {})
     model, probe = load_model_dir(
         path / "model",
         task=manifest["model"]["task"],
         steps=plan_steps(manifest),
         loader=manifest["model"].get("loader"),
-        target_name=manifest["target"]["name"], registry=registry,
-        target=registry.target(manifest["target"]["name"], options=manifest["target"].get("options") or {}),
+        target_name=manifest["target"]["name"], registry=registry, target=target,
+        program=manifest["model"].get("program"),
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(path / "model", local_files_only=True)
-    device = str(next(model.parameters()).device)
+    device = target.device_type if manifest["model"].get("program") else str(next(model.parameters()).device)
     return Session(path, manifest, model, tokenizer, device)
 
 
@@ -412,9 +421,17 @@ def _recorded_source(manifest: dict[str, Any]) -> tuple[Path | None, str | None]
 
 
 def _load_source(source: str | Path, session: Session, allow_code: bool = False) -> Any:
-    """The source model for ``bench --source``: stock transformers, safetensors only, in its stored
-    dtype, on the bundle's device; UsageError for a path that is not a loadable model."""
+    """The model to compare with for ``bench --source``: another bundle (a directory holding
+    a manifest: loaded as :func:`open_bundle` loads it, integrity checked first), or a model
+    directory loaded by stock transformers, safetensors only, in its stored dtype, on the
+    bundle's device; UsageError for a path that is neither."""
     from edgepack.model import ModelSource, auto_class, code_kwargs
+
+    if (Path(source) / "manifest.json").is_file():
+        other = open_bundle(source, allow_code=allow_code)
+        if other.task != session.task:
+            raise UsageError(f"--source {source} is a {other.task} bundle, but the bundle is {session.task}")
+        return other.model
 
     opened = ModelSource.open(source, allow_code=allow_code)  # refuses pickles, and own code unless allowed
     if opened.facts.task != session.task:
@@ -443,14 +460,18 @@ DECODE_TOKENS = 32
 
 def _decode_speeds(models: dict[str, Any], row: dict[str, Any], repeats: int, device: str) -> dict[str, dict[str, Any]]:
     """Batch-1 greedy decoding from one smoke prompt, per model: decode tokens/s (the time of
-    generating DECODE_TOKENS tokens less that of generating one, i.e. without the prefill) and
-    the prefill latency; medians of ``max(3, repeats // 2)`` runs after a warm-up, the models'
-    runs interleaved."""
+    generating DECODE_TOKENS tokens less that of generating one, i.e. without the prefill; fewer
+    when a compiled program's KV cache holds fewer after the prompt) and the prefill latency;
+    medians of ``max(3, repeats // 2)`` runs after a warm-up, the models' runs interleaved."""
     import statistics
 
     import torch
 
     from edgepack.smoke import pad_id
+
+    prompt = int(row["attention_mask"].sum()) if "attention_mask" in row else row["input_ids"].shape[1]
+    rooms = [m.cache_len - prompt for m in models.values() if isinstance(getattr(m, "cache_len", None), int)]
+    tokens_run = max(2, min([DECODE_TOKENS] + rooms))
 
     def run(model: Any, tokens: int) -> float:
         return _timed(lambda: model.generate(**row, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
@@ -465,12 +486,12 @@ def _decode_speeds(models: dict[str, Any], row: dict[str, Any], repeats: int, de
         for _ in range(runs):
             for name, model in models.items():
                 first[name].append(run(model, 1))
-                full[name].append(run(model, DECODE_TOKENS))
+                full[name].append(run(model, tokens_run))
     out = {}
     for name in models:
         one, whole = statistics.median(first[name]), statistics.median(full[name])
-        out[name] = {"prefill_ms": one * 1000, "new_tokens": DECODE_TOKENS,
-                     "tokens_per_s": (DECODE_TOKENS - 1) / max(whole - one, 1e-9)}
+        out[name] = {"prefill_ms": one * 1000, "new_tokens": tokens_run,
+                     "tokens_per_s": (tokens_run - 1) / max(whole - one, 1e-9)}
     return out
 
 

@@ -483,7 +483,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                              timeout: float | None = None, repeats: int = 1,
                              threads: int | None = None, ranks: int = 1,
                              target_options: dict[str, Any] | None = None,
-                             device: str = "cpu", allow_code: bool = False) -> ProbeResult:
+                             device: str = "cpu", allow_code: bool = False,
+                             program: dict[str, Any] | None = None) -> ProbeResult:
     """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
     ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
 
@@ -495,6 +496,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
         and the loading run on the target they describe).
     :param allow_code: the measuring process may run the bundle's own code (``model.code``,
         ``--allow-code``); without it, that code is never run.
+    :param program: the manifest's ``model.program``: the target's runtime runs that program.
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -531,6 +533,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "threads": threads,
                 "outputs": str(Path(tmp) / f"outputs-{attempt}.safetensors"),
                 "allow_code": bool(allow_code),
+                "program": program,
             }
             spec_path = Path(tmp) / f"spec-{attempt}.json"
             spec_path.write_text(json.dumps(spec))

@@ -48,6 +48,7 @@ stored nowhere in the bundle (the stored layout is portable):
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -348,10 +349,12 @@ def pack_int4_for_cpu(qdata: Any, scale: Any, offset: Any, chunk_rows: int = 256
 
 
 def _define_modules() -> None:
-    """Define QuantLinear, QuantEmbedding on first use (subclassing nn.Module needs torch)."""
-    global QuantLinear, QuantEmbedding
+    """Define QuantLinear, QuantEmbedding, ProgramEmbedding on first use (subclassing nn.Module
+    needs torch)."""
+    global QuantLinear, QuantEmbedding, ProgramEmbedding
     if "QuantLinear" in globals():
         return
+    import torch as real_torch
 
     class QuantLinear(nn.Module):
         """A Linear whose weight stays int8 or packed int4: dequantized per call, or run in a
@@ -450,9 +453,28 @@ def _define_modules() -> None:
         def extra_repr(self) -> str:
             return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
 
+    class ProgramEmbedding(nn.Module):
+        """An int8 Embedding (one fp32 scale per row) for an ExecuTorch program: exported as
+        ExecuTorch's ``quantized_decomposed::embedding_byte``, which only dequantizes the rows
+        looked up (registered by ``executorch.exir.passes._quant_patterns_and_replacements``)."""
+
+        def __init__(self, qdata: Any, scale: Any) -> None:
+            super().__init__()
+            self.num_embeddings, self.embedding_dim = qdata.shape
+            self.register_buffer("weight", qdata)
+            self.register_buffer("scales", scale)
+
+        def forward(self, ids: Any) -> Any:
+            # the real torch module, not the lazy proxy: torch.export's strict tracer runs this
+            return real_torch.ops.quantized_decomposed.embedding_byte.dtype(
+                self.weight, self.scales, None, -128, 127, ids, dtype=real_torch.float32)
+
+        def extra_repr(self) -> str:
+            return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
 
 def __getattr__(name: str) -> Any:
-    if name in ('QuantLinear', 'QuantEmbedding'):
+    if name in ('QuantLinear', 'QuantEmbedding', 'ProgramEmbedding'):
         _define_modules()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -786,7 +808,13 @@ class Quantize(Compressor):
     def estimate(self, footprint: Footprint, options: Mapping[str, Any], target: Probe) -> Footprint:
         """Linear (and embedding) groups at the scheme's bits; kept modules are not modelled."""
         bits = self.bits_per_weight(options, footprint.row_width)
-        result = footprint.with_groups(self._kinds(options), bits, f"{options['scheme']} weights ({bits:.2f} bits)")
+        kinds = self._kinds(options)
+        if "executorch" in target.capabilities and options["scheme"] == "int4" and "embedding" in kinds:
+            # a program's embeddings are int8 rows whatever the Linear layers' scheme (_apply_program)
+            footprint = footprint.with_groups(("embedding",), self.bits_per_weight({"scheme": "int8"}, footprint.row_width),
+                                              "int8 embedding rows (ExecuTorch)")
+            kinds = tuple(k for k in kinds if k != "embedding")
+        result = footprint.with_groups(kinds, bits, f"{options['scheme']} weights ({bits:.2f} bits)")
         act_bytes = footprint.activation_bits / 8
         if options["scheme"] == "int8-dynamic":
             # torchao's CPU path: int8 activations, int32 accumulators and a dequantized weight
@@ -846,6 +874,9 @@ class Quantize(Compressor):
         chosen = _targets(model, _embeddings(options), keep, head=_head(options))
         if not chosen:
             raise UsageError("quantize found no Linear or Embedding modules to quantize (check keep=)")
+        probe = getattr(context, "probe", None)
+        if probe is not None and "executorch" in probe.capabilities:  # a program: what its backend runs
+            return self._apply_program(model, chosen, options)
         if options["scheme"] == "int4":
             return self._apply_int4(model, chosen, options, context)
         if options["scheme"] == "mixed":
@@ -870,6 +901,33 @@ class Quantize(Compressor):
         qconfig = TorchAoConfig(linear_cfg, include_input_output_embeddings=_embeddings(options) or _head(options))
         model.config.quantization_config = qconfig
         model.hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
+        return model
+
+    def _apply_program(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any]) -> Any:
+        """The forms an ExecuTorch program runs (the executorch target exports the result):
+        Linear layers through torchao's ExecuTorch-ready ``Int8DynamicActivationIntxWeightConfig``
+        (int8 weights per output channel, or int4 in groups of ``group_size``; activations
+        quantized per token at run time), which XNNPACK lowers to its dynamically quantized
+        kernels; Embeddings as int8 rows with one scale each, looked up by ExecuTorch's
+        ``quantized_decomposed::embedding_byte``. Rounding is to nearest."""
+        import torch
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+
+        importlib.import_module("executorch.exir.passes._quant_patterns_and_replacements")  # registers embedding_byte
+
+        int4 = options["scheme"] == "int4"
+        group = _group_size(options)
+        linears = {id(m) for _, m in chosen if isinstance(m, nn.Linear) and (not int4 or m.weight.shape[1] % group == 0)}
+        config = Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4 if int4 else torch.int8,
+            weight_granularity=PerGroup(group) if int4 else PerAxis(0))
+        quantize_(model, config, filter_fn=lambda m, fqn: id(m) in linears)
+        _define_modules()
+        for name, module in chosen:
+            if isinstance(module, nn.Embedding):
+                qdata, scale = quantize_int8_rows(module.weight.detach().float())
+                replace_module(model, name, ProgramEmbedding(qdata, scale.reshape(-1)))
         return model
 
     def _apply_int4(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any],

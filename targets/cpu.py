@@ -135,7 +135,7 @@ class CpuTarget(Target):
         """Less main memory here than the bundle was packed for."""
         memory = self.settings.get("memory")
         if memory is not None and probe.devices and probe.devices[0].total_bytes < memory:
-            return [f"the bundle was packed for cpu:memory={memory} bytes, but this machine has "
+            return [f"the bundle was packed for {self.name}:memory={memory} bytes, but this machine has "
                     f"{probe.devices[0].total_bytes} bytes"]
         return []
 

@@ -506,6 +506,30 @@ def _loader(value: Any) -> str | None:
     return f"must be a plugin name or null, got {_show(value)}"
 
 
+def _program(value: Any) -> str | None:
+    """``model.program``: a compiling target's program (format, file in model/, runtime,
+    backend, and each method's inputs and outputs)."""
+    if not isinstance(value, dict):
+        return f"must be a JSON object, got {_show(value)}"
+    for key in ("format", "file", "runtime", "backend"):
+        if not isinstance(value.get(key), str) or not value[key]:
+            return f"needs '{key}', a non-empty string, got {_show(value.get(key))}"
+    problem = path_problem(value["file"])
+    if problem is not None or "/" in value["file"]:
+        return f"'file' must name a file directly in model/, got {_show(value['file'])}"
+    methods = value.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        return f"needs 'methods', an object of at least one method, got {_show(methods)}"
+    for name, signature in methods.items():
+        if not (isinstance(signature, dict) and isinstance(signature.get("inputs"), list)
+                and isinstance(signature.get("outputs"), list)
+                and all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list)
+                        for t in signature["inputs"] + signature["outputs"])):
+            return (f"method {name!r} needs 'inputs' and 'outputs', lists of {{name, dtype, shape}}, "
+                    f"got {_show(signature)}")
+    return None
+
+
 def _smoke_file(value: Any) -> str | None:
     problem = path_problem(value)
     if problem is None and value in (MANIFEST, SIGNATURE):
@@ -551,6 +575,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "model.task": _one_of(*TASKS),
     "model.loader": _loader,
     "model.code": _code_files,
+    "model.program": _program,
     "parallel.world_size": _positive_int,
     "parallel.mode": _name,
     "parallel.shards": _shard_dirs,
@@ -678,7 +703,12 @@ def schema_failures(manifest: Any) -> list[Failure]:
         for key, problem in _files_failures(manifest["files"]):
             add(key, problem)
     model, plan = manifest.get("model"), manifest.get("plan")
-    if isinstance(model, dict) and isinstance(model.get("loader"), str) and model["loader"] and isinstance(plan, list):
+    if isinstance(model, dict) and "program" in model:  # a compiling target's bundle: its target runs it
+        target_name = (manifest.get("target") or {}).get("name") if isinstance(manifest.get("target"), dict) else None
+        if model.get("loader") != target_name:
+            add("model.loader", f"must name the target ({_show(target_name)}) that runs model.program, "
+                                f"got {_show(model.get('loader'))}")
+    elif isinstance(model, dict) and isinstance(model.get("loader"), str) and model["loader"] and isinstance(plan, list):
         plugins = {s.get("plugin") for s in plan if isinstance(s, dict)}
         if model["loader"] not in plugins:
             add("model.loader", f"names plugin {model['loader']!r}, which is not in the plan")
@@ -707,6 +737,10 @@ def reference_failures(manifest: dict[str, Any]) -> list[Failure]:
         if rel.startswith("model/") and rel.endswith(".py") and rel not in code:
             failures.append(Failure("code", rel, "is a Python file that the manifest does not declare in "
                                                  "model.code; a bundle holds no code it does not declare"))
+    program = (manifest.get("model") or {}).get("program")
+    if isinstance(program, dict) and f"model/{program.get('file')}" not in listed:
+        failures.append(Failure("schema", f"{MANIFEST}:model.program.file",
+                                f"names model/{program.get('file')}, which is not among the bundle's listed files"))
     failures.extend(_sharding_failures(manifest, listed))
     return failures
 

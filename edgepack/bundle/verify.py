@@ -273,6 +273,8 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
                  f"{', emulated devices' if probe.detail.get('emulated') else ''}) and running the smoke inputs")
     else:
         measure = dict(target_options=manifest["target"].get("options") or {})
+        if manifest["model"].get("program") is not None:  # a compiling target's program
+            measure["program"] = manifest["model"]["program"]
         progress(f"loading the bundle on {target_name} in a fresh process and running the smoke inputs")
     try:
         measured = measure_in_fresh_process(
