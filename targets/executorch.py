@@ -116,9 +116,9 @@ class ExecutorchTarget(CpuTarget):
 
     def probe(self) -> Probe:
         """This CPU (as the cpu target sees it) when the ExecuTorch runtime is installed."""
-        cpu = CpuTarget().probe()
         if not installed():
             return Probe(self.name, False, (), frozenset(), {"reason": INSTALL_HINT})
+        cpu = CpuTarget().probe()
         detail = dict(cpu.detail, executorch=runtime_version(), backend=self.settings["backend"])
         # The program computes in fp32 and, quantized, int8 (XNNPACK's dynamic quantization).
         capabilities = frozenset({"fp32", "int8", "executorch", f"executorch-{self.settings['backend']}"})
@@ -133,7 +133,8 @@ class ExecutorchTarget(CpuTarget):
         activations and KV cache as in eager PyTorch (XNNPACK's quantized kernels hold int8
         copies of their inputs where eager dequantizes a weight), and, while the program loads,
         a second copy of the largest weight XNNPACK packs into its own layout (one partition at
-        a time; a decoder's output head, fp32, is the largest); no transformers generation loop."""
+        a time; a decoder's output head, fp32, is the largest; the portable kernels pack
+        nothing); no transformers generation loop."""
         from dataclasses import replace as replaced
 
         from edgepack.memory import WORKSPACE_FIXED_BYTES, WORKSPACE_WEIGHT_FRACTION
@@ -142,6 +143,8 @@ class ExecutorchTarget(CpuTarget):
         largest = max((o * i for o, i in facts.linear_shapes), default=0) * linear_bits / 8
         if facts.is_decoder:
             largest = max(largest, facts.vocab_size * facts.hidden_size * 4)
+        if self.settings["backend"] != "xnnpack":  # the portable kernels read the weights where they lie
+            largest = 0
         workspace = WORKSPACE_FIXED_BYTES + WORKSPACE_WEIGHT_FRACTION * estimate.weights_bytes + footprint.workspace_bytes
         return replaced(estimate, workspace_bytes=int(workspace + largest))
 

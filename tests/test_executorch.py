@@ -248,3 +248,13 @@ def test_an_int4_decoder_program_lowers_and_keeps_its_estimate(one_layer_llama, 
     predicted, measured = manifest["memory"]["predicted_peak_bytes"], manifest["memory"]["measured_peak_bytes"]
     assert 0.97 * measured <= predicted <= 1.10 * measured, (predicted, measured)
     assert verify(result.bundle).ok
+
+
+@needs_runtime
+def test_the_target_conforms_to_the_plugin_contract(edgepack_tiny_encoder):
+    from edgepack.targets.executorch import ExecutorchTarget
+    from edgepack.testing import assert_conformant, check_target
+
+    assert_conformant(check_target(ExecutorchTarget, model=edgepack_tiny_encoder))
+    assert_conformant(check_target(ExecutorchTarget, {"backend": "portable", "memory": "2GB"},
+                                   model=edgepack_tiny_encoder))
