@@ -534,8 +534,6 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     fitting = _packable(fitting, request, facts, workload, probe, progress)
 
     bundle_name = request.bundle_name(source.slug)
-    tokenizer, inputs, expected = session.tokenizer, session.inputs, session.expected
-    calibration = session.calibration
 
     from edgepack.bundle.writer import BundleWriter, disk_full
     from edgepack.environment import trim_heap
@@ -548,9 +546,11 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     # machine's CPU; its memory is measured by verify on the target itself.
     probe_target = target if probe.present else "cpu"
     signature: dict[str, Any] = {}  # filled by the signer when --sign is given
-    with BundleWriter(request.out, bundle_name, overwrite=request.force) as writer:
+    with BundleWriter(request.out, bundle_name, overwrite=request.force) as writer:  # an existing bundle: refused now
         staging = writer.staging
         assert staging is not None
+        tokenizer, inputs, expected = session.tokenizer, session.inputs, session.expected  # golden outputs: seconds
+        calibration = session.calibration
         from safetensors.torch import save_file
 
         (staging / "smoke").mkdir()
