@@ -231,7 +231,7 @@ def _export_encoder(model: Any, path: Path, *, workload: Any, example: Mapping[s
     import torch
 
     names = [n for n in _INPUT_ORDER if n in example]
-    module = _EncoderModule(model, names).eval()
+    module = _encoder_module(model).eval()
     batch, seq = workload.batch_size, workload.seq_len
     args = tuple(_pad(example[n][:batch, :seq], batch, seq) for n in names)
     progress(f"exporting the model with torch.export (batch {batch}, {seq} tokens)")
@@ -244,8 +244,7 @@ def _export_encoder(model: Any, path: Path, *, workload: Any, example: Mapping[s
                                      "shape": shape + [int(model.config.hidden_size)]}]}}
 
 
-def _lower_and_write(exported: Any, path: Path, backend: str, progress: Callable[[str], None],
-                     constant_methods: Mapping[str, Any] | None = None) -> None:
+def _lower_and_write(exported: Any, path: Path, backend: str, progress: Callable[[str], None]) -> None:
     """Lower an exported program to ``backend`` and write the ``.pte`` to ``path``."""
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
@@ -257,24 +256,22 @@ def _lower_and_write(exported: Any, path: Path, backend: str, progress: Callable
 
         partitioner = [XnnpackPartitioner()]
     progress(f"lowering to ExecuTorch ({backend})")
-    edge = to_edge_transform_and_lower(exported, partitioner=partitioner,
-                                       constant_methods=dict(constant_methods or {}) or None)
+    edge = to_edge_transform_and_lower(exported, partitioner=partitioner)
     program = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as out:
         program.write_to_file(out)
 
 
-def _encoder_module_class() -> type:
+def _encoder_module(model: Any) -> Any:
+    """``model`` as a module of its input tensors, in :data:`_INPUT_ORDER` (token types optional),
+    returning the last hidden state: what ``torch.export`` traces."""
     import torch
 
     class EncoderModule(torch.nn.Module):
-        """An encoder as a function of its input tensors, returning the last hidden state."""
-
-        def __init__(self, model: Any, names: list[str]) -> None:
+        def __init__(self, model: Any) -> None:
             super().__init__()
             self.model = model
-            self.names = names
 
         def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
             inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -282,11 +279,7 @@ def _encoder_module_class() -> type:
                 inputs["token_type_ids"] = token_type_ids
             return self.model(**inputs).last_hidden_state
 
-    return EncoderModule
-
-
-def _EncoderModule(model: Any, names: list[str]) -> Any:
-    return _encoder_module_class()(model, names)
+    return EncoderModule(model)
 
 
 class _Config:
