@@ -73,9 +73,9 @@ def load_quantized_kernels() -> None:
     ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
 
 
-class ProgramRssMeter(MemoryMeter):
-    """Peak resident memory above the resident size at :meth:`start` (the CPU target's meter)
-    with the scope of a program: what loading the ``.pte`` and running it adds."""
+class ProgramRssMeter(RssMeter):
+    """The CPU target's resident-memory meter, with the scope of a program: what loading the
+    ``.pte`` and running it adds."""
 
     scope = (
         "peak resident set size (VmHWM) of a fresh process above its resident size after importing "
@@ -83,17 +83,6 @@ class ProgramRssMeter(MemoryMeter):
         "of the program, freed), while loading the program and running the smoke inputs at the "
         "declared batch size and sequence length"
     )
-
-    def __init__(self) -> None:
-        self._meter = RssMeter()
-
-    def start(self) -> None:
-        """Reset the high-water mark and record the baseline."""
-        self._meter.start()
-
-    def peak_bytes(self) -> int:
-        """Peak resident bytes since start, above the baseline."""
-        return self._meter.peak_bytes()
 
 
 class ExecutorchTarget(CpuTarget):
@@ -248,8 +237,6 @@ def _lower_and_write(exported: Any, path: Path, backend: str, progress: Callable
     """Lower an exported program to ``backend`` and write the ``.pte`` to ``path``."""
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    importlib.import_module("executorch.exir.passes._quant_patterns_and_replacements")  # int8 embedding ops
-
     partitioner = []
     if backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -282,15 +269,15 @@ def _encoder_module(model: Any) -> Any:
     return EncoderModule(model)
 
 
-class _Config:
-    """The token ids and sizes a program's caller needs, read from ``config.json`` (JSON only)."""
+def json_attributes(path: Path) -> Any:
+    """A JSON object file (``config.json``, ``generation_config.json``) as attributes: the token
+    ids and sizes a program's caller needs, read without transformers."""
+    from types import SimpleNamespace
 
-    def __init__(self, model_dir: Path) -> None:
-        path = model_dir / "config.json"
-        try:
-            self.__dict__.update(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise VerificationError(f"{path} cannot be read: {exc}") from None
+    try:
+        return SimpleNamespace(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise VerificationError(f"{path} cannot be read as a JSON object: {exc}") from None
 
 
 def _pad(tensor: Any, rows: int, columns: int) -> Any:
@@ -348,7 +335,7 @@ class EncoderProgram:
     rows run in slices of the exported batch); sequences longer than it are refused."""
 
     def __init__(self, model_dir: Path, program: Mapping[str, Any]) -> None:
-        self.config = _Config(model_dir)
+        self.config = json_attributes(model_dir / "config.json")
         signature = program["methods"]["forward"]
         self.names = [i["name"] for i in signature["inputs"]]
         self.batch, self.max_seq_len = (int(n) for n in signature["inputs"][0]["shape"])

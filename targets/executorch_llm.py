@@ -67,10 +67,11 @@ class DecoderProgram:
     ended padded with ``pad_token_id``)."""
 
     def __init__(self, model_dir: Path, program: Mapping[str, Any]) -> None:
-        from edgepack.targets.executorch import _Config, open_method
+        from edgepack.targets.executorch import json_attributes, open_method
 
-        self.config = _Config(model_dir)
-        self.generation_config = _generation_config(model_dir)
+        self.config = json_attributes(model_dir / "config.json")
+        generation = model_dir / "generation_config.json"
+        self.generation_config = json_attributes(generation) if generation.is_file() else None
         forward = program["methods"]["forward"]
         self.max_seq_len = int(str(forward["inputs"][0]["shape"][1]).rsplit("<=", 1)[-1])
         self.cache_len = int(forward["cache_len"])
@@ -135,14 +136,4 @@ class DecoderProgram:
             new[i, :len(tokens)] = torch.tensor(tokens)
         return torch.cat([input_ids.to(torch.long), new], dim=1)
 
-
-def _generation_config(model_dir: Path) -> Any:
-    """``generation_config.json`` (JSON only) as attributes, or None when there is none."""
-    import json
-    from types import SimpleNamespace
-
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return None
-    return SimpleNamespace(**json.loads(path.read_text()))
 
