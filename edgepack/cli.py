@@ -8,6 +8,7 @@ fits the budget. Errors are one sentence on standard error.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -21,9 +22,30 @@ from edgepack.errors import EdgepackError, UsageError, VerificationError
 _STARTED = time.monotonic()
 
 
+def _progress_wanted() -> bool:
+    """Progress lines go to standard error when it is a terminal; EDGEPACK_PROGRESS=1 asks for
+    them anyway (a CI log), EDGEPACK_PROGRESS=0 never. --json turns them off (see _progress_for)."""
+    setting = os.environ.get("EDGEPACK_PROGRESS", "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    return sys.stderr.isatty()
+
+
 def _progress(message: str) -> None:
+    """One progress line on standard error, with the time since the command started."""
+    if not _progress_wanted():
+        return
     elapsed = time.monotonic() - _STARTED
     click.echo(f"[{int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {message}", err=True)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _progress_for(as_json: bool) -> Any:
+    """The progress callback of a command: none under --json, whose output is for machines."""
+    return _quiet if as_json else _progress
 
 
 def _emit_json(data: Any) -> None:
@@ -40,6 +62,9 @@ class EdgepackGroup(click.Group):
         except EdgepackError as exc:
             click.echo(f"edgepack: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # the reader went away (| head): stop without a word, as Python advises
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
         except OSError as exc:  # disk full, permission denied, a path that vanished
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"edgepack: error: {where}{exc.strerror or exc}", err=True)
@@ -168,6 +193,9 @@ _seq_opt = click.option("--seq-len", type=click.IntRange(min=1), default=None, h
 _fid_opt = click.option("--min-fidelity", type=click.FloatRange(0, 1), default=None,
                         help="Fidelity floor (mean cosine for encoders, top-1 agreement for decoders).")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
+_plot_opt = click.option("--plot", default=None, metavar="FILE.png",
+                         help="Also draw the candidates' peak memory against quality, with the budget, into a PNG "
+                              "(needs matplotlib: pip install 'edgepack[plot]').")
 _code_opt = click.option("--allow-code", is_flag=True,
                          help="Run the model's own Python code (config.json auto_map) - only after reading it.")
 
@@ -180,22 +208,29 @@ _code_opt = click.option("--allow-code", is_flag=True,
 @_seq_opt
 @_fid_opt
 @click.option("--cache-len", type=click.IntRange(min=1), default=None, help="Decoders: KV-cache length.")
+@_plot_opt
 @_code_opt
 @_json_opt
 def plan(model: str, target: str | None, budget: int | None, batch_size: int | None, seq_len: int | None,
-         min_fidelity: float | None, cache_len: int | None, allow_code: bool, as_json: bool) -> None:
+         min_fidelity: float | None, cache_len: int | None, plot: str | None, allow_code: bool, as_json: bool) -> None:
     """Show the candidate plans for MODEL on a target, without loading weights.
 
     Estimates every composition of the installed compressors' options that the target
-    supports, and ranks those that fit the budget by quality cost, then size.
+    supports, and ranks those that fit the budget by quality cost, then size. --plot draws
+    every candidate's estimated peak against its estimated quality cost, with the budget.
 
     \b
     Example:
       edgepack plan ./all-MiniLM-L6-v2 --target cpu --budget 30MB
+      edgepack plan ./all-MiniLM-L6-v2 --target cpu --budget 30MB --plot plan.png
     """
     from edgepack.model import ModelSource
     from edgepack.planner import DEFAULT_FLOOR, explain, plan_model
 
+    if plot is not None:
+        from edgepack.report import require_plotting
+
+        require_plotting(plot)
     source = ModelSource.open(model, allow_code=allow_code)  # read once: the plans and the task's default floor
     budget_obj, candidates = plan_model(
         source, target=target or "cpu", budget=budget, batch_size=batch_size or 1,
@@ -204,13 +239,21 @@ def plan(model: str, target: str | None, budget: int | None, batch_size: int | N
     task = source.facts.task
     floor = {"value": DEFAULT_FLOOR[task] if min_fidelity is None else min_fidelity,
              "source": "default for " + task if min_fidelity is None else "--min-fidelity"}
+    if plot is not None:
+        from edgepack.report import Chart, save
+
+        chart = Chart.from_plan([c.to_json() for c in candidates], budget_obj.bytes_per_device,
+                                f"{source.path.name} on {target or 'cpu'}: estimated before packing")
+        save([chart], plot)
     if as_json:
         _emit_json({"budget": budget_obj.to_json(), "fidelity_floor": floor,
-                    "candidates": [c.to_json() for c in candidates]})
+                    "candidates": [c.to_json() for c in candidates]} | ({"plot": plot} if plot else {}))
     else:
         click.echo(explain(candidates, budget_obj))
         click.echo(f"\nfidelity floor {floor['value']} ({floor['source']}): pack measures the plans that fit, "
                    f"in this order, and keeps the first that reaches it")
+        if plot is not None:
+            click.echo(f"chart: {plot}")
 
 
 def _load_recipe(path: str | None) -> dict[str, Any]:
@@ -286,7 +329,7 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
     if "targets" in recipe_settings:
         _pack_many(model, workload, requests, as_json, allow_code)
         return
-    result = pipeline.pack(model, progress=_progress, allow_code=allow_code, **workload, **requests[0])
+    result = pipeline.pack(model, progress=_progress_for(as_json), allow_code=allow_code, **workload, **requests[0])
     _print_result(result)
     if as_json:
         _emit_json(result.to_json())
@@ -297,7 +340,7 @@ def _pack_many(model: str, workload: dict[str, Any], requests: list[dict[str, An
     """Several targets from one recipe: one bundle each; a failure stops only its target."""
     from edgepack import pipeline
 
-    outcomes = pipeline.pack_many(model, requests, progress=_progress, allow_code=allow_code, **workload)
+    outcomes = pipeline.pack_many(model, requests, progress=_progress_for(as_json), allow_code=allow_code, **workload)
     for outcome in outcomes:
         if outcome.result is not None:
             _print_result(outcome.result)
@@ -383,7 +426,7 @@ def verify(bundle: str, keys: tuple[str, ...], min_version: str | None, digest: 
     from edgepack.bundle.verify import verify as run_verify
     from edgepack.memory import format_size
 
-    report = run_verify(bundle, progress=_progress, keys=keys, min_version=min_version, digest=digest,
+    report = run_verify(bundle, progress=_progress_for(as_json), keys=keys, min_version=min_version, digest=digest,
                         allow_code=allow_code)
     if report.ok:
         click.echo(f"ok: {report.bundle}")
@@ -487,7 +530,7 @@ def rebuild(bundle: str, model: str, samples: str | None, out: str | None, allow
     """
     from edgepack.pipeline import rebuild as run_rebuild
 
-    result = run_rebuild(bundle, model, samples=samples, out=out, progress=_progress, allow_code=allow_code)
+    result = run_rebuild(bundle, model, samples=samples, out=out, progress=_progress_for(as_json), allow_code=allow_code)
     if result.identical:
         click.echo(f"identical: {result.bundle}")
         click.echo(f"  content {result.rebuilt} ({result.compared_files} files of model/ and smoke/ compared)")
@@ -521,6 +564,7 @@ def diff(bundle_a: str, bundle_b: str, as_json: bool) -> None:
       edgepack diff dist/old/all-minilm-l6-v2-1.3.0-cpu dist/all-minilm-l6-v2-1.4.0-cpu
     """
     from edgepack.bundle.diff import diff_bundles
+    from edgepack.bundle.manifest import CONTENT_EXCLUDED_FILES
     from edgepack.memory import format_peak, format_size
 
     result = diff_bundles(bundle_a, bundle_b)
@@ -549,12 +593,27 @@ def diff(bundle_a: str, bundle_b: str, as_json: bool) -> None:
             click.echo(f"  {key}: {detail}")
         for path, (size_a, size_b) in result.sizes.items():
             click.echo(f"  {path:<40} {show('bytes', size_a):>10} -> {show('bytes', size_b):>10}"
-                       + ("   (model card, not content)" if path == "README.md" else ""))
+                       + ("   (model card, not content)" if path in CONTENT_EXCLUDED_FILES else ""))
     if result.record:
         click.echo("record (how each was built and measured; not content):")
         for label, value_a, value_b in result.record:
             click.echo(f"  {label:<22} {show(label, value_a)} -> {show(label, value_b)}")
     sys.exit(0 if result.identical else 1)
+
+
+def _manifest_of(bundle: str) -> dict[str, Any]:
+    """BUNDLE's manifest (a directory or an archive), schema-checked but not verified; an
+    unreadable bundle or manifest is bad input (exit 2)."""
+    from edgepack.bundle.reader import open_path, read_manifest
+
+    try:
+        root = open_path(bundle)
+    except VerificationError as exc:  # an unreadable archive
+        raise UsageError(str(exc)) from None
+    manifest, failures = read_manifest(root)
+    if manifest is None:
+        raise UsageError(f"{root}: {failures[0].path}: {failures[0].detail}")
+    return manifest
 
 
 @cli.command()
@@ -567,16 +626,9 @@ def inspect(bundle: str, as_json: bool) -> None:
     Example:
       edgepack inspect dist/all-minilm-l6-v2-0.1.0-cpu
     """
-    from edgepack.bundle.reader import open_path, read_manifest
     from edgepack.memory import format_peak, format_size
 
-    try:
-        root = open_path(bundle)
-    except VerificationError as exc:  # an unreadable archive: bad input to inspect
-        raise UsageError(str(exc)) from None
-    manifest, failures = read_manifest(root)
-    if manifest is None:
-        raise UsageError(f"{root}: {failures[0].path}: {failures[0].detail}")
+    manifest = _manifest_of(bundle)
     if as_json:
         _emit_json(manifest)
         return
@@ -612,6 +664,74 @@ def inspect(bundle: str, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("bundles", nargs=-1, required=True)
+@_plot_opt
+@_json_opt
+def report(bundles: tuple[str, ...], plot: str | None, as_json: bool) -> None:
+    """Compare packed BUNDLES (directories or archives) side by side: plan, size, budget,
+    predicted and measured peak memory, fidelity, and the candidates each pack weighed.
+
+    It reads the manifests and checks their schema; it does not verify the weights
+    (edgepack verify does). --plot draws one chart per bundle: measured peak memory against
+    measured fidelity for the candidates pack measured, the estimate of the others, the budget
+    and the floor.
+
+    \b
+    Examples:
+      edgepack report dist/all-minilm-l6-v2-0.1.0-cpu dist/all-minilm-l6-v2-0.1.0-executorch
+      edgepack report dist/*-cpu --plot report.png
+    """
+    from edgepack.memory import format_peak, format_size
+
+    if plot is not None:
+        from edgepack.report import require_plotting
+
+        require_plotting(plot)
+    manifests = [_manifest_of(b) for b in bundles]
+    if plot is not None:
+        from edgepack.report import Chart, save
+
+        save([Chart.from_manifest(m) for m in manifests], plot)
+    rows = []
+    for path, m in zip(bundles, manifests):
+        mem, fid = m["memory"], m["fidelity"]
+        candidates = [c for c in m["candidates"] if isinstance(c, dict)]
+        rows.append({
+            "bundle": path, "name": m["bundle"]["name"], "version": m["bundle"]["version"],
+            "target": m["target"]["name"], "plan": _plan_text(m["plan"]),
+            "files": len(m["files"]), "files_bytes": sum(f["size"] for f in m["files"]),
+            "budget_bytes": mem["budget_bytes"], "predicted_peak_bytes": mem["predicted_peak_bytes"],
+            "measured_peak_bytes": mem["measured_peak_bytes"],
+            "fidelity": {"metric": fid["metric"], "value": fid["value"], "floor": fid["floor"]},
+            "candidates": {"considered": len(candidates), "fit_estimate": sum(1 for c in candidates if c.get("fits")),
+                           "measured": sum(1 for c in candidates if isinstance(c.get("measured"), dict))},
+            "measured": [{"spec": c.get("spec"), "estimated_peak_bytes": c.get("estimated_peak_bytes"),
+                          "measured": c["measured"], "chosen": bool(c.get("chosen")),
+                          "rejected_because": c.get("rejected_because")}
+                         for c in candidates if isinstance(c.get("measured"), dict)],
+        })
+    if as_json:
+        _emit_json({"bundles": rows} | ({"plot": plot} if plot else {}))
+        return
+    for row in rows:
+        n = row["candidates"]
+        fid = row["fidelity"]
+        click.echo(f"{row['name']} {row['version']} for {row['target']}  ({row['bundle']})")
+        click.echo(f"  plan       {row['plan']}")
+        click.echo(f"  files      {row['files']} files listed, {format_size(row['files_bytes'])}")
+        click.echo(f"  memory     predicted {format_size(row['predicted_peak_bytes'])}, measured "
+                   f"{format_peak(row['measured_peak_bytes'])}, budget {format_size(row['budget_bytes'])}")
+        click.echo(f"  fidelity   {fid['metric']} {fid['value']} (floor {fid['floor']})")
+        click.echo(f"  candidates {n['considered']} considered, {n['fit_estimate']} fit by estimate, {n['measured']} measured:")
+        for c in row["measured"]:
+            outcome = "chosen" if c["chosen"] else (c["rejected_because"] or "-")
+            click.echo(f"    {c['spec'] or '(unnamed)':<44} est. {format_size(c['estimated_peak_bytes']):>9}  measured "
+                       f"{format_size(c['measured'].get('peak_bytes')):>9}  {c['measured'].get('fidelity')}  {outcome}")
+    if plot is not None:
+        click.echo(f"chart: {plot}")
+
+
+@cli.command()
 @click.argument("bundle", type=str)
 @click.argument("inputs", nargs=-1)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, help="Decoders: tokens to generate.")
@@ -643,7 +763,7 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[s
     if _is_sharded(bundle):  # every rank through torchrun, the outputs from rank 0
         from edgepack.runtime import run_sharded
 
-        result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=_progress, keys=keys)
+        result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=_progress_for(as_json), keys=keys)
         task = "text-generation" if "texts" in result else "feature-extraction"
         generated, vectors = result.get("texts"), result.get("embeddings")
         extra = {"rank_peak_bytes": result["rank_peak_bytes"]}
@@ -717,7 +837,8 @@ def bench(bundle: str, repeats: int, source: str | None, no_source: bool, allow_
 
     if source is not None and no_source:
         raise UsageError("--source and --no-source contradict each other; give one")
-    result = benchmark(bundle, repeats=repeats, source=source, allow_code=allow_code, compare_source=not no_source)
+    result = benchmark(bundle, repeats=repeats, source=source, allow_code=allow_code, compare_source=not no_source,
+                       progress=_progress_for(as_json))
     if as_json:
         _emit_json(result)
         return

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 import edgepack
 from edgepack.errors import EdgepackError, NoPlanFits, UsageError, VerificationError
 from edgepack.interfaces import ApplyContext, Compressor, Workload, format_option_value
-from edgepack.memory import format_peak, format_size, parse_size
+from edgepack.card import step_effects, write_card
+from edgepack.memory import format_size, parse_size
 from edgepack.planner import (
     DEFAULT_FLOOR, Budget, Candidate, build_candidate, choose_parallel_mode, fixed_plan, negotiate, search, smallest,
 )
@@ -94,68 +95,6 @@ def _save_model(model: Any, steps: Sequence[tuple[Compressor, dict[str, Any]]], 
         if path.is_file() and not path.is_symlink():  # the bundle writer refuses links later
             normalize_safetensors(path)
     return loader
-
-
-def _write_readme(path: Path, manifest: dict[str, Any]) -> None:
-    """The generated model card of the bundle."""
-    mem = manifest["memory"]
-    fid = manifest["fidelity"]
-    plan = " → ".join(
-        f"{s['plugin']}({', '.join(f'{k}={format_option_value(v)}' for k, v in sorted(s['options'].items()))})" for s in manifest["plan"]
-    ) or "none (the original weights)"
-    loader = manifest["model"]["loader"]
-    code = manifest["model"].get("code")
-    how = (
-        "`transformers.AutoModel.from_pretrained(\"model\")` (stock transformers) or `edgepack.load(\".\")`"
-        if loader is None else f"`edgepack.load(\".\")` (the `{loader}` plugin restores its weights)"
-    )
-    if code:
-        how = (f"`edgepack.load(\".\", allow_code=True)` (or `trust_remote_code=True` in transformers): the model "
-               f"runs its own code, {', '.join(f'`{c}`' for c in code)}; read it first")
-    rows = "\n".join(
-        f"| {c['spec']} | {format_size(c['estimated_peak_bytes'])} | "
-        f"{format_size((c.get('measured') or {}).get('peak_bytes'))} | "
-        f"{(c.get('measured') or {}).get('fidelity', '-')} | {c.get('rejected_because', 'chosen' if c.get('chosen') else '-')} |"
-        for c in manifest["candidates"]
-    )
-    tables = ""
-    for step in manifest["plan"]:
-        modules = (step.get("details") or {}).get("modules")
-        if not modules:
-            continue
-        ranked = sorted(modules.items(), key=lambda item: -(item[1].get("sensitivity") or 0))
-        formats: dict[str, int] = {}
-        for info in modules.values():
-            formats[info["format"]] = formats.get(info["format"], 0) + 1
-        tables += (f"\n## Per-module formats ({step['plugin']})\n\n"
-                   f"{len(modules)} modules: " + ", ".join(f"{n} {f}" for f, n in sorted(formats.items()))
-                   + (f"; {step['details']['bits']} bits per weight on average" if "bits" in step["details"] else "")
-                   + ". The ten most sensitive (output error with that module alone at the lowest format):\n\n"
-                   "| module | format | stored | sensitivity |\n|---|---|---|---|\n"
-                   + "".join(f"| {name} | {info['format']} | {format_size(info['bytes'])} | {info.get('sensitivity', '-')} |\n"
-                             for name, info in ranked[:10]))
-    text = f"""# {manifest['bundle']['name']} {manifest['bundle']['version']} for {manifest['target']['name']}
-
-Packed by edgepack {manifest['producer']['edgepack']} on {manifest['bundle']['created']}.
-
-- Source: `{manifest['source']['model']}` ({manifest['model']['architecture']}, {manifest['model']['num_parameters']:,} parameters)
-- Task: {manifest['model']['task']}
-- Plan: {plan}
-- Budget: {format_size(mem['budget_bytes'])} per device ({manifest['budget']['source']} bound)
-- Peak memory: predicted {format_size(mem['predicted_peak_bytes'])}, measured {format_peak(mem['measured_peak_bytes'])}
-  (scope: {mem['scope']})
-- Fidelity: {fid['metric']} {fid['value']} (floor {fid['floor']}, worst input {fid.get('worst')})
-- Workload: batch {manifest['workload']['batch_size']}, sequence length {manifest['workload']['seq_len']}
-
-Load with {how}. Check before release with `edgepack verify <this directory>`.
-
-## Candidates considered
-
-| plan | est. peak | measured peak | fidelity | outcome |
-|---|---|---|---|---|
-{rows}
-{tables}"""
-    path.write_text(text, encoding="utf-8")
 
 
 def _progress_default(message: str) -> None:
@@ -703,7 +642,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
         sharding = sharded_as(chosen.steps)
         if sharding is not None:
             manifest["parallel"] = parallel_section(sharding, manifest["bundle"], tgt.name, rank_device(tgt, probe))
-        _write_readme(staging / "README.md", manifest)
+        write_card(staging, manifest, step_effects(chosen.steps, facts, probe), warn=progress)
         progress("writing manifest")
         with session.timed("write", bundle=bundle_name, target=target):
             final = writer.commit(manifest, finish=_signer(request.sign, signature, progress))

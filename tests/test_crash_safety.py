@@ -46,7 +46,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux (/p
 REPO = Path(__file__).resolve().parent.parent
 # The real packs run three at a time: one intra-op thread each (their measuring processes
 # still take one per core).
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", EDGEPACK_PROGRESS="1",
            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 NAME = "crash-0.1.0-cpu"  # what ``pack --name crash --target cpu`` writes
 PACK = ["--target", "cpu", "--budget", "200MB", "--apply", "precision:dtype=bf16", "--name", "crash"]
@@ -660,10 +660,10 @@ def _full_at_config(monkeypatch):
 def _full_at_readme(monkeypatch):
     import edgepack.pipeline
 
-    def write_readme(path, manifest):
-        raise _enospc(path)
+    def write_card(directory, manifest, *args, **kwargs):
+        raise _enospc(directory / "README.md")
 
-    monkeypatch.setattr(edgepack.pipeline, "_write_readme", write_readme)
+    monkeypatch.setattr(edgepack.pipeline, "write_card", write_card)
 
 
 def _full_at_manifest(monkeypatch):

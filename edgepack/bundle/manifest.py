@@ -866,8 +866,10 @@ CONTENT_FIELDS: dict[str, tuple[str, ...] | None] = {
     "smoke": None,
     "parallel": None,
 }
-#: Files the content digest does not cover: the model card, which reports measured figures.
-CONTENT_EXCLUDED_FILES = ("README.md",)
+#: The model card's chart (peak memory against quality), drawn when matplotlib is installed.
+CARD_CHART = "memory-quality.png"
+#: Files the content digest does not cover: the model card and its chart, which report measured figures.
+CONTENT_EXCLUDED_FILES = ("README.md", CARD_CHART)
 
 
 def content_view(manifest: dict[str, Any]) -> dict[str, Any]:
