@@ -10,42 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import click
 
 from edgepack import __version__
-from edgepack.environment import quiet_libraries
+from edgepack.environment import progress_printer, quiet_libraries
 from edgepack.errors import EdgepackError, UsageError, VerificationError
-
-_STARTED = time.monotonic()
-
-
-def _progress_wanted() -> bool:
-    """Progress lines go to standard error when it is a terminal; EDGEPACK_PROGRESS=1 asks for
-    them anyway (a CI log), EDGEPACK_PROGRESS=0 never. --json turns them off (see _progress_for)."""
-    setting = os.environ.get("EDGEPACK_PROGRESS", "").strip()
-    if setting in ("0", "1"):
-        return setting == "1"
-    return sys.stderr.isatty()
-
-
-def _progress(message: str) -> None:
-    """One progress line on standard error, with the time since the command started."""
-    if not _progress_wanted():
-        return
-    elapsed = time.monotonic() - _STARTED
-    click.echo(f"[{int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {message}", err=True)
-
-
-def _quiet(message: str) -> None:
-    pass
-
-
-def _progress_for(as_json: bool) -> Any:
-    """The progress callback of a command: none under --json, whose output is for machines."""
-    return _quiet if as_json else _progress
 
 
 def _emit_json(data: Any) -> None:
@@ -329,7 +300,7 @@ def pack(model: str, target: str | None, budget: int | None, apply_: tuple[str, 
     if "targets" in recipe_settings:
         _pack_many(model, workload, requests, as_json, allow_code)
         return
-    result = pipeline.pack(model, progress=_progress_for(as_json), allow_code=allow_code, **workload, **requests[0])
+    result = pipeline.pack(model, progress=progress_printer(as_json), allow_code=allow_code, **workload, **requests[0])
     _print_result(result)
     if as_json:
         _emit_json(result.to_json())
@@ -340,7 +311,7 @@ def _pack_many(model: str, workload: dict[str, Any], requests: list[dict[str, An
     """Several targets from one recipe: one bundle each; a failure stops only its target."""
     from edgepack import pipeline
 
-    outcomes = pipeline.pack_many(model, requests, progress=_progress_for(as_json), allow_code=allow_code, **workload)
+    outcomes = pipeline.pack_many(model, requests, progress=progress_printer(as_json), allow_code=allow_code, **workload)
     for outcome in outcomes:
         if outcome.result is not None:
             _print_result(outcome.result)
@@ -426,7 +397,7 @@ def verify(bundle: str, keys: tuple[str, ...], min_version: str | None, digest: 
     from edgepack.bundle.verify import verify as run_verify
     from edgepack.memory import format_size
 
-    report = run_verify(bundle, progress=_progress_for(as_json), keys=keys, min_version=min_version, digest=digest,
+    report = run_verify(bundle, progress=progress_printer(as_json), keys=keys, min_version=min_version, digest=digest,
                         allow_code=allow_code)
     if report.ok:
         click.echo(f"ok: {report.bundle}")
@@ -530,7 +501,7 @@ def rebuild(bundle: str, model: str, samples: str | None, out: str | None, allow
     """
     from edgepack.pipeline import rebuild as run_rebuild
 
-    result = run_rebuild(bundle, model, samples=samples, out=out, progress=_progress_for(as_json), allow_code=allow_code)
+    result = run_rebuild(bundle, model, samples=samples, out=out, progress=progress_printer(as_json), allow_code=allow_code)
     if result.identical:
         click.echo(f"identical: {result.bundle}")
         click.echo(f"  content {result.rebuilt} ({result.compared_files} files of model/ and smoke/ compared)")
@@ -763,7 +734,7 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[s
     if _is_sharded(bundle):  # every rank through torchrun, the outputs from rank 0
         from edgepack.runtime import run_sharded
 
-        result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=_progress_for(as_json), keys=keys)
+        result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=progress_printer(as_json), keys=keys)
         task = "text-generation" if "texts" in result else "feature-extraction"
         generated, vectors = result.get("texts"), result.get("embeddings")
         extra = {"rank_peak_bytes": result["rank_peak_bytes"]}
@@ -838,7 +809,7 @@ def bench(bundle: str, repeats: int, source: str | None, no_source: bool, allow_
     if source is not None and no_source:
         raise UsageError("--source and --no-source contradict each other; give one")
     result = benchmark(bundle, repeats=repeats, source=source, allow_code=allow_code, compare_source=not no_source,
-                       progress=_progress_for(as_json))
+                       progress=progress_printer(as_json))
     if as_json:
         _emit_json(result)
         return

@@ -1,7 +1,43 @@
 """Process-wide settings every edgepack process applies once: quiet third-party libraries,
-never reach for the Hugging Face hub, and give freed heap memory back to the OS."""
+never reach for the Hugging Face hub, give freed heap memory back to the OS, and say when
+progress lines are wanted."""
 
 from __future__ import annotations
+
+import time
+from typing import Callable
+
+_STARTED = time.monotonic()
+
+
+def progress_wanted() -> bool:
+    """Progress lines go to standard error when it is a terminal; EDGEPACK_PROGRESS=1 asks for
+    them anyway (a CI log), EDGEPACK_PROGRESS=0 never."""
+    import os
+    import sys
+
+    setting = os.environ.get("EDGEPACK_PROGRESS", "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    return sys.stderr.isatty()
+
+
+def _progress_line(message: str) -> None:
+    import sys
+
+    if progress_wanted():
+        elapsed = time.monotonic() - _STARTED
+        print(f"[{int(elapsed // 60):02d}:{elapsed % 60:04.1f}] {message}", file=sys.stderr, flush=True)
+
+
+def _no_progress(message: str) -> None:
+    pass
+
+
+def progress_printer(as_json: bool = False) -> Callable[[str], None]:
+    """A command's progress callback: timestamped lines on standard error (as
+    :func:`progress_wanted` allows), none under ``--json``, whose output is for machines."""
+    return _no_progress if as_json else _progress_line
 
 
 def quiet_libraries() -> None:

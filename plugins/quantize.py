@@ -653,7 +653,7 @@ def sensitivity_key(model: Any, modules: list[tuple[str, Any]], group_size: int,
 
 
 def cached_sensitivities(model: Any, modules: list[tuple[str, Any]], group_size: int,
-                         calibration: list[dict[str, Any]]) -> dict[str, float]:
+                         calibration: list[dict[str, Any]], progress: Any = None) -> dict[str, float]:
     """:func:`module_sensitivities`, kept on disk (:func:`sensitivity_cache_dir`) under
     :func:`sensitivity_key`: measured once per model, calibration set and group size. A cache
     file that is unreadable or does not hold a finite value for every module is measured anew;
@@ -671,7 +671,7 @@ def cached_sensitivities(model: Any, modules: list[tuple[str, Any]], group_size:
             return {n: cached[n] for n, _ in modules}
     except (OSError, ValueError):
         pass
-    result = module_sensitivities(model, modules, group_size, calibration)
+    result = module_sensitivities(model, modules, group_size, calibration, progress)
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".sensitivity-", dir=file.parent)
@@ -684,10 +684,12 @@ def cached_sensitivities(model: Any, modules: list[tuple[str, Any]], group_size:
 
 
 def module_sensitivities(model: Any, modules: list[tuple[str, Any]], group_size: int,
-                         calibration: list[dict[str, Any]]) -> dict[str, float]:
+                         calibration: list[dict[str, Any]], progress: Any = None) -> dict[str, float]:
     """Each module's sensitivity to int4: the relative squared error of the model's output
     (logits, or the last hidden state) on ``calibration`` when that module alone has its
-    weight rounded to int4 (group-wise, round to nearest), every other module as it is."""
+    weight rounded to int4 (group-wise, round to nearest), every other module as it is.
+    ``progress`` gets a line every few seconds: module i of n, elapsed and remaining."""
+    import time
 
     trimmed = []
     for batch in calibration:  # padding to the calibration length costs time and tells nothing
@@ -716,7 +718,16 @@ def module_sensitivities(model: Any, modules: list[tuple[str, Any]], group_size:
         reference = outputs()
         norm = sum(float((r ** 2).sum()) for r in reference) or 1.0
         result = {}
-        for name, module in modules:
+        started = last = time.monotonic()
+        for index, (name, module) in enumerate(modules):
+            now = time.monotonic()
+            if index == 1:
+                warm = now  # the first module pays one-time costs: the rate is taken after it
+            if progress is not None and index > 1 and now - last >= 3:
+                last = now
+                left = (now - warm) / (index - 1) * (len(modules) - index)
+                progress(f"  sensitivity: module {index + 1} of {len(modules)} ({now - started:.0f} s, "
+                         f"about {left:.0f} s left)")
             original = module.weight.data
             packed, scale, offset = quantize_int4_groups(original, group_size)
             module.weight.data = dequantize(packed, scale, offset, 4, original.dtype)
@@ -955,7 +966,8 @@ class Quantize(Compressor):
         if context is not None and context.progress:
             context.progress(f"  measuring the sensitivity of {len(eligible)} modules to int4 on "
                              f"{len(calibration)} calibration batch(es)")
-        sensitivity = cached_sensitivities(model, eligible, group, calibration)
+        sensitivity = cached_sensitivities(model, eligible, group, calibration,
+                                           context.progress if context is not None else None)
         to_int4, reached = allocate(chosen, [n for n, _ in eligible], sensitivity, target, low)
         if reached > target:
             raise UsageError(f"quantize:scheme=mixed,bits={target}: {reached:.2f} bits per weight is the least this "
@@ -1140,18 +1152,22 @@ def edgepack_register_commands(cli):
         Example:
           edgepack sensitivity ./all-MiniLM-L6-v2 --bits 7 --bits 6
         """
+        from edgepack.environment import progress_printer
         from edgepack.memory import format_size
         from edgepack.model import ModelSource
         from edgepack.pipeline import _calibration_batches
 
+        progress = progress_printer(as_json)
         group = int(group_size)
         levels = levels or (7.0, 6.0)
         source = ModelSource.open(model)
+        progress(f"loading weights of {source.path}")
         loaded = source.load()
         calibration = _calibration_batches(source.tokenizer(), seq_len, source.facts.task)[:SENSITIVITY_BATCHES]
         chosen = _targets(loaded, True, [])
         eligible = [(n, m) for n, m in chosen if m.weight.shape[1] % group == 0]
-        measured = cached_sensitivities(loaded, eligible, group, calibration)
+        progress(f"measuring the sensitivity of {len(eligible)} modules to int4 (cached after the first time)")
+        measured = cached_sensitivities(loaded, eligible, group, calibration, progress)
         low = _int4_bits({"group_size": group})
         plans = {bits: allocate(chosen, [n for n, _ in eligible], measured, bits, low) for bits in levels}
         rows = [{"module": n, "shape": list(m.weight.shape), "params": m.weight.numel(),
