@@ -210,6 +210,7 @@ def test_load_refuses_a_tampered_bundle(bundle_copy):
 # verify
 
 
+@pytest.mark.extended  # the same bundle verifies with this report in test_probe's verify-from-inside-a-bundle test
 def test_verify_passes_on_the_packed_bundle(packed):
     report = edgepack.verify(packed.bundle)
     assert report.ok, report.failures
@@ -242,16 +243,20 @@ def test_cli_verify_json_after_tampering(bundle_copy, how):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.slow
-def test_verify_checks_the_smoke_outputs(bundle_copy):
-    """Golden outputs that no longer match (with a consistent manifest) fail the smoke check."""
+def test_verify_checks_the_smoke_outputs(bundle_copy, monkeypatch):
+    """Golden outputs that no longer match (with a consistent manifest) fail the smoke check.
+    The fresh process that runs the model returns the golden outputs as packed: what this
+    bundle's model gives (test_probe's verify of the same bundle runs it for real)."""
     import torch
     from safetensors.torch import load_file, save_file
 
+    import edgepack.smoke
     from edgepack.bundle.manifest import file_entries
 
     expected_file = bundle_copy / "smoke/expected.safetensors"
     expected = load_file(expected_file)
+    monkeypatch.setattr(edgepack.smoke, "measure_in_fresh_process",
+                        lambda bundle_dir, **kwargs: edgepack.smoke.ProbeResult(10, "test scope", expected, 0.0))
     save_file({k: torch.roll(v, 1, dims=0).contiguous() for k, v in expected.items()}, expected_file)
     manifest = json.loads((bundle_copy / MANIFEST).read_text())
     manifest["files"] = file_entries(bundle_copy)
@@ -304,6 +309,7 @@ def test_cli_inspect_human(packed):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # test_reproducible's archive test (a packed bundle) and test_bundle_hardening's cover it
 def test_archive_of_the_packed_bundle_is_deterministic_and_intact(bundle_copy, tmp_path):
     first = create_archive(bundle_copy).read_bytes()
     second = create_archive(bundle_copy)

@@ -137,6 +137,7 @@ def test_a_bundle_holds_the_program_and_its_signature_not_weights(bundles):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the decoder program test below verifies a .pte; test_end_to_end's tamper tests cover a changed file
 def test_verify_runs_the_program_and_fails_on_a_changed_one(bundles, tmp_path):
     for path in bundles.values():
         report = verify(path)

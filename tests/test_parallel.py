@@ -321,11 +321,35 @@ def test_plugin_import_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_single_job_arguments_make_one_job(tmp_path, monkeypatch):
+    """``MODEL_DIR --inputs FILE --task TASK --out FILE`` (the launch command a sharded bundle
+    records) runs the one job a --jobs file would list; rank 0's outputs go to --out."""
+    from safetensors.torch import load_file, save_file
+
+    calls = []
+
+    def run_rank(model_dir, inputs, task="auto", *, max_new_tokens=8, device=None):
+        calls.append((model_dir, sorted(inputs), task, max_new_tokens, device))
+        return {"embeddings": torch.ones(2, 3)}
+
+    monkeypatch.setattr(parallel, "run_rank", run_rank)
+    save_file({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, tmp_path / "inputs.safetensors")
+    out = tmp_path / "out" / "embeddings.safetensors"
+    assert parallel._main(["views/view-{rank}", "--inputs", str(tmp_path / "inputs.safetensors"),
+                           "--task", "embeddings", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert calls == [("views/view-{rank}", ["input_ids"], "embeddings", 3, None)]
+    assert torch.equal(load_file(out)["embeddings"], torch.ones(2, 3))
+    with pytest.raises(SystemExit):
+        parallel._main(["views/view-{rank}", "--inputs", str(tmp_path / "inputs.safetensors")])  # no --out
+    assert len(calls) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Several processes (torchrun, gloo over 127.0.0.1)
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # torchrun: test_two_ranks_match_single_process; the arguments: test_the_single_job_arguments_make_one_job
 def test_two_ranks_minilm_tensor_command_line(minilm, tmp_path):
     """The single-job command line under torchrun: 2 ranks, each reading only its own shard."""
     sharded = _sharded(minilm["model"], 2, "tensor", tmp_path)

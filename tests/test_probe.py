@@ -122,6 +122,10 @@ def test_verify_from_inside_a_bundle_imports_nothing_from_it(bundle_copy):
     assert not [m.name for m in markers if m.exists()]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0 and report["ok"], (report, result.stderr[-2000:])
+    # every check ran and passed (test_end_to_end's verify test, extended, asserts the same)
+    assert report["checks"] == ["integrity", "content", "signature", "weights", "load", "smoke", "memory"]
+    assert 0 < report["memory"]["measured_peak_bytes"] <= report["memory"]["budget_bytes"] == 200_000_000
+    assert report["fidelity"]["value"] >= manifest["fidelity"]["floor"]
 
 
 @pytest.mark.slow

@@ -223,10 +223,12 @@ def test_cli_flag_budget_wins_over_every_target_entry(model_dir, tmp_path, count
 
 
 @pytest.mark.slow
-def test_cli_multi_target_recipe_loads_once_and_exits_with_the_failing_code(model_dir, tmp_path, counters):
-    """cpu at 100MB (fits), cpu at 5MB (cannot: exit 3), cuda at 1GB (packs on a CPU-only box
+def test_cli_multi_target_recipe_loads_once_and_exits_with_the_failing_code(edgepack_tiny_encoder, tmp_path,
+                                                                            counters):
+    """cpu at 100MB (fits), cpu at 1MB (cannot: exit 3), cuda at 1GB (packs on a CPU-only box
     too): two bundles from one run of the golden outputs. The model is loaded once for them and
-    once for each plan applied (a load memory-maps the weights; no plan starts from a copy)."""
+    once for each plan applied (a load memory-maps the weights; no plan starts from a copy).
+    The tiny encoder: what is checked is the recipe's targets, which no model size changes."""
     import torch
 
     recipe_dir = tmp_path / "recipes"
@@ -241,20 +243,20 @@ def test_cli_multi_target_recipe_loads_once_and_exits_with_the_failing_code(mode
         [[targets]]
         target = "cpu"
         name = "tiny"
-        budget = "5MB"
+        budget = "1MB"
         [[targets]]
         target = "cuda"
         budget = "1GB"
         apply = ["precision:dtype=fp16"]
     """)
-    result = CliRunner().invoke(cli, ["pack", str(model_dir), "--recipe", str(path), "--json"])
+    result = CliRunner().invoke(cli, ["pack", str(edgepack_tiny_encoder), "--recipe", str(path), "--json"])
     assert result.exit_code == 3, result.output
     assert counters == {"run_outputs": 1, "load": 1 + 2}
 
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert [f["target"] for f in data["failures"]] == ["cpu"]
     failure = data["failures"][0]
-    assert failure["exit_code"] == 3 and "5.0 MB" in failure["detail"] and "smallest" in failure["detail"]
+    assert failure["exit_code"] == 3 and "1.0 MB" in failure["detail"] and "smallest" in failure["detail"]
     assert "cpu: FAILED: no plan fits" in result.stdout
 
     dist = recipe_dir / "dist"  # out is relative to the recipe
