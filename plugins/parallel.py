@@ -1462,6 +1462,8 @@ class Parallel(Compressor):
                 if step.options.get("scheme") not in ("int8", "int4"):
                     return (f"parallel cannot shard quantize:scheme={step.options.get('scheme')} (its activation-"
                             "quantized Linear has no sharded form); use scheme=int8 or int4")
+                if step.options.get("awq"):
+                    return "parallel cannot yet shard quantize:awq=true's per-channel input scales; use awq=false"
                 continue
             if not plain:
                 return (f"parallel cannot yet shard the weights {step.plugin} produces; it composes with "

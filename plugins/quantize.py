@@ -172,6 +172,37 @@ def gptq_int4(weight: Any, hessian: Any, group_size: int, damp: float = 0.01, bl
     return packed.contiguous(), scale_g.half(), lo_g.half()
 
 
+def awq_scales(weight: Any, hessian: Any, group_size: int, grid: int = 11) -> Any:
+    """AWQ's per-input-channel scales (Lin et al. 2023), searched on the layer's Hessian.
+
+    Channels whose inputs are large matter more to the output: scaling weight column ``j`` up by
+    ``s_j`` (and the input down by it, which :class:`QuantLinear` does with ``input_scale``)
+    gives them a finer share of their group's int4 grid. ``s = a ** alpha`` with ``a`` the RMS of
+    each input channel (from ``diag(H) = 2 E[x_j²]``); ``alpha`` is chosen on a grid of
+    ``grid`` points in [0, 1] to minimise the output error ``tr(ΔW H ΔWᵀ)`` of round-to-nearest
+    int4, ``ΔW`` being the effective weight's error. ``alpha = 0`` is plain int4, so the search
+    never picks scales that do worse on the calibration inputs. Returns fp32 scales [in]."""
+    w = weight.detach().float()
+    h = hessian.float()
+    rms = torch.diag(h).clamp_min(0).sqrt().clamp_min(1e-8)
+    best, best_scale = None, torch.ones_like(rms)
+    for alpha in torch.linspace(0, 1, grid).tolist():
+        scale = rms ** alpha
+        scale = scale / (scale.max() * scale.min()).sqrt()  # centred: the grid is not pushed to one end
+        packed, q_scale, q_offset = quantize_int4_groups(w * scale, group_size)
+        error = _output_error(w, h, dequantize(packed, q_scale, q_offset, 4, torch.float32) / scale)
+        if best is None or error < best:
+            best, best_scale = error, scale
+    return best_scale
+
+
+def _output_error(weight: Any, hessian: Any, effective: Any) -> float:
+    """``tr(ΔW H ΔWᵀ)``: the squared output error of a layer whose weight ``weight`` is replaced
+    by ``effective``, on the inputs whose Hessian is ``hessian``."""
+    delta = effective.float() - weight.detach().float()
+    return float(((delta @ hessian.float()) * delta).sum())
+
+
 def input_hessians(model: Any, modules: list[tuple[str, Any]], calibration: list[dict[str, Any]]) -> dict[str, Any]:
     """``2 XᵀX / n`` of each Linear's inputs over the calibration batches, padding excluded,
     from passes of the whole model (every module's statistics at once)."""
@@ -361,12 +392,14 @@ def _define_modules() -> None:
         fused kernel that never materialises the dequantized weight (see the module docstring)."""
 
         def __init__(self, in_features: int, out_features: int, bits: int, qdata: Any, scale: Any,
-                     offset: Any | None = None, bias: Any | None = None) -> None:
+                     offset: Any | None = None, bias: Any | None = None, input_scale: Any | None = None) -> None:
             super().__init__()
             self.in_features, self.out_features, self.bits = in_features, out_features, bits
             self.register_buffer("qdata", qdata)
             self.register_buffer("scale", scale)
             self.register_buffer("offset", offset)
+            #: AWQ: the inputs are multiplied by this per channel (1/s for weight columns stored times s)
+            self.register_buffer("input_scale", input_scale)
             self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
             #: dtype of the matmul; None means the activations' dtype (see Quantize.prepare)
             self.compute_dtype = None
@@ -380,6 +413,8 @@ def _define_modules() -> None:
             self.int4_group = None
 
         def forward(self, x: Any) -> Any:
+            if self.input_scale is not None:
+                x = x * self.input_scale.to(x.dtype)
             if self.int4_group is not None:
                 return self._forward_int4(x)
             if self.fused_rows and x.numel() <= self.fused_rows * self.in_features and x.device.type == "cpu":
@@ -424,7 +459,8 @@ def _define_modules() -> None:
 
         def extra_repr(self) -> str:
             kernel = ", kernel=int4pack" if self.int4_group else (", kernel=int8pack" if self.fused_rows else "")
-            return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{kernel}"
+            awq = ", awq" if self.input_scale is not None else ""
+            return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{kernel}{awq}"
 
     class QuantEmbedding(nn.Module):
         """An Embedding whose table stays int8 or packed int4; only looked-up rows are dequantized."""
@@ -514,13 +550,24 @@ def _targets(model: Any, embeddings: bool, keep: Sequence[str], head: bool = Fal
     return chosen
 
 
-def _quantize_module(model: Any, name: str, module: Any, bits: int, group: int, hessian: Any = None) -> None:
-    """Replace ``module`` by its int4 (GPTQ-rounded when a Hessian is given) or int8 form."""
+def _quantize_module(model: Any, name: str, module: Any, bits: int, group: int, hessian: Any = None,
+                     gptq: bool = True, awq: bool = False) -> None:
+    """Replace ``module`` by its int4 or int8 form. With the layer's Hessian, an int4 Linear is
+    GPTQ-rounded (``gptq``) and, with ``awq``, its columns scaled by :func:`awq_scales` first."""
     weight = module.weight
-    offset = None
+    offset = input_scale = None
     if bits == 4:
-        packed, scale, offset = (gptq_int4(weight, hessian, group) if hessian is not None
-                                 else quantize_int4_groups(weight, group))
+        round_ = gptq_int4 if hessian is not None and gptq else (lambda w, h, g: quantize_int4_groups(w, g))
+        packed, scale, offset = round_(weight, hessian, group)
+        if awq and hessian is not None and isinstance(module, nn.Linear):
+            columns = awq_scales(weight, hessian, group)
+            scaled = round_(weight.detach().float() * columns,
+                            hessian / torch.outer(columns, columns).to(hessian.dtype), group)  # inputs x / s
+            # the scales were searched for round-to-nearest; GPTQ's rounding of the scaled weight
+            # is kept only where it does better on this layer's inputs than GPTQ's of the plain one
+            if _output_error(weight, hessian, dequantize(*scaled, 4, torch.float32) / columns) < \
+                    _output_error(weight, hessian, dequantize(packed, scale, offset, 4, torch.float32)):
+                (packed, scale, offset), input_scale = scaled, 1.0 / columns  # fp32: the rounding assumed it exact
     else:
         packed, scale = quantize_int8_rows(weight)
     if isinstance(module, nn.Embedding):
@@ -528,26 +575,29 @@ def _quantize_module(model: Any, name: str, module: Any, bits: int, group: int, 
                              module.padding_idx, weight.dtype)
     else:
         bias = module.bias.detach() if module.bias is not None else None
-        new = QuantLinear(module.in_features, module.out_features, bits, packed, scale, offset, bias)
+        new = QuantLinear(module.in_features, module.out_features, bits, packed, scale, offset, bias, input_scale)
     replace_module(model, name, new)
 
 
 def _quantize_modules(model: Any, chosen: list[tuple[str, Any]], bits: Mapping[str, int], group: int,
                       options: Mapping[str, Any], context: ApplyContext | None) -> None:
-    """Quantize each chosen module to its ``bits``; with ``method=gptq`` and calibration
-    inputs, the int4 Linears are GPTQ-rounded layer by layer (:func:`layerwise_hessians`)."""
+    """Quantize each chosen module to its ``bits``; with calibration inputs, the int4 Linears
+    are quantized layer by layer on their inputs' statistics (:func:`layerwise_hessians`):
+    GPTQ-rounded with ``method=gptq``, and AWQ-scaled first with ``awq=true``."""
     done: set[str] = set()
     calibration = list(context.calibration or []) if context is not None else []
-    if options.get("method", "gptq") == "gptq" and calibration:
+    gptq, awq = options.get("method", "gptq") == "gptq", bool(options.get("awq"))
+    if (gptq or awq) and calibration:
         linears = [(n, m) for n, m in chosen if bits[n] == 4 and isinstance(m, nn.Linear)]
         if linears:
             progress = context.progress if context is not None else None
             if progress:
-                progress(f"  GPTQ: collecting input statistics of {len(linears)} Linear layers, layer by layer")
+                how = " + ".join(x for x, on in (("AWQ scales", awq), ("GPTQ", gptq)) if on)
+                progress(f"  {how}: collecting input statistics of {len(linears)} Linear layers, layer by layer")
             by_name = dict(linears)
             for hessians in layerwise_hessians(model, linears, calibration, progress):
                 for name in list(hessians):
-                    _quantize_module(model, name, by_name[name], 4, group, hessians.pop(name))
+                    _quantize_module(model, name, by_name[name], 4, group, hessians.pop(name), gptq=gptq, awq=awq)
                     done.add(name)
     for name, module in chosen:
         if name not in done:
@@ -766,6 +816,9 @@ class Quantize(Compressor):
                help="matmul dtype: auto = bf16 on CPUs with native bf16 (default), input = the activations' dtype"),
         Option("bits", float, (), None, minimum=4.25, maximum=9.0,
                help="mixed: average stored bits per quantized weight, scales included (default 6.5)"),
+        Option("awq", bool, (), None,
+               help="int4 and mixed: activation-aware per-channel scales (AWQ), searched on the calibration "
+                    "inputs, before the rounding (default false)"),
     )
 
     # -- checks and planning ---------------------------------------------------------------
@@ -783,6 +836,8 @@ class Quantize(Compressor):
                 return "quantize cannot follow sparsify: no storage format combines both yet"
         if _head(options) and options["scheme"] != "int8":
             return "head=true needs scheme=int8 (the fused decoding kernel is int8 weight-only)"
+        if options.get("awq") and options["scheme"] not in ("int4", "mixed"):
+            return "awq=true scales int4 weights: it needs scheme=int4 or mixed"
         if options.get("bits") is not None and options["scheme"] != "mixed":
             return "bits= sets the average of scheme=mixed; other schemes have fixed bits"
         if options["scheme"] == "mixed" and _mixed_bits(options) < _int4_bits(options):
@@ -1065,7 +1120,8 @@ class Quantize(Compressor):
             if info["kind"] == "embedding":
                 new = QuantEmbedding(info["shape"][0], info["shape"][1], bits, q, s, o, info["padding_idx"], dtype)
             else:
-                new = QuantLinear(info["shape"][1], info["shape"][0], bits, q, s, o, tensors.pop(p + "bias", None))
+                new = QuantLinear(info["shape"][1], info["shape"][0], bits, q, s, o, tensors.pop(p + "bias", None),
+                                  tensors.pop(p + "input_scale", None))
             replace_module(model, name, new)
         return assign_weights(model, tensors, file)
 

@@ -160,6 +160,9 @@ class ExecutorchTarget(CpuTarget):
                         "config); GPTQ's rounding is not carried into the program: use method=rtn")
             if options.get("head"):
                 return "quantize:head=true selects edgepack's fused decoding kernel, which the program does not have"
+            if options.get("awq"):
+                return ("quantize:awq=true scales the inputs of edgepack's own int4 Linear, which the program does "
+                        "not have (torchao's ExecuTorch-ready int4 rounds to nearest)")
             if backend == "portable":
                 return "quantized Linear layers need executorch:backend=xnnpack (the portable kernels run fp32)"
         return None

@@ -43,6 +43,7 @@ def _target_and_probe():
     ("quantize:scheme=mixed", "quantize:scheme=mixed stores modules the program cannot run"),
     ("quantize:scheme=int8-dynamic", "use scheme=int8"),
     ("quantize:scheme=int4,method=gptq", "use method=rtn"),
+    ("quantize:scheme=int4,method=rtn,awq=true", "awq=true scales the inputs of edgepack's own int4 Linear"),
 ])
 def test_a_step_the_program_cannot_run_is_refused_at_plan_time(spec, reason):
     registry, target, probe = _target_and_probe()

@@ -210,3 +210,59 @@ def test_minilm_fits_between_int8_and_int4_at_the_floor(model_dir, tmp_path, bud
     plan = " + ".join(s["plugin"] + ":" + str(s["options"].get("scheme", "")) for s in result.manifest["plan"])
     assert "mixed" in plan
     assert result.manifest["fidelity"]["value"] >= floor
+
+
+# ---------------------------------------------------------------------------------------------
+# awq=true: activation-aware per-channel scales for int4
+
+
+def test_awq_scales_lower_the_output_error_where_some_input_channels_are_large():
+    from edgepack.plugins.quantize import awq_scales, dequantize, quantize_int4_groups
+
+    torch.manual_seed(0)
+    wide = 1 + 20 * (torch.rand(256) < 0.05)  # a few input channels twenty times the others
+    weight = torch.randn(128, 256) * 0.05
+
+    def output_error(x, effective):
+        return float(((x @ (effective - weight).T) ** 2).mean())
+
+    for channels, better in ((wide, True), (torch.ones(256), False)):
+        x = torch.randn(4096, 256) * channels
+        hessian = (2 * x.T @ x / len(x)).double()
+        plain = output_error(x, dequantize(*quantize_int4_groups(weight, 32), 4, torch.float32))
+        scales = awq_scales(weight, hessian, 32)
+        scaled = output_error(x, dequantize(*quantize_int4_groups(weight * scales, 32), 4, torch.float32) / scales)
+        assert scaled <= plain * 1.0001  # alpha = 0 (plain int4) is on the grid
+        if better:
+            assert scaled < 0.6 * plain, (scaled, plain)
+
+
+def test_awq_int4_round_trips_and_its_scales_are_stored(tiny, tmp_path):
+    from safetensors import safe_open
+
+    _, model, calibration = tiny
+    context = types.SimpleNamespace(calibration=calibration, progress=None)
+    quantize = Quantize()
+    options = quantize.complete(quantize.parse_options({"scheme": "int4", "awq": "true"}), FULL_PROBE)
+    quantized = quantize.apply(copy.deepcopy(model), options, context)
+    scaled = [n for n, m in quantized.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None]
+    assert scaled and all(isinstance(m, QuantLinear) for n, m in quantized.named_modules() if n in scaled)
+    assert quantize.save(quantized, tmp_path, options)
+    with safe_open(tmp_path / INT4_FILE, "pt") as stored:
+        assert {f"{n}.input_scale" for n in scaled} <= set(stored.keys())
+    restored = quantize.restore(tmp_path, options, "cpu")
+    batch = calibration[0]
+    with torch.inference_mode():
+        expected = model(**batch).last_hidden_state
+        got, back = quantized(**batch).last_hidden_state, restored(**batch).last_hidden_state
+    assert torch.equal(got, back)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.9
+
+
+def test_awq_is_refused_where_nothing_could_use_it():
+    from edgepack.plugins.parallel import Parallel
+
+    assert "awq=true scales int4 weights" in Quantize().check({"scheme": "int8", "awq": True}, FULL_PROBE, [])
+    assert Quantize().check({"scheme": "mixed", "awq": True}, FULL_PROBE, []) is None
+    two = types.SimpleNamespace(devices=[0, 1], target="multi-gpu")
+    assert "awq" in Parallel().check({}, two, [PlanStep("quantize", "1", {"scheme": "int4", "awq": True})])
