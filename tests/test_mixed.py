@@ -74,6 +74,23 @@ def test_allocation_meets_the_bits_bound_and_sends_the_least_sensitive_bytes_to_
     assert set(order[:len(results[8.55])]) == results[8.55]
 
 
+def test_a_module_made_sensitive_gets_more_bits(tiny):
+    """Scaling up one Linear that went to int4 makes the model's output depend more on it (its
+    rounding error grows with its weights): measured again, it stays int8."""
+    _, model, calibration = tiny
+    quantized, _ = _mixed(model, calibration, bits=7.0)
+    to_int4 = sorted(n for n, info in quantized._edgepack_allocation.items()
+                     if info["bits"] == 4 and isinstance(model.get_submodule(n), torch.nn.Linear))
+    assert to_int4
+    victim = to_int4[0]
+    louder = copy.deepcopy(model)
+    with torch.no_grad():
+        louder.get_submodule(victim).weight.mul_(30.0)
+    again, _ = _mixed(louder, calibration, bits=7.0)
+    assert again._edgepack_allocation[victim]["bits"] == 8
+    assert again._edgepack_allocation[victim]["sensitivity"] > quantized._edgepack_allocation[victim]["sensitivity"]
+
+
 def test_sensitivity_is_measured_output_error_and_leaves_the_model_unchanged(tiny):
     _, model, calibration = tiny
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:3]
