@@ -8,12 +8,16 @@ one build, and the same content may be packed again with other measurements.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edgepack.bundle.manifest import CARD_CHART
 from edgepack.interfaces import PlanStep
 from edgepack.memory import format_peak, format_size, initial_footprint
+
+#: What counts as the bundle's stored weights in the card: tensors and compiled programs.
+WEIGHT_SUFFIXES = (".safetensors", ".pte")
 
 
 def step_effects(steps: Sequence[tuple[Any, dict[str, Any]]], facts: Any, probe: Any) -> list[dict[str, Any]]:
@@ -56,15 +60,21 @@ def _plan_section(manifest: dict[str, Any], effects: Sequence[dict[str, Any]], w
         f"{e['quality_cost']:.4f} |\n" for e in effects
     )
     return ("| step | stored weights (estimated) | quality cost (prior) |\n|---|---|---|\n" + rows
-            + f"\nThe whole plan, measured: `model/` holds {format_size(weights)}; "
+            + f"\nThe whole plan, measured: the weights in `model/` hold {format_size(weights)}; "
               f"{fid['metric']} {fid['value']} against the original (floor {fid['floor']}).\n")
 
 
 def _considered(candidates: Sequence[dict[str, Any]]) -> str:
     if len(candidates) == 1:
-        return "One plan, given to pack (--apply or a recipe); pack measured it against the budget and the floor."
+        return "One plan considered; pack measured it against the budget and the floor."
     return (f"The planner estimated {len(candidates)} plans; pack measured those that fit, in this order, "
             "and kept the first that reached the floor.")
+
+
+def _chart_line(chart: bool | str) -> str:
+    if chart is True:
+        return f"\n![peak memory against fidelity of every candidate]({CARD_CHART})\n"
+    return f"\n({chart}.)\n" if chart else ""
 
 
 def _candidates_section(manifest: dict[str, Any]) -> str:
@@ -99,8 +109,9 @@ def _modules_sections(manifest: dict[str, Any]) -> str:
 
 
 def model_card(manifest: dict[str, Any], weights_bytes: int, effects: Sequence[dict[str, Any]] = (),
-               chart: bool = False) -> str:
-    """The text of README.md; ``weights_bytes`` is the size of the bundle's ``model/``."""
+               chart: bool | str = False) -> str:
+    """The text of README.md; ``weights_bytes`` is the size of the weight files in ``model/``;
+    ``chart`` is True when the chart is drawn beside it, or why it was not."""
     mem = manifest["memory"]
     fid = manifest["fidelity"]
     b = manifest["bundle"]
@@ -137,7 +148,7 @@ without running any code of the bundle's. Load with {_how_to_load(manifest)}.
 ## Candidates considered
 
 {_considered(manifest['candidates'])}
-{f'{chr(10)}![peak memory against fidelity of every candidate]({CARD_CHART}){chr(10)}' if chart else ''}
+{_chart_line(chart)}
 {_candidates_section(manifest)}{_modules_sections(manifest)}"""
 
 
@@ -147,14 +158,19 @@ def write_card(directory: Path, manifest: dict[str, Any], effects: Sequence[dict
     The chart is a courtesy: a failure to draw it is reported through ``warn``, not raised."""
     from edgepack.report import Chart, plotting_available, save
 
-    chart = False
+    chart: bool | str = False
     if plotting_available():
         try:
             save([Chart.from_manifest(manifest)], directory / CARD_CHART)
             chart = True
-        except OSError:  # a full disk is the pack's failure, reported as such
-            raise
-        except Exception as exc:  # noqa: BLE001 - a drawing failure: the card is written without its chart
-            warn(f"the model card's chart was not drawn: {exc}")
-    weights = sum(f.stat().st_size for f in (directory / "model").rglob("*") if f.is_file())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise  # a full disk is the pack's failure, reported as such
+            chart = f"the chart was not drawn: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a drawing failure: the card says so instead
+            chart = f"the chart was not drawn: {type(exc).__name__}: {exc}"
+        if isinstance(chart, str):
+            warn(f"model card: {chart}")
+    weights = sum(f.stat().st_size for f in (directory / "model").rglob("*")
+                  if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
     (directory / "README.md").write_text(model_card(manifest, weights, effects, chart), encoding="utf-8")

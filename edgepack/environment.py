@@ -16,9 +16,11 @@ def progress_wanted() -> bool:
     import os
     import sys
 
-    setting = os.environ.get("EDGEPACK_PROGRESS", "").strip()
-    if setting in ("0", "1"):
-        return setting == "1"
+    setting = os.environ.get("EDGEPACK_PROGRESS", "").strip().lower()
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    if setting in ("0", "false", "no", "off"):
+        return False
     return sys.stderr.isatty()
 
 

@@ -12,7 +12,9 @@ without pyplot, so no display and no global figure state are involved.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,16 +64,22 @@ class Point:
     def from_json(cls, data: dict[str, Any]) -> "Point | None":
         """The point of one candidate's JSON form; None when it records no estimated peak (a
         hand-written manifest), which no chart can place."""
-        peak = data.get("estimated_peak_bytes")
-        if not isinstance(peak, (int, float)) or isinstance(peak, bool):
+        peak = _finite(data.get("estimated_peak_bytes"))
+        if peak is None:
             return None
         measured = data.get("measured") if isinstance(data.get("measured"), dict) else {}
-        fidelity, measured_peak = measured.get("fidelity"), measured.get("peak_bytes")
+        measured_peak = _finite(measured.get("peak_bytes"))
         return cls(spec=str(data.get("spec") or "(unnamed)"), estimated_peak=int(peak),
-                   quality_cost=float(data.get("quality_cost") or 0.0), fits=bool(data.get("fits")),
-                   chosen=bool(data.get("chosen")),
-                   measured_peak=int(measured_peak) if isinstance(measured_peak, (int, float)) else None,
-                   fidelity=float(fidelity) if isinstance(fidelity, (int, float)) else None)
+                   quality_cost=_finite(data.get("quality_cost")) or 0.0, fits=bool(data.get("fits")),
+                   chosen=bool(data.get("chosen")), measured_peak=None if measured_peak is None else int(measured_peak),
+                   fidelity=_finite(measured.get("fidelity")))
+
+
+def _finite(value: Any) -> float | None:
+    """A number a chart can place, or None (missing, a bool, NaN or infinite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _points(candidates: Sequence[Any]) -> tuple[Point, ...]:
@@ -222,6 +230,10 @@ def save(charts: Sequence[Chart], path: str | Path) -> Path:
         # no Software/date text chunks: the same charts give the same bytes
         fig.savefig(tmp, format="png", metadata={"Software": None})
         tmp.replace(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise  # a full disk is reported as such by the caller
+        raise UsageError(f"--plot {path}: cannot be written: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -87,7 +87,7 @@ def budget_table(rows: list[dict]) -> list[dict]:
     """For each budget, the best held-out fidelity reachable with uniform plans alone and with all."""
     table = []
     for mb in BUDGETS_MB:
-        fits = [r for r in rows if r["measured_peak_bytes"] <= mb * 1e6]
+        fits = [r for r in rows if r["measured_peak_bytes"] is not None and r["measured_peak_bytes"] <= mb * 1e6]
         best = {kind: max((r for r in fits if kind == "all" or r["kind"] == kind), key=lambda r: r["mean_cosine"],
                           default=None) for kind in ("uniform", "all")}
         table.append({"budget_mb": mb, **{f"{k}_plan": (v or {}).get("plan") for k, v in best.items()},

@@ -184,7 +184,11 @@ def awq_scales(weight: Any, hessian: Any, group_size: int, grid: int = 11) -> An
     never picks scales that do worse on the calibration inputs. Returns fp32 scales [in]."""
     w = weight.detach().float()
     h = hessian.float()
-    rms = torch.diag(h).clamp_min(0).sqrt().clamp_min(1e-8)
+    rms = torch.diag(h).clamp_min(0).sqrt()
+    # channels (nearly) silent on the calibration inputs count for nothing in the error, so the
+    # search would let their columns be scaled down without limit, and any input they get
+    # later magnified: their activation is taken as at least a tenth of the median's
+    rms = rms.clamp_min(max(float(rms.median()) * 0.1, 1e-8))
     best, best_scale = None, torch.ones_like(rms)
     for alpha in torch.linspace(0, 1, grid).tolist():
         scale = rms ** alpha
@@ -413,8 +417,8 @@ def _define_modules() -> None:
             self.int4_group = None
 
         def forward(self, x: Any) -> Any:
-            if self.input_scale is not None:
-                x = x * self.input_scale.to(x.dtype)
+            if self.input_scale is not None:  # in fp32, as the rounding assumed, then back
+                x = (x.float() * self.input_scale).to(x.dtype)
             if self.int4_group is not None:
                 return self._forward_int4(x)
             if self.fused_rows and x.numel() <= self.fused_rows * self.in_features and x.device.type == "cpu":
@@ -587,6 +591,8 @@ def _quantize_modules(model: Any, chosen: list[tuple[str, Any]], bits: Mapping[s
     done: set[str] = set()
     calibration = list(context.calibration or []) if context is not None else []
     gptq, awq = options.get("method", "gptq") == "gptq", bool(options.get("awq"))
+    if awq and not calibration:
+        raise UsageError("quantize:awq=true needs calibration inputs to search its scales")
     if (gptq or awq) and calibration:
         linears = [(n, m) for n, m in chosen if bits[n] == 4 and isinstance(m, nn.Linear)]
         if linears:

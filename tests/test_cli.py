@@ -196,20 +196,29 @@ def test_console_script_error_has_no_traceback(tmp_path):
 # progress
 
 
-@pytest.mark.parametrize("setting, as_json, shown", [
-    (None, False, False),  # standard error is not a terminal here
-    ("1", False, True),
-    ("1", True, False),  # --json is for machines
-    ("0", False, False),
+@pytest.mark.parametrize("setting, terminal, shown", [
+    (None, False, False), (None, True, True),  # standard error a terminal or not
+    ("1", False, True), ("true", False, True), ("0", True, False), ("off", True, False),
+    ("maybe", True, True),  # not a setting: the terminal decides
 ])
-def test_progress_lines_follow_the_terminal_the_setting_and_json(runner, packed, monkeypatch, setting, as_json, shown):
+def test_progress_lines_follow_the_terminal_and_the_setting(monkeypatch, capsys, setting, terminal, shown):
+    from edgepack.environment import progress_printer, progress_wanted
+
     if setting is None:
         monkeypatch.delenv("EDGEPACK_PROGRESS", raising=False)
     else:
         monkeypatch.setenv("EDGEPACK_PROGRESS", setting)
-    result = runner.invoke(cli, ["bench", str(packed.bundle), "--repeats", "1", "--no-source"] + (["--json"] if as_json else []))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert progress_wanted() is shown
+    progress_printer()("loading")
+    progress_printer(as_json=True)("loading")  # --json output is for machines: never
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == (1 if shown else 0) and all(re.fullmatch(r"\[\d\d:\d\d\.\d\] loading", l) for l in lines)
+
+
+def test_bench_reports_its_phases_as_progress_lines(runner, packed, monkeypatch):
+    monkeypatch.setenv("EDGEPACK_PROGRESS", "1")
+    result = runner.invoke(cli, ["bench", str(packed.bundle), "--repeats", "1", "--no-source"])
     assert result.exit_code == 0, result.output
-    lines = [l for l in result.stderr.splitlines() if l.startswith("[")]
-    assert bool(lines) is shown, result.stderr
-    if shown:
-        assert any("timing 1 run" in l for l in lines) and all(re.match(r"\[\d\d:\d\d\.\d\] ", l) for l in lines), lines
+    lines = [l for l in result.stderr.splitlines() if re.match(r"\[\d\d:\d\d\.\d\] ", l)]
+    assert [l.split("] ", 1)[1].split(" ")[0] for l in lines] == ["warming", "loading", "timing"], lines

@@ -252,6 +252,15 @@ def test_awq_scales_lower_the_output_error_where_some_input_channels_are_large()
         assert scaled <= plain * 1.0001  # alpha = 0 (plain int4) is on the grid
         if better:
             assert scaled < 0.6 * plain, (scaled, plain)
+    # a channel silent on the calibration inputs is not scaled down without limit: its column's
+    # error stays near the others' (any input it gets later is not magnified into garbage)
+    channels = torch.ones(128)
+    channels[0], channels[1] = 200.0, 0.0
+    x = torch.randn(4096, 128) * channels
+    narrow = weight[:, :128]
+    scales = awq_scales(narrow, (2 * x.T @ x / len(x)).double(), 32)
+    error = (dequantize(*quantize_int4_groups(narrow * scales, 32), 4, torch.float32) / scales - narrow).abs()
+    assert error[:, 1].max() < 5 * error[:, 2:].max(), (error[:, 1].max(), error[:, 2:].max())
 
 
 def test_awq_int4_round_trips_and_its_scales_are_stored(tiny, tmp_path):

@@ -129,7 +129,7 @@ def test_verify_from_inside_a_bundle_imports_nothing_from_it(bundle_copy):
 
 
 @pytest.mark.slow
-def test_probe_from_a_planted_directory_measures_and_repeats(packed, tmp_path, monkeypatch):
+def test_probe_from_a_planted_directory_measures(packed, tmp_path, monkeypatch):
     """pack's path: the probe called in-process from a directory holding planted modules."""
     from edgepack.runtime import plan_steps
     from edgepack.smoke import measure_in_fresh_process, probe_threads
@@ -141,10 +141,10 @@ def test_probe_from_a_planted_directory_measures_and_repeats(packed, tmp_path, m
     result = measure_in_fresh_process(
         packed.bundle, task=manifest["model"]["task"], steps=plan_steps(manifest),
         loader=manifest["model"].get("loader"), target="cpu",
-        batch_size=int(manifest["workload"]["batch_size"]), repeats=2,
+        batch_size=int(manifest["workload"]["batch_size"]),  # repeats: the fake-child test below
     )
     assert not [m.name for m in markers if m.exists()]
-    assert len(result.peaks) == 2 and result.peak_bytes == max(result.peaks) > 0
+    assert len(result.peaks) == 1 and result.peak_bytes == result.peaks[0] > 0
     assert result.threads == probe_threads()
     assert f"{result.threads} intra-op thread" in result.scope
     assert result.outputs["embeddings"].shape[0] == manifest["smoke"]["count"]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from conftest import assert_one_error_line
 from test_bundle_hardening import NAME, make_bundle
-from edgepack.bundle.manifest import CARD_CHART, content_digest
+from edgepack.bundle.manifest import CARD_CHART, content_digest, content_section
 from edgepack.cli import cli
 from edgepack.memory import format_peak, format_size
 
@@ -141,12 +141,18 @@ def test_model_card_states_the_manifests_figures(packed):
         *manifest["source"]["sha256"].values(), "edgepack verify",
     ):
         assert figure_text in card, figure_text
-    weights = sum(f["size"] for f in manifest["files"] if f["path"].startswith("model/"))
-    assert f"`model/` holds {format_size(weights)}" in card
-    # the chart: drawn, listed with its hash, and not content (the digest ignores it)
+    weights = sum(f["size"] for f in manifest["files"]
+                  if f["path"].startswith("model/") and f["path"].endswith(".safetensors"))
+    assert f"the weights in `model/` hold {format_size(weights)}" in card
+    # the chart: drawn, listed with its hash, and not content: content scheme /2 leaves it out,
+    # and the same bundle without a chart (scheme /1, which older readers know) has the same digest
     assert f"]({CARD_CHART})" in card
     _png_shape(bundle / CARD_CHART)
-    listed = {f["path"] for f in manifest["files"]}
-    assert CARD_CHART in listed
-    without = dict(manifest, files=[f for f in manifest["files"] if f["path"] != CARD_CHART])
-    assert content_digest(without) == manifest["content"]["digest"]
+    assert CARD_CHART in {f["path"] for f in manifest["files"]}
+    assert manifest["content"]["scheme"] == "edgepack-content/2"
+    without = {k: v for k, v in manifest.items() if k != "content"}
+    without["files"] = [f for f in manifest["files"] if f["path"] != CARD_CHART]
+    assert content_section(without) == {"scheme": "edgepack-content/1", "digest": manifest["content"]["digest"]}
+    # under /1 a listed chart is content like any other file
+    as_one = dict(manifest, content={"scheme": "edgepack-content/1", "digest": manifest["content"]["digest"]})
+    assert content_digest(as_one) != manifest["content"]["digest"]

@@ -40,6 +40,13 @@ CONTENT_SINCE = "1.1"
 #: The definition of the content digest a manifest's ``content.scheme`` names (see
 #: :func:`content_view`); a manifest naming another scheme is refused, never skipped.
 CONTENT_SCHEME = "edgepack-content/1"
+#: The model card's chart (peak memory against quality), drawn when matplotlib is installed.
+CARD_CHART = "memory-quality.png"
+#: The content schemes this edgepack reads, each with the files its digest leaves out (the model
+#: card, which reports one build's measurements). /2 also leaves out the card's chart; a bundle
+#: without a chart is written as /1, which every edgepack since format 1.1 reads. Both digest
+#: the same view (marked /1), so the same content gives the same digest with or without a chart.
+CONTENT_SCHEMES = {CONTENT_SCHEME: ("README.md",), "edgepack-content/2": ("README.md", CARD_CHART)}
 MANIFEST = "manifest.json"
 #: The detached signature beside the manifest (see :mod:`edgepack.bundle.signing`): the one
 #: file of a bundle that ``files`` does not list, since it signs the manifest that lists them.
@@ -581,7 +588,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "parallel.shards": _shard_dirs,
     "parallel.backend": _string,
     "parallel.launch": _string,
-    "content.scheme": _one_of(CONTENT_SCHEME),
+    "content.scheme": _one_of(*CONTENT_SCHEMES),
     "content.digest": lambda value: None if isinstance(value, str) and CONTENT_DIGEST.fullmatch(value) else (
         f"must be 'sha256:' and 64 lowercase hexadecimal digits, got {_show(value)}"),
 }
@@ -866,16 +873,27 @@ CONTENT_FIELDS: dict[str, tuple[str, ...] | None] = {
     "smoke": None,
     "parallel": None,
 }
-#: The model card's chart (peak memory against quality), drawn when matplotlib is installed.
-CARD_CHART = "memory-quality.png"
-#: Files the content digest does not cover: the model card and its chart, which report measured figures.
-CONTENT_EXCLUDED_FILES = ("README.md", CARD_CHART)
+#: Every file some content scheme leaves out (the model card and its chart).
+CONTENT_EXCLUDED_FILES = tuple(sorted({f for files in CONTENT_SCHEMES.values() for f in files}))
+
+
+def content_scheme(manifest: dict[str, Any]) -> str:
+    """The scheme a manifest's content is digested by: the recorded one when this edgepack
+    knows it; for a manifest being written, /2 when it lists the card's chart, else /1."""
+    recorded = manifest.get("content")
+    if isinstance(recorded, dict) and recorded.get("scheme") in CONTENT_SCHEMES:
+        return recorded["scheme"]
+    files = manifest.get("files") or []
+    return "edgepack-content/2" if any(isinstance(e, dict) and e.get("path") == CARD_CHART for e in files) \
+        else CONTENT_SCHEME
 
 
 def content_view(manifest: dict[str, Any]) -> dict[str, Any]:
     """The part of a (schema-valid) manifest that the content digest covers: the fields of
-    :data:`CONTENT_FIELDS` and every ``files`` entry but :data:`CONTENT_EXCLUDED_FILES`, which
-    through their hashes cover every byte of ``model/`` and ``smoke/``."""
+    :data:`CONTENT_FIELDS` and every ``files`` entry but those its scheme leaves out
+    (:data:`CONTENT_SCHEMES`), which through their hashes cover every byte of ``model/`` and
+    ``smoke/``."""
+    excluded = CONTENT_SCHEMES[content_scheme(manifest)]
     view: dict[str, Any] = {"scheme": CONTENT_SCHEME}
     for section, keys in CONTENT_FIELDS.items():
         if section not in manifest:
@@ -885,7 +903,7 @@ def content_view(manifest: dict[str, Any]) -> dict[str, Any]:
             value = {k: value[k] for k in keys if k in value}
         view[section] = value
     view["files"] = [e for e in manifest.get("files", [])
-                     if not (isinstance(e, dict) and e.get("path") in CONTENT_EXCLUDED_FILES)]
+                     if not (isinstance(e, dict) and e.get("path") in excluded)]
     return view
 
 
@@ -904,7 +922,7 @@ def recorded_digest(manifest: dict[str, Any]) -> str:
 
 def content_section(manifest: dict[str, Any]) -> dict[str, str]:
     """The manifest's ``content`` object for a manifest whose ``files`` are final."""
-    return {"scheme": CONTENT_SCHEME, "digest": content_digest(manifest)}
+    return {"scheme": content_scheme(manifest), "digest": content_digest(manifest)}
 
 
 def content_failures(manifest: dict[str, Any]) -> list[Failure]:
