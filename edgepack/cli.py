@@ -179,11 +179,15 @@ _code_opt = click.option("--allow-code", is_flag=True,
 @_seq_opt
 @_fid_opt
 @click.option("--cache-len", type=click.IntRange(min=1), default=None, help="Decoders: KV-cache length.")
+@click.option("--work-memory", default=None, metavar="SIZE",
+              help="Memory packing may use here: plans whose packing is estimated to need more are marked, "
+                   "as pack would refuse them.")
 @_plot_opt
 @_code_opt
 @_json_opt
 def plan(model: str, target: str | None, budget: int | None, batch_size: int | None, seq_len: int | None,
-         min_fidelity: float | None, cache_len: int | None, plot: str | None, allow_code: bool, as_json: bool) -> None:
+         min_fidelity: float | None, cache_len: int | None, work_memory: str | None, plot: str | None,
+         allow_code: bool, as_json: bool) -> None:
     """Show the candidate plans for MODEL on a target, without loading weights.
 
     Estimates every composition of the installed compressors' options that the target
@@ -203,9 +207,13 @@ def plan(model: str, target: str | None, budget: int | None, batch_size: int | N
 
         require_plotting(plot)
     source = ModelSource.open(model, allow_code=allow_code)  # read once: the plans and the task's default floor
+    if work_memory is not None:
+        from edgepack.memory import parse_size
+
+        parse_size(work_memory, "--work-memory")  # bad input before any work
     budget_obj, candidates = plan_model(
         source, target=target or "cpu", budget=budget, batch_size=batch_size or 1,
-        seq_len=seq_len or 128, cache_len=cache_len,
+        seq_len=seq_len or 128, cache_len=cache_len, work_memory=work_memory,
     )
     task = source.facts.task
     floor = {"value": DEFAULT_FLOOR[task] if min_fidelity is None else min_fidelity,

@@ -19,7 +19,8 @@ from edgepack.interfaces import ApplyContext, Compressor, Workload, format_optio
 from edgepack.card import step_effects, write_card
 from edgepack.memory import format_size, parse_size
 from edgepack.planner import (
-    DEFAULT_FLOOR, Budget, Candidate, build_candidate, choose_parallel_mode, fixed_plan, negotiate, search, smallest,
+    DEFAULT_FLOOR, DEFAULT_SHARD_SIZE, Budget, Candidate, build_candidate, choose_parallel_mode, fixed_plan, negotiate,
+    packable, search, smallest,
 )
 
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:[-+][0-9A-Za-z.+-]+)?$")
@@ -27,8 +28,6 @@ _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:[-+][0-9A-Za-
 #: How many fitting candidates pack measures before giving up.
 MAX_MEASURED = 4
 
-#: The largest weights file stock saving writes (``--shard-size``); larger models get shards.
-DEFAULT_SHARD_SIZE = 10**9
 #: shards smaller than this would only multiply files
 MIN_SHARD_SIZE = 10**6
 
@@ -470,7 +469,8 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             f"no plan fits the budget of {format_size(negotiated.bytes_per_device)} per device: the smallest "
             f"estimated peak is {format_size(best.estimate.peak_bytes)}, reached by {best.spec}"
         )
-    fitting = _packable(fitting, request, facts, workload, probe, progress)
+    fitting = packable(fitting, facts, workload, probe, work_memory=request.work_memory,
+                       max_shard_bytes=request.max_shard_bytes, progress=progress)
 
     bundle_name = request.bundle_name(source.slug)
 
@@ -659,38 +659,6 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             raise UsageError(f"bundle {final} was written, but its archive {final.name}.tar.gz could not be: "
                              f"{exc.strerror or exc}") from None
     return result
-
-
-def _packable(fitting: list[Candidate], request: PackRequest, facts: Any, workload: Workload, probe: Any,
-              progress: Callable[[str], None]) -> list[Candidate]:
-    """Estimate what packing each fitting candidate costs; with ``--work-memory``, refuse those
-    that need more, with the figures (NoPlanFits when none is left)."""
-    from edgepack.memory import process_status_bytes
-    from edgepack.planner import pack_cost
-
-    base = process_status_bytes("RssAnon") or 0
-    for candidate in fitting:
-        candidate.pack_cost = pack_cost(candidate, facts, workload, probe, base_bytes=base,
-                                        max_shard_bytes=request.max_shard_bytes)
-    if request.work_memory is None:
-        return fitting
-    work = parse_size(request.work_memory, "--work-memory")
-
-    def needs(cost: Any) -> str:
-        return (f"needs about {format_size(cost.peak_bytes)} (applying and writing {format_size(cost.apply_bytes)}, "
-                f"measuring {format_size(cost.measure_bytes)})")
-
-    kept = [c for c in fitting if c.pack_cost.peak_bytes <= work]  # type: ignore[union-attr]
-    for candidate in fitting:
-        if candidate not in kept:
-            candidate.rejected_because = f"packing it {needs(candidate.pack_cost)}, more than --work-memory {format_size(work)}"
-            if kept:
-                progress(f"refused {candidate.spec}: {candidate.rejected_because}")
-    if not kept:
-        cheapest = min(fitting, key=lambda c: c.pack_cost.peak_bytes)  # type: ignore[union-attr]
-        raise NoPlanFits(f"no plan can be packed within --work-memory {format_size(work)}: the cheapest to pack, "
-                         f"{cheapest.spec}, {needs(cheapest.pack_cost)}")
-    return kept
 
 
 def _signer(key_file: str | Path | None, signature: dict[str, Any],

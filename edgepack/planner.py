@@ -277,14 +277,16 @@ def smallest(candidates: Sequence[Candidate]) -> Candidate:
 
 def explain(candidates: Sequence[Candidate], budget: Budget) -> str:
     """The human table of ``edgepack plan``."""
-    rows = [("plan", "est. peak", "weights", "fits", "quality cost", "measured", "chosen")]
+    rows = [("plan", "est. peak", "weights", "fits", "quality cost", "packing needs", "measured", "chosen")]
     for c in candidates:
         measured = "-"
         if c.measured:
             measured = f"{format_size(c.measured.get('peak_bytes'))} / {c.measured.get('fidelity', '-')}"
+        fits = "yes" if c.fits and not c.rejected_because else ("no" if not c.fits else "no: --work-memory")
         rows.append((
             c.spec, format_size(c.estimate.peak_bytes), format_size(c.estimate.weights_bytes),
-            "yes" if c.fits else "no", f"{c.quality_cost:.4f}", measured, "*" if c.chosen else "",
+            fits, f"{c.quality_cost:.4f}", format_size(c.pack_cost.peak_bytes) if c.pack_cost else "-",
+            measured, "*" if c.chosen else "",
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [budget.describe(), ""]
@@ -296,10 +298,13 @@ def explain(candidates: Sequence[Candidate], budget: Budget) -> str:
 
 
 def plan_model(model: "str | ModelSource", *, target: str = "cpu", budget: int | str | None = None, batch_size: int = 1,
-               seq_len: int = 128, cache_len: int | None = None, registry: Any = None) -> tuple[Budget, list[Candidate]]:
+               seq_len: int = 128, cache_len: int | None = None, registry: Any = None,
+               work_memory: int | str | None = None) -> tuple[Budget, list[Candidate]]:
     """Steps 1–3 of the negotiation for ``edgepack plan``: budget and ranked candidates, from
     the model's config alone (meta device, no weights loaded). ``model`` is a path, or a
-    :class:`~edgepack.model.ModelSource` the caller has opened already."""
+    :class:`~edgepack.model.ModelSource` the caller has opened already. Each fitting candidate
+    gets its packing cost; with ``work_memory`` those that could not be packed within it are
+    marked, as :func:`packable` marks them for ``pack``."""
     from edgepack.host import load_registry
     from edgepack.memory import parse_size
     from edgepack.model import ModelSource
@@ -317,11 +322,20 @@ def plan_model(model: "str | ModelSource", *, target: str = "cpu", budget: int |
     user = parse_size(budget, "--budget") if budget is not None else None
     negotiated = negotiate(user, tgt, probe)
     candidates = search(registry, facts, workload, probe, negotiated, target=tgt)
-    first = next((c for c in candidates if c.fits), None)
-    if first is not None:
-        first.chosen = True  # the plan pack would measure first
+    from edgepack.errors import NoPlanFits
+
+    try:
+        kept = packable([c for c in candidates if c.fits], facts, workload, probe, work_memory=work_memory,
+                        max_shard_bytes=DEFAULT_SHARD_SIZE)
+    except NoPlanFits:
+        kept = []  # every fitting plan is marked with what packing it needs
+    if kept:
+        kept[0].chosen = True  # the plan pack would measure first
     return negotiated, candidates
 
+
+#: The largest weights file stock saving writes (``--shard-size``); larger models get shards.
+DEFAULT_SHARD_SIZE = 10**9
 
 #: Resident memory of a fresh measuring process before it loads a bundle (torch and
 #: transformers imported; measured 170 MB anonymous on torch 2.13), rounded up.
@@ -355,6 +369,41 @@ class PackCost:
         """Plain-JSON form (``candidates[i].pack_cost`` of ``pack --json`` and the manifest)."""
         return {"base_bytes": self.base_bytes, "apply_bytes": self.apply_bytes, "measure_bytes": self.measure_bytes,
                 "peak_bytes": self.peak_bytes}
+
+
+def packable(fitting: list[Candidate], facts: ModelFacts, workload: Workload, probe: Probe, *,
+             work_memory: int | str | None, max_shard_bytes: int,
+             progress: Any = lambda message: None) -> list[Candidate]:
+    """Estimate what packing each fitting candidate costs (:func:`pack_cost`, with this
+    process's own memory as the base); with ``work_memory`` (``--work-memory``), mark those that
+    need more as rejected, with the figures, and return the others. NoPlanFits when none is
+    left. ``plan`` and ``pack`` both decide this way."""
+    from edgepack.errors import NoPlanFits
+    from edgepack.memory import parse_size, process_status_bytes
+
+    base = process_status_bytes("RssAnon") or 0
+    for candidate in fitting:
+        candidate.pack_cost = pack_cost(candidate, facts, workload, probe, base_bytes=base,
+                                        max_shard_bytes=max_shard_bytes)
+    if work_memory is None:
+        return fitting
+    work = parse_size(work_memory, "--work-memory")
+
+    def needs(cost: PackCost) -> str:
+        return (f"needs about {format_size(cost.peak_bytes)} (applying and writing {format_size(cost.apply_bytes)}, "
+                f"measuring {format_size(cost.measure_bytes)})")
+
+    kept = [c for c in fitting if c.pack_cost.peak_bytes <= work]  # type: ignore[union-attr]
+    for candidate in fitting:
+        if candidate not in kept:
+            candidate.rejected_because = f"packing it {needs(candidate.pack_cost)}, more than --work-memory {format_size(work)}"
+            if kept:
+                progress(f"refused {candidate.spec}: {candidate.rejected_because}")
+    if not kept:
+        cheapest = min(fitting, key=lambda c: c.pack_cost.peak_bytes)  # type: ignore[union-attr]
+        raise NoPlanFits(f"no plan can be packed within --work-memory {format_size(work)}: the cheapest to pack, "
+                         f"{cheapest.spec}, {needs(cheapest.pack_cost)}")
+    return kept
 
 
 def pack_cost(candidate: Candidate, facts: ModelFacts, workload: Workload, probe: Probe, *, base_bytes: int,

@@ -112,8 +112,7 @@ def test_work_memory_keeps_the_candidates_whose_packing_fits(big):
     int8 and refuses int4 with the reason."""
     from edgepack.host import load_registry
     from edgepack.model import ModelSource
-    from edgepack.pipeline import PackRequest, _packable
-    from edgepack.planner import build_candidate, fixed_plan, negotiate
+    from edgepack.planner import DEFAULT_SHARD_SIZE, build_candidate, fixed_plan, negotiate, packable
 
     registry = load_registry()
     facts = ModelSource.open(big).facts
@@ -125,12 +124,36 @@ def test_work_memory_keeps_the_candidates_whose_packing_fits(big):
     workload = Workload(1, 128, 136)
     int8, int4 = (build_candidate(fixed_plan(registry, [spec], probe), facts, workload, probe, budget)
                   for spec in ("quantize:scheme=int8", "quantize:scheme=int4"))
-    _packable([int8, int4], PackRequest(), facts, workload, probe, lambda _: None)
+    packable([int8, int4], facts, workload, probe, work_memory=None, max_shard_bytes=DEFAULT_SHARD_SIZE)
     assert int4.pack_cost.apply_bytes > int8.pack_cost.apply_bytes
     cap = (int8.pack_cost.peak_bytes + int4.pack_cost.peak_bytes) // 2
-    kept = _packable([int8, int4], PackRequest(work_memory=cap), facts, workload, probe, lambda _: None)
+    kept = packable([int8, int4], facts, workload, probe, work_memory=cap, max_shard_bytes=DEFAULT_SHARD_SIZE)
     assert kept == [int8]
     assert "more than --work-memory" in int4.rejected_because
+
+
+def test_plan_shows_what_packing_needs_and_marks_what_work_memory_refuses(big):
+    """plan decides --work-memory as pack does, before any weight is loaded."""
+    from click.testing import CliRunner
+
+    from edgepack.cli import cli
+
+    def planned(*extra):
+        result = CliRunner().invoke(cli, ["plan", str(big), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return {c["spec"]: c for c in json.loads(result.stdout.splitlines()[-1])["candidates"]}
+
+    free = planned()
+    int8, int4 = free["quantize:scheme=int8"], free["quantize:group_size=32,scheme=int4"]
+    assert int4["pack_cost"]["peak_bytes"] > int8["pack_cost"]["peak_bytes"] > 0
+    cap = (int8["pack_cost"]["peak_bytes"] + int4["pack_cost"]["peak_bytes"]) // 2
+    capped = planned("--work-memory", str(cap))
+    assert "more than --work-memory" in capped["quantize:group_size=32,scheme=int4"]["rejected_because"]
+    assert "rejected_because" not in capped["quantize:scheme=int8"]
+    chosen = [spec for spec, c in capped.items() if c["chosen"]]
+    assert len(chosen) == 1 and capped[chosen[0]]["pack_cost"]["peak_bytes"] <= cap
+    text = CliRunner().invoke(cli, ["plan", str(big), "--work-memory", str(cap)]).stdout
+    assert "packing needs" in text and "no: --work-memory" in text
 
 
 @pytest.mark.parametrize("flag, value", [("--work-memory", "lots"), ("--shard-size", "10kB")])
