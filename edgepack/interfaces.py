@@ -544,6 +544,12 @@ class Compressor(abc.ABC):
         """
         return False
 
+    def writes_own_file(self, options: Mapping[str, Any]) -> bool:
+        """Whether :meth:`save` writes the weights itself for these options (as one file, which
+        pack's memory estimate counts whole) rather than leaving them to stock saving's shards.
+        The default answers for any plugin that overrides :meth:`save`: yes."""
+        return type(self).save is not Compressor.save
+
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild the model that :meth:`save` wrote. Only called when save returned True."""
         raise NotImplementedError(f"{self.name} wrote no weights of its own")

@@ -419,9 +419,9 @@ def pack_cost(candidate: Candidate, facts: ModelFacts, workload: Workload, probe
         after = estimate_plan(facts, workload, steps[:index + 1], probe)[1].weights_bytes
         apply = max(apply, held + after + compressor.pack_scratch_bytes(facts, options))
         held = after
-    # safetensors serialises a file in memory: one shard with stock saving; a plugin that may
-    # save a format of its own (it overrides save) is counted as writing one whole file
-    own_format = any(type(c).save is not Compressor.save for c, _ in candidate.steps)
+    # safetensors serialises a file in memory: one shard with stock saving; a plugin that saves
+    # a format of its own for these options (Compressor.writes_own_file) writes one whole file
+    own_format = any(c.writes_own_file(o) for c, o in candidate.steps)
     weights = held or estimate_plan(facts, workload, [], probe)[1].weights_bytes
     apply = max(apply, held + (weights if own_format else min(weights, max_shard_bytes)))
     measure = ranks * (FRESH_PROCESS_BYTES + candidate.estimate.peak_bytes)

@@ -576,6 +576,10 @@ class Prune(Compressor):
             context.progress(f"  prune: zeroed {_ratio(options, 'sparsity'):.0%} of {count} Linear weights")
         return model
 
+    def writes_own_file(self, options: Mapping[str, Any]) -> bool:
+        """Only head pruning writes ``model.pruned.safetensors`` (BERT; other models save stock)."""
+        return float(options.get("heads") or 0) > 0
+
     def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
         """BERT with pruned heads: ``config.json`` + ``model.pruned.safetensors`` whose metadata
         gives each shrunk module's shape. Anything else: stock saving (returns False)."""

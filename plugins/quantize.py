@@ -1073,6 +1073,10 @@ class Quantize(Compressor):
                               / max(1, sum(_numel(header, n) for n in modules)), 3),
                 "modules": modules}
 
+    def writes_own_file(self, options: Mapping[str, Any]) -> bool:
+        """int4 and mixed write ``model.int4.safetensors``; the int8 schemes save stock shards."""
+        return options["scheme"] in ("int4", "mixed")
+
     def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
         """int4 and mixed: write config.json and ``model.int4.safetensors`` (packed nibbles and
         int8 rows, their scales and offsets, other tensors as they are; each module's bits, and

@@ -163,3 +163,25 @@ def test_bad_sizes_are_refused_by_name(big, tmp_path, flag, value):
     key = flag[2:].replace("-", "_")
     with pytest.raises(UsageError, match=flag):
         PackRequest(out=tmp_path, **{key: value}).check()
+
+
+def test_only_plugins_that_write_their_own_file_are_counted_as_one_whole_file():
+    """pack's memory estimate counts one stock shard for weights saved by transformers and the
+    whole file for a plugin's own format: int8 is saved in stock shards, int4 and mixed by
+    quantize, head pruning by prune; a third-party plugin that overrides save is assumed to."""
+    from edgepack.interfaces import Compressor
+    from edgepack.plugins.precision import Precision
+    from edgepack.plugins.prune import Prune
+    from edgepack.plugins.quantize import Quantize
+
+    quantize, prune = Quantize(), Prune()
+    assert [quantize.writes_own_file({"scheme": s}) for s in ("int8", "int8-dynamic", "int4", "mixed")] == \
+        [False, False, True, True]
+    assert prune.writes_own_file({"heads": 0.25}) and not prune.writes_own_file({"ffn": 0.25})
+    assert not Precision().writes_own_file({"dtype": "bf16"})
+
+    class OwnFormat(Precision):
+        def save(self, model, model_dir, options):
+            return True
+
+    assert OwnFormat().writes_own_file({}) and type(OwnFormat()).writes_own_file is Compressor.writes_own_file
