@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from edgepack.bundle.manifest import CARD_CHART
 from edgepack.interfaces import PlanStep
-from edgepack.memory import format_peak, format_size, initial_footprint
+from edgepack.memory import format_peak, format_size, step_footprints
 
 #: What counts as the bundle's stored weights in the card: tensors and compiled programs.
 WEIGHT_SUFFIXES = (".safetensors", ".pte")
@@ -23,15 +23,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".pte")
 def step_effects(steps: Sequence[tuple[Any, dict[str, Any]]], facts: Any, probe: Any) -> list[dict[str, Any]]:
     """The estimated stored weights after each step of a plan (the planner's footprint, the
     same one the budget was negotiated with) and each step's prior quality cost."""
-    footprint = initial_footprint(facts)
-    rows = []
-    for compressor, options in steps:
-        before = footprint.weights_bytes
-        footprint = compressor.estimate(footprint, options, probe)
-        rows.append({"step": PlanStep(compressor.name, compressor.version, options).spec(),
-                     "weights_before": before, "weights_after": footprint.weights_bytes,
-                     "quality_cost": compressor.quality_cost(options, facts)})
-    return rows
+    footprints = step_footprints(facts, steps, probe)
+    return [{"step": PlanStep(compressor.name, compressor.version, options).spec(),
+             "weights_before": before.weights_bytes, "weights_after": after.weights_bytes,
+             "quality_cost": compressor.quality_cost(options, facts)}
+            for (compressor, options), before, after in zip(steps, footprints, footprints[1:])]
 
 
 def _how_to_load(manifest: dict[str, Any]) -> str:

@@ -218,15 +218,15 @@ def plan(model: str, target: str | None, budget: int | None, batch_size: int | N
     task = source.facts.task
     floor = {"value": DEFAULT_FLOOR[task] if min_fidelity is None else min_fidelity,
              "source": "default for " + task if min_fidelity is None else "--min-fidelity"}
+    rows = [c.to_json() for c in candidates]
     if plot is not None:
         from edgepack.report import Chart, save
 
-        chart = Chart.from_plan([c.to_json() for c in candidates], budget_obj.bytes_per_device,
-                                f"{source.path.name} on {target or 'cpu'}: estimated before packing")
-        save([chart], plot)
+        save([Chart.from_plan(rows, budget_obj.bytes_per_device,
+                              f"{source.path.name} on {target or 'cpu'}: estimated before packing")], plot)
     if as_json:
-        _emit_json({"budget": budget_obj.to_json(), "fidelity_floor": floor,
-                    "candidates": [c.to_json() for c in candidates]} | ({"plot": plot} if plot else {}))
+        _emit_json({"budget": budget_obj.to_json(), "fidelity_floor": floor, "candidates": rows}
+                   | ({"plot": plot} if plot else {}))
     else:
         click.echo(explain(candidates, budget_obj))
         click.echo(f"\nfidelity floor {floor['value']} ({floor['source']}): pack measures the plans that fit, "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from edgepack.errors import UsageError
 from edgepack.interfaces import WEIGHT_KINDS, Footprint, ModelFacts, WeightGroup, Workload
@@ -188,13 +188,20 @@ def estimate_peak(footprint: Footprint, facts: ModelFacts, workload: Workload) -
     )
 
 
+def step_footprints(facts: ModelFacts, steps: Sequence[tuple[Any, dict]], probe: Any) -> list[Footprint]:
+    """The footprint of the model as it is, then after each of ``steps`` ((compressor,
+    options) pairs) in turn: one more entry than there are steps."""
+    footprints = [initial_footprint(facts)]
+    for compressor, options in steps:
+        footprints.append(compressor.estimate(footprints[-1], options, probe))
+    return footprints
+
+
 def estimate_plan(facts: ModelFacts, workload: Workload, steps: list[tuple[Any, dict]], probe: Any,
                   target: Any = None) -> tuple[Footprint, PeakEstimate]:
     """Footprint and peak estimate after applying ``steps`` ((compressor, options) pairs), as
     ``target`` runs the result (:meth:`Target.estimate`; None: eager PyTorch)."""
-    footprint = initial_footprint(facts)
-    for compressor, options in steps:
-        footprint = compressor.estimate(footprint, options, probe)
+    footprint = step_footprints(facts, steps, probe)[-1]
     peak = estimate_peak(footprint, facts, workload)
     if target is not None:
         peak = target.estimate(peak, footprint, facts, workload)

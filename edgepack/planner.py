@@ -11,9 +11,9 @@ import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from edgepack.errors import UsageError
+from edgepack.errors import NoPlanFits, UsageError
 from edgepack.interfaces import Compressor, ModelFacts, PlanStep, Probe, Target, Workload, parse_spec
-from edgepack.memory import PeakEstimate, estimate_plan, format_size
+from edgepack.memory import PeakEstimate, estimate_plan, format_size, parse_size, process_status_bytes, step_footprints
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgepack.model import ModelSource
@@ -306,7 +306,6 @@ def plan_model(model: "str | ModelSource", *, target: str = "cpu", budget: int |
     gets its packing cost; with ``work_memory`` those that could not be packed within it are
     marked, as :func:`packable` marks them for ``pack``."""
     from edgepack.host import load_registry
-    from edgepack.memory import parse_size
     from edgepack.model import ModelSource
     from edgepack.smoke import DEFAULT_NEW_TOKENS
 
@@ -322,8 +321,6 @@ def plan_model(model: "str | ModelSource", *, target: str = "cpu", budget: int |
     user = parse_size(budget, "--budget") if budget is not None else None
     negotiated = negotiate(user, tgt, probe)
     candidates = search(registry, facts, workload, probe, negotiated, target=tgt)
-    from edgepack.errors import NoPlanFits
-
     try:
         kept = packable([c for c in candidates if c.fits], facts, workload, probe, work_memory=work_memory,
                         max_shard_bytes=DEFAULT_SHARD_SIZE)
@@ -378,9 +375,6 @@ def packable(fitting: list[Candidate], facts: ModelFacts, workload: Workload, pr
     process's own memory as the base); with ``work_memory`` (``--work-memory``), mark those that
     need more as rejected, with the figures, and return the others. NoPlanFits when none is
     left. ``plan`` and ``pack`` both decide this way."""
-    from edgepack.errors import NoPlanFits
-    from edgepack.memory import parse_size, process_status_bytes
-
     base = process_status_bytes("RssAnon") or 0
     for candidate in fitting:
         candidate.pack_cost = pack_cost(candidate, facts, workload, probe, base_bytes=base,
@@ -413,16 +407,16 @@ def pack_cost(candidate: Candidate, facts: ModelFacts, workload: Workload, probe
     steps = [(c, o) for c, o in candidate.steps if c.kind != "parallel"]
     split = [o for c, o in candidate.steps if c.kind == "parallel"]
     ranks = int(split[0].get("ranks") or max(1, len(probe.devices))) if split else 1
+    weights_after = [f.weights_bytes for f in step_footprints(facts, steps, probe)]  # the source's, then each step's
     held = 0  # the first step is given the memory-mapped source: nothing of the pack's own
     apply = 0
-    for index, (compressor, options) in enumerate(steps):
-        after = estimate_plan(facts, workload, steps[:index + 1], probe)[1].weights_bytes
+    for (compressor, options), after in zip(steps, weights_after[1:]):
         apply = max(apply, held + after + compressor.pack_scratch_bytes(facts, options))
         held = after
     # safetensors serialises a file in memory: one shard with stock saving; a plugin that saves
     # a format of its own for these options (Compressor.writes_own_file) writes one whole file
     own_format = any(c.writes_own_file(o) for c, o in candidate.steps)
-    weights = held or estimate_plan(facts, workload, [], probe)[1].weights_bytes
+    weights = held or weights_after[0]
     apply = max(apply, held + (weights if own_format else min(weights, max_shard_bytes)))
     measure = ranks * (FRESH_PROCESS_BYTES + candidate.estimate.peak_bytes)
     return PackCost(base_bytes, base_bytes + apply, base_bytes + measure)
