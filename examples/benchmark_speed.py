@@ -143,6 +143,7 @@ def decoders(args: argparse.Namespace) -> None:
     variants = {"fp32 source": source, "bf16": packed(["precision:dtype=bf16"]),
                 "int8": packed(["quantize:scheme=int8"]),
                 "int8 + head": packed(["quantize:scheme=int8,head=true"]),
+                "int8-dynamic": packed(["quantize:scheme=int8-dynamic"]),
                 "int4 g32": packed(["quantize:scheme=int4,group_size=32"]),
                 "int4 g128": packed(["quantize:scheme=int4,group_size=128"]),
                 "bf16 + int8 + head": packed(["precision:dtype=bf16", "quantize:scheme=int8,head=true"]),
@@ -151,6 +152,8 @@ def decoders(args: argparse.Namespace) -> None:
         with unittest.mock.patch("edgepack.plugins.quantize.fused_kernels_available", lambda: False):
             variants["int8 (dequantize)"] = packed(["quantize:scheme=int8"])
             variants["int4 (dequantize)"] = packed(["quantize:scheme=int4,group_size=32"])
+        with unittest.mock.patch("edgepack.plugins.quantize._dynamic_rows", lambda weight: False):
+            variants["int8-dynamic (torchao)"] = packed(["quantize:scheme=int8-dynamic"])
     ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
     tokens = {}
     speeds: dict[str, list[float]] = {k: [] for k in variants}
@@ -219,6 +222,9 @@ def encoders(args: argparse.Namespace) -> None:
                         ("int8-dynamic", ["quantize:scheme=int8-dynamic"]),
                         ("int4 g32 (gptq)", ["quantize:scheme=int4,group_size=32"])):
         runners[name] = torch_runner(packed(specs))
+    if not args.no_dequantize:  # torchao's own int8 x int8 path (torch._int_mm), as bundles ran before
+        with unittest.mock.patch("edgepack.plugins.quantize._dynamic_rows", lambda weight: False):
+            runners["int8-dynamic (torchao _int_mm)"] = torch_runner(packed(["quantize:scheme=int8-dynamic"]))
     try:
         import onnxruntime
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -290,7 +296,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32, help="encoder batch size")
     parser.add_argument("--seq-len", type=int, default=32, help="encoder tokens per sequence")
     parser.add_argument("--no-dequantize", action="store_true",
-                        help="leave out the dequantizing int8/int4 rows (the slow paths before the fused kernels)")
+                        help="leave out the rows of the slow paths the fused kernels replaced (dequantizing "
+                             "int8/int4, torchao's int8-dynamic)")
     args = parser.parse_args()
     print(cpu_line())
     if args.kernels:

@@ -10,7 +10,9 @@ Schemes:
 ``int8-dynamic``
     int8 weights and int8 activations quantized per token at run time (torchao's
     ``Int8DynamicActivationInt8WeightConfig``) for Linear layers; embeddings int8 weight-only.
-    Also saved by stock transformers.
+    Also saved by stock transformers. edgepack runs these Linears itself
+    (:meth:`QuantLinear._forward_dynamic`, the same products): torchao's path multiplies with
+    ``torch._int_mm``, which on CPU is tens of times slower than an fp32 GEMM.
 ``int4``
     weight-only, asymmetric, group-wise (``group_size`` columns share a scale and an offset),
     with the clipping range searched per group to minimise the squared error. torchao 0.18
@@ -36,7 +38,9 @@ stored nowhere in the bundle (the stored layout is portable):
 
 * int8 on an x86 CPU with AVX2 or AVX-512: inputs of at most :data:`FUSED_MAX_ROWS` rows (decoding
   steps) run in torch's fused weight-only kernel ``_weight_int8pack_mm`` with bf16 activations;
-  larger inputs dequantize the weight once per call and run one GEMM.
+  larger inputs dequantize the weight once per call and run one GEMM. int8-dynamic does the
+  same with the activations' int8 codes (exact in bf16) in place of the activations, and
+  scales the result per row.
 * int4 in a decoder on such a CPU: every call runs in torch's fused ``_weight_int4pack_mm_for_cpu``
   (bf16 activations), after the nibbles are repacked at load time into the layout that kernel
   wants on this CPU (:func:`pack_int4_for_cpu`; the layout differs between AVX2 and AVX-512, so
@@ -361,6 +365,34 @@ def fused_kernels_available() -> bool:
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 
+def quantize_activation_rows(rows: Any) -> tuple[Any, Any]:
+    """Activations ``[rows, in]`` as int8 codes per row, as torchao's dynamic int8 activations
+    (symmetric, scale ``max |x| / 127.5``, at least fp32's eps; codes in [-128, 127]): returns
+    the codes (as fp32, which holds them exactly) and the scales ``[rows, 1]``."""
+    rows = rows.float()
+    scale = (rows.abs().amax(-1, keepdim=True) / 127.5).clamp_(min=torch.finfo(torch.float32).eps)
+    return (rows * (1.0 / scale)).round_().clamp_(-128, 127), scale
+
+
+def _dynamic_rows(weight: Any) -> bool:
+    """Whether torchao's int8 weight with dynamic activations is the kind
+    :meth:`QuantLinear._forward_dynamic` computes: symmetric per-row weights and activations,
+    no static activation scale, pre-scale or reduced range."""
+    kwargs = getattr(weight, "act_quant_kwargs", None)
+    if kwargs is None or getattr(kwargs, "reduce_range", False):
+        return False
+    try:
+        from torchao.quantization import PerRow
+        from torchao.quantization.quant_primitives import MappingType
+    except ImportError:
+        return False
+    zero = getattr(weight, "zero_point", None)
+    return (isinstance(kwargs.granularity, PerRow) and kwargs.mapping_type == MappingType.SYMMETRIC
+            and getattr(weight, "act_pre_scale", None) is None and getattr(weight, "act_quant_scale", None) is None
+            and (zero is None or not bool(zero.any()))
+            and list(weight.block_size) == [1, weight.qdata.shape[-1]])
+
+
 def pack_int4_for_cpu(qdata: Any, scale: Any, offset: Any, chunk_rows: int = 256) -> tuple[Any, Any]:
     """Repack portable int4 (:func:`quantize_int4_groups`'s layout) for
     ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on this CPU.
@@ -415,12 +447,17 @@ def _define_modules() -> None:
             #: int4 repacked for torch's CPU kernel by :meth:`use_int4_kernel` (then every call
             #: runs fused and the portable buffers are gone); None otherwise
             self.int4_group = None
+            #: int8-dynamic: the activations are quantized to int8 per row at every call
+            #: (:func:`quantize_activation_rows`) and multiplied with the int8 weight
+            self.dynamic = False
 
         def forward(self, x: Any) -> Any:
             if self.input_scale is not None:  # in fp32, as the rounding assumed, then back
                 x = (x.float() * self.input_scale).to(x.dtype)
             if self.int4_group is not None:
                 return self._forward_int4(x)
+            if self.dynamic:
+                return self._forward_dynamic(x)
             if self.fused_rows and x.numel() <= self.fused_rows * self.in_features and x.device.type == "cpu":
                 return self._forward_fused(x)
             dtype = self.compute_dtype or x.dtype
@@ -433,13 +470,34 @@ def _define_modules() -> None:
             (``_weight_int8pack_mm``: per-row scales applied in the kernel, fp32 accumulation);
             its fp32-input variant is several times slower than an fp32 matmul, so the
             activations go in as bf16."""
-            if self._fused_scale is None:
-                self._fused_scale = self.scale.reshape(-1).to(torch.bfloat16)
-            rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.qdata, self._fused_scale).to(x.dtype)
+            y = self._int8pack_mm(x.reshape(-1, self.in_features)).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
             return y.reshape(*x.shape[:-1], self.out_features)
+
+        def _forward_dynamic(self, x: Any) -> Any:
+            """int8 activations (per row) times int8 weights (per output channel), the product of
+            torchao's ``Int8DynamicActivationInt8WeightConfig``. The integer products run in a
+            float matmul: int8 values are exact in bf16 and fp32, and an fp32 sum of them is exact
+            up to 2**24. torchao's own path runs ``torch._int_mm``, which on CPU is a plain loop
+            tens of times slower than an fp32 GEMM; here decoding steps run in the fused
+            ``_weight_int8pack_mm`` and larger inputs in one GEMM, as for ``int8``."""
+            codes, row_scale = quantize_activation_rows(x.reshape(-1, self.in_features))
+            if self.fused_rows and codes.shape[0] <= self.fused_rows and x.device.type == "cpu":
+                y = self._int8pack_mm(codes).float()
+            else:
+                dtype = self.compute_dtype or torch.float32
+                y = nn.functional.linear(codes.to(dtype), self.qdata.to(dtype)).float() * self.scale.reshape(1, -1)
+            y = y * row_scale
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+        def _int8pack_mm(self, rows: Any) -> Any:
+            """``rows`` (2-D) times the int8 weight and its scales in torch's fused CPU kernel, in bf16."""
+            if self._fused_scale is None:
+                self._fused_scale = self.scale.reshape(-1).to(torch.bfloat16)
+            return torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qdata, self._fused_scale)
 
         def use_int4_kernel(self) -> bool:
             """Repack this int4 Linear for torch's fused CPU kernel, in place; False (and nothing
@@ -464,7 +522,9 @@ def _define_modules() -> None:
         def extra_repr(self) -> str:
             kernel = ", kernel=int4pack" if self.int4_group else (", kernel=int8pack" if self.fused_rows else "")
             awq = ", awq" if self.input_scale is not None else ""
-            return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{kernel}{awq}"
+            dynamic = ", int8 activations" if self.dynamic else ""
+            return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+                    f"{kernel}{awq}{dynamic}")
 
     class QuantEmbedding(nn.Module):
         """An Embedding whose table stays int8 or packed int4; only looked-up rows are dequantized."""
@@ -889,9 +949,10 @@ class Quantize(Compressor):
         result = footprint.with_groups(kinds, bits, f"{options['scheme']} weights ({bits:.2f} bits)")
         act_bytes = footprint.activation_bits / 8
         if options["scheme"] == "int8-dynamic":
-            # torchao's CPU path: int8 activations, int32 accumulators and a dequantized weight
-            # per call; refitted on MiniLM (fp32 and bf16) under the fixed-allocator probe
-            scratch = 3.0
+            # QuantLinear._forward_dynamic: the int8 weight as fp32 (bf16 on CPUs with native
+            # bf16) for one matmul; 16-bit activations also get fp32 codes and fp32 results
+            # beside them (measured on MiniLM, fp32 and bf16, under the fixed-allocator probe)
+            scratch = 4.0 if act_bytes >= 4 else 6.0
         elif options["scheme"] in ("int4", "mixed"):
             # unpacked codes and the weight dequantized for one matmul (in place); refitted as above
             scratch = act_bytes + 1
@@ -1138,8 +1199,9 @@ class Quantize(Compressor):
     def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
         """After loading: swap torchao's int8 weight-only tensors for :class:`QuantEmbedding`
         (only the rows looked up are dequantized; torchao dequantizes the whole table per call)
-        and, for ``int8``, :class:`QuantLinear`, sharing the same int8 data; int8-dynamic keeps
-        torchao's Linear kernels. With ``compute=auto`` on a CPU with native bf16 (AMX,
+        and :class:`QuantLinear`, sharing the same int8 data (int8-dynamic ones quantize their
+        activations per row, as torchao does; torchao int8-dynamic weights of another kind keep
+        torchao's kernels). With ``compute=auto`` on a CPU with native bf16 (AMX,
         avx512_bf16), matmuls run in bf16: dequantizing to bf16 and a bf16 matmul cost less than
         the fp32 matmul the weights came from. On CPUs where torch's fused weight-only kernels
         are fast (:func:`fused_kernels_available`), int8 decoding steps run in
@@ -1177,9 +1239,10 @@ class Quantize(Compressor):
             if isinstance(module, nn.Embedding):
                 new = QuantEmbedding(module.num_embeddings, module.embedding_dim, 8, qdata, scale, None,
                                      module.padding_idx, weight.dtype)
-            elif isinstance(module, nn.Linear) and options["scheme"] == "int8":
+            elif isinstance(module, nn.Linear) and (options["scheme"] == "int8" or _dynamic_rows(weight)):
                 bias = module.bias.detach() if module.bias is not None else None
                 new = QuantLinear(module.in_features, module.out_features, 8, qdata, scale, None, bias)
+                new.dynamic = options["scheme"] == "int8-dynamic"
             else:
                 continue
             replace_module(model, name, new)

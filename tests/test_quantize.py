@@ -385,6 +385,61 @@ def test_int8_decoding_steps_run_in_the_fused_kernel():
     assert calls == [(1, 1, 64), (1, FUSED_MAX_ROWS, 64)]  # not the larger input
 
 
+def _torchao_dynamic_linear(gen, reduce_range=False):
+    """A Linear quantized by torchao's Int8DynamicActivationInt8WeightConfig, with its fp32 source."""
+    import copy
+
+    torchao = pytest.importorskip("torchao.quantization")
+    source = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        source.weight.copy_(torch.randn(48, 64, generator=gen))
+        source.bias.copy_(torch.randn(48, generator=gen))
+    model = torch.nn.Sequential(copy.deepcopy(source))
+    config = torchao.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    torchao.quantize_(model, config)
+    if reduce_range:
+        model[0].weight.act_quant_kwargs = type(model[0].weight.act_quant_kwargs)(
+            model[0].weight.act_quant_kwargs.granularity, model[0].weight.act_quant_kwargs.mapping_type, True)
+    return source, model
+
+
+def test_int8_dynamic_linears_compute_torchaos_products_without_int_mm():
+    """int8-dynamic Linears are swapped for QuantLinear at load time: the same per-row int8
+    activations times the same int8 weights as torchao's own path (which runs torch._int_mm,
+    tens of times slower on CPU), within fp32 rounding for large inputs and within the fused
+    kernel's bf16 output for decoding steps; a kind of torchao weight edgepack does not compute
+    (reduced range) keeps torchao's path."""
+    from edgepack.plugins import quantize as quantize_module
+
+    gen = torch.Generator().manual_seed(0)
+    source, reference = _torchao_dynamic_linear(gen)
+    _, swapped = _torchao_dynamic_linear(torch.Generator().manual_seed(0))
+    probe = Probe("cpu", True, (DeviceInfo(0, "cpu", 1, 1),), frozenset({"fp32", "int8"}))
+    Quantize().prepare(swapped, {"scheme": "int8-dynamic"}, "cpu", probe)
+    layer = swapped[0]
+    assert isinstance(layer, QuantLinear) and layer.dynamic and "int8 activations" in repr(layer)
+    fused_calls = []
+    original = layer._int8pack_mm
+    layer._int8pack_mm = lambda rows: fused_calls.append(tuple(rows.shape)) or original(rows)
+    for rows, dtype in ((1, torch.float32), (200, torch.float32), (200, torch.bfloat16), (5, torch.bfloat16)):
+        x = (torch.randn(2, rows, 64, generator=gen) * 3).to(dtype)
+        with torch.inference_mode():
+            want, got, exact = reference(x), layer(x), source(x.float())
+        assert got.dtype == dtype and got.shape == want.shape
+        error = (got.float() - want.float()).abs().max() / want.float().abs().max()
+        quantization = (want.float() - exact).abs().max() / exact.abs().max()
+        large = rows * 2 > layer.fused_rows
+        if dtype == torch.float32 and large:
+            assert error < 1e-5, (rows, error)  # the same integer products, summed in fp32
+        else:  # bf16 results: well inside int8's own error
+            assert error < 0.5 * quantization + 0.01, (rows, dtype, error, quantization)
+    if quantize_module.fused_kernels_available():
+        assert fused_calls == [(2, 64), (10, 64)]  # decoding-sized inputs only
+    _, kept = _torchao_dynamic_linear(torch.Generator().manual_seed(0), reduce_range=True)
+    Quantize().prepare(kept, {"scheme": "int8-dynamic"}, "cpu", probe)
+    assert isinstance(kept[0], torch.nn.Linear)
+
+
 needs_int4_kernel = pytest.mark.skipif(
     not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"), reason="this torch has no CPU int4 kernel")
 
