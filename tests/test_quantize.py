@@ -222,6 +222,38 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert (weight - gptq).pow(2).mean() >= (1 - 1e-6) * (weight - rtn).pow(2).mean()
 
 
+def test_gptq_arithmetic_pieces_match_their_plain_definitions():
+    """The fast pieces of GPTQ compute what their plain definitions do: the clipping search over
+    cache-sized chunks (a ragged last chunk included) is bit for bit the search over the whole
+    tensor at once, and the factor of the inverse Hessian is upper triangular with
+    ``UᵀU = H⁻¹``; a Hessian that is not positive definite is refused."""
+    from edgepack.plugins.quantize import _int4_group_params, _upper_cholesky_of_inverse
+
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(37, 6, 32, generator=gen) * torch.rand(37, 6, 1, generator=gen)
+    g[0, 0] = 0.0  # a group of zeros: the clamped scale
+    scale, lo = _int4_group_params(g, chunk=32 * 10)  # 222 groups in chunks of 10
+    lo_full, hi_full = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best = torch.full_like(lo_full, float("inf"))
+    want_scale, want_lo = torch.zeros_like(lo_full), torch.zeros_like(lo_full)
+    for step in range(20):
+        low, high = lo_full * (1.0 - 0.015 * step), hi_full * (1.0 - 0.015 * step)
+        s, offset = ((high - low) / 15).clamp(min=1e-8).half().float(), low.half().float()
+        err = ((torch.clamp(torch.round((g - offset) / s), 0, 15) * s + offset - g) ** 2).sum(-1, keepdim=True)
+        better = err < best
+        best, want_scale, want_lo = (torch.where(better, err, best), torch.where(better, s, want_scale),
+                                     torch.where(better, offset, want_lo))
+    assert torch.equal(scale, want_scale) and torch.equal(lo, want_lo)
+
+    x = torch.randn(300, 40, generator=gen, dtype=torch.float64)
+    h = 2 * x.T @ x / 300 + 0.01 * torch.eye(40, dtype=torch.float64)
+    upper = _upper_cholesky_of_inverse(h).double()
+    assert torch.equal(upper, upper.triu())
+    assert torch.allclose(upper.T @ upper, torch.linalg.inv(h), rtol=1e-4, atol=1e-4 * torch.linalg.inv(h).abs().max())
+    with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
+        _upper_cholesky_of_inverse(-h)
+
+
 @pytest.mark.parametrize("kind", ["llama", "encoder"])
 def test_layerwise_statistics_equal_the_whole_model_pass_one_layer_at_a_time(kind, tmp_path):
     """GPTQ's statistics are collected a layer at a time (only one layer's alive), and they are
