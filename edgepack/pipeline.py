@@ -164,13 +164,13 @@ class SourceSession:
     @property
     def expected(self) -> dict[str, Any]:
         """Golden outputs of the original model on the smoke inputs."""
-        from edgepack.smoke import run_outputs
+        from edgepack.smoke import golden_batch, run_outputs
 
         def make() -> dict[str, Any]:
             inputs, original = self.inputs, self.original
             with self.timed("golden outputs"):
                 self.progress(f"computing golden outputs of the original model on {len(self.samples)} smoke inputs")
-                return run_outputs(original, inputs, self.facts.task, self.batch_size)
+                return run_outputs(original, inputs, self.facts.task, golden_batch(self.batch_size, self.seq_len))
         return self._get("expected", make)
 
     @contextlib.contextmanager

@@ -7,13 +7,18 @@ estimated (no weights touched); plans that fit are ranked by quality cost, then 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from edgepack.errors import NoPlanFits, UsageError
 from edgepack.interfaces import Compressor, ModelFacts, PlanStep, Probe, Target, Workload, parse_spec
-from edgepack.memory import PeakEstimate, estimate_plan, format_size, parse_size, process_status_bytes, step_footprints
+from edgepack.memory import (
+    PeakEstimate, activation_bytes, estimate_plan, format_size, kv_cache_bytes, parse_size, process_status_bytes,
+    step_footprints,
+)
+from edgepack.smoke import golden_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgepack.model import ModelSource
@@ -346,9 +351,10 @@ class PackCost:
     cache the kernel shrinks to fit and reads again when needed.
 
     :param base_bytes: the pack process's own memory before it starts (libraries, tokenizer).
-    :param apply_bytes: the pack process while it applies the plan and writes the weights: the
-        model the last step was given and the one it returns, the step's scratch
-        (:meth:`Compressor.pack_scratch_bytes`), then the weights and one file's bytes.
+    :param apply_bytes: the pack process while it computes the golden outputs (the source's
+        activations and KV cache at :func:`edgepack.smoke.golden_batch`), applies the plan and
+        writes the weights: the model the last step was given and the one it returns, the
+        step's scratch (:meth:`Compressor.pack_scratch_bytes`), then the weights and one file's bytes.
     :param measure_bytes: the pack process and the fresh process(es) measuring the packed
         model (each rank's estimated peak, for a multi-device plan).
     """
@@ -418,5 +424,9 @@ def pack_cost(candidate: Candidate, facts: ModelFacts, workload: Workload, probe
     own_format = any(c.writes_own_file(o) for c, o in candidate.steps)
     weights = held or weights_after[0]
     apply = max(apply, held + (weights if own_format else min(weights, max_shard_bytes)))
+    # the golden outputs run first, on the memory-mapped source, at a batch of their own
+    source = step_footprints(facts, [], probe)[0]
+    golden = dataclasses.replace(workload, batch_size=golden_batch(workload.batch_size, workload.seq_len))
+    apply = max(apply, activation_bytes(facts, golden, source) + kv_cache_bytes(facts, golden, source))
     measure = ranks * (FRESH_PROCESS_BYTES + candidate.estimate.peak_bytes)
     return PackCost(base_bytes, base_bytes + apply, base_bytes + measure)

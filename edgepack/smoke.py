@@ -37,6 +37,9 @@ DEFAULT_SAMPLES = (
 
 DEFAULT_NEW_TOKENS = 8
 
+#: The golden outputs run about this many tokens at once (see :func:`golden_batch`).
+GOLDEN_BATCH_TOKENS = 1024
+
 INPUTS_FILE = "smoke/inputs.safetensors"
 EXPECTED_FILE = "smoke/expected.safetensors"
 TOLERANCES_FILE = "smoke/tolerances.json"
@@ -77,6 +80,15 @@ def tokenize(tokenizer: Any, samples: list[str], seq_len: int, task: str) -> dic
     )
     keys = ("input_ids", "attention_mask") if task == "text-generation" else ("input_ids", "attention_mask", "token_type_ids")
     return {k: v for k, v in encoded.items() if k in keys}
+
+
+def golden_batch(batch_size: int, seq_len: int) -> int:
+    """Rows per batch of the original model's golden outputs: about :data:`GOLDEN_BATCH_TOKENS`
+    tokens, never fewer than the declared batch. Every smoke input is padded to the declared
+    length, so a row's outputs do not depend on the batch it runs in; a decoder's generation
+    steps, which read every weight once per step whatever the batch, then run a few times
+    instead of once per sample. (The bundle itself is measured at the declared batch.)"""
+    return max(batch_size, GOLDEN_BATCH_TOKENS // max(1, seq_len))
 
 
 def batches(inputs: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]:

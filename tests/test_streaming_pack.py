@@ -185,3 +185,27 @@ def test_only_plugins_that_write_their_own_file_are_counted_as_one_whole_file():
             return True
 
     assert OwnFormat().writes_own_file({}) and type(OwnFormat()).writes_own_file is Compressor.writes_own_file
+
+
+@pytest.mark.slow
+def test_golden_outputs_run_several_samples_at_once_with_the_outputs_of_one_at_a_time(tmp_path, monkeypatch):
+    """The original model's golden outputs run about GOLDEN_BATCH_TOKENS tokens at once (a
+    decoder's generation steps then read the weights a few times, not once per sample): every
+    smoke input is padded to the declared length, so the outputs are those of one sample at a
+    time, to rounding, and the greedy tokens are the same. Its activations are part of what
+    packing is estimated to need."""
+    import torch
+
+    import edgepack.smoke as smoke
+    from edgepack.pipeline import open_source
+
+    assert smoke.golden_batch(1, 128) == 8 and smoke.golden_batch(32, 128) == 32 and smoke.golden_batch(1, 4096) == 1
+    sizes = []
+    real = smoke.run_outputs
+    monkeypatch.setattr(smoke, "run_outputs", lambda m, i, t, b, *a, **k: sizes.append(b) or real(m, i, t, b, *a, **k))
+    session = open_source(build_decoder("llama", tmp_path / "llama"), seq_len=64, progress=lambda m: None)
+    golden = session.expected
+    assert sizes == [16]  # 1024 tokens of 64: all 16 built-in samples in one batch
+    one_by_one = real(session.original, session.inputs, "text-generation", 1)
+    assert torch.equal(golden["tokens"], one_by_one["tokens"])
+    assert torch.allclose(golden["logits"], one_by_one["logits"], rtol=0, atol=1e-4 * one_by_one["logits"].abs().max())
