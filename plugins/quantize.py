@@ -405,7 +405,8 @@ def quantize_activation_rows(rows: Any) -> tuple[Any, Any]:
     (symmetric, scale ``max |x| / 127.5``, at least fp32's eps; codes in [-128, 127]): returns
     the codes (as fp32, which holds them exactly) and the scales ``[rows, 1]``."""
     rows = rows.float()
-    scale = (rows.abs().amax(-1, keepdim=True) / 127.5).clamp_(min=torch.finfo(torch.float32).eps)
+    largest = torch.maximum(rows.amax(-1, keepdim=True), rows.amin(-1, keepdim=True).neg_())  # no |x| copy
+    scale = largest.div_(127.5).clamp_(min=torch.finfo(torch.float32).eps)
     return (rows * (1.0 / scale)).round_().clamp_(-128, 127), scale
 
 
@@ -519,13 +520,13 @@ def _define_modules() -> None:
             ``_weight_int8pack_mm`` and larger inputs in one GEMM, as for ``int8``."""
             codes, row_scale = quantize_activation_rows(x.reshape(-1, self.in_features))
             if self.fused_rows and codes.shape[0] <= self.fused_rows and x.device.type == "cpu":
-                y = self._int8pack_mm(codes).float()
-            else:
+                y = self._int8pack_mm(codes).float().mul_(row_scale)
+            else:  # in torchao's order: the integer products, the row scales, the channel scales
                 dtype = self.compute_dtype or torch.float32
-                y = nn.functional.linear(codes.to(dtype), self.qdata.to(dtype)).float() * self.scale.reshape(1, -1)
-            y = y * row_scale
+                y = nn.functional.linear(codes.to(dtype), self.qdata.to(dtype)).float()
+                y.mul_(row_scale).mul_(self.scale.reshape(1, -1))
             if self.bias is not None:
-                y = y + self.bias.float()
+                y.add_(self.bias)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
         def _int8pack_mm(self, rows: Any) -> Any:
