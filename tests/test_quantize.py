@@ -246,12 +246,18 @@ def test_gptq_arithmetic_pieces_match_their_plain_definitions():
     assert torch.equal(scale, want_scale) and torch.equal(lo, want_lo)
 
     x = torch.randn(300, 40, generator=gen, dtype=torch.float64)
-    h = 2 * x.T @ x / 300 + 0.01 * torch.eye(40, dtype=torch.float64)
-    upper = _upper_cholesky_of_inverse(h).double()
+    x[:, 7] = 0.0  # an input never seen: its diagonal entry becomes 1
+    h = 2 * x.T @ x / 300
+    perm = torch.randperm(40, generator=gen)
+    upper = _upper_cholesky_of_inverse(h, perm, 0.01).double()
+    damped = h.clone()
+    damped[7, 7] = 1.0
+    damped += 0.01 * damped.diagonal().mean() * torch.eye(40, dtype=torch.float64)
+    want = torch.linalg.inv(damped[perm][:, perm])
     assert torch.equal(upper, upper.triu())
-    assert torch.allclose(upper.T @ upper, torch.linalg.inv(h), rtol=1e-4, atol=1e-4 * torch.linalg.inv(h).abs().max())
+    assert torch.allclose(upper.T @ upper, want, rtol=1e-4, atol=1e-4 * want.abs().max())
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
-        _upper_cholesky_of_inverse(-h)
+        _upper_cholesky_of_inverse(-h - torch.eye(40, dtype=torch.float64), perm, 0.01)
 
 
 @pytest.mark.parametrize("kind", ["llama", "encoder"])
