@@ -1034,11 +1034,12 @@ class Quantize(Compressor):
         if options["scheme"] in ("int8", "int8-dynamic"):
             scratch += TORCHAO_IMPORT_BYTES
         if options["scheme"] in ("int4", "mixed") and options.get("method", "gptq") == "gptq" and facts.linear_shapes:
-            # one layer's float64 statistics at a time, GPTQ's working copies of the widest
-            # one, and the calibration hidden states in and out of a layer
+            # one layer's float64 statistics at a time, GPTQ's three fp32 working copies of the
+            # widest one's (_upper_cholesky_of_inverse), and the calibration hidden states in
+            # and out of a layer
             stack = [i for o, i in facts.linear_shapes if o != facts.vocab_size]
             scratch += (sum(8 * i * i for i in stack) // max(1, facts.num_layers)
-                        + 3 * 8 * max(stack or [facts.hidden_size]) ** 2
+                        + 3 * 4 * max(stack or [facts.hidden_size]) ** 2
                         + 2 * CALIBRATION_TOKENS * facts.hidden_size * 4)
         if options["scheme"] == "mixed":
             width = facts.vocab_size if facts.is_decoder else facts.hidden_size
