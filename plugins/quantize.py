@@ -10,7 +10,7 @@ Schemes:
 ``int8-dynamic``
     int8 weights and int8 activations quantized per token at run time (torchao's
     ``Int8DynamicActivationInt8WeightConfig``) for Linear layers; embeddings int8 weight-only.
-    Also saved by stock transformers. edgepack runs these Linears itself
+    Also saved by stock transformers. On CPU edgepack runs these Linears itself
     (:meth:`QuantLinear._forward_dynamic`, the same products): torchao's path multiplies with
     ``torch._int_mm``, which on CPU is tens of times slower than an fp32 GEMM.
 ``int4``
@@ -124,10 +124,10 @@ def _int4_group_params(g: Any, grid: int = 20, chunk: int = 1 << 16) -> tuple[An
     cache-sized pieces runs about 6x faster (same results, bit for bit)."""
     rows, groups, size = g.shape
     flat = g.reshape(rows * groups, size)
-    best_scale = torch.zeros(rows * groups, 1)
-    best_lo = torch.zeros(rows * groups, 1)
+    best_scale = torch.zeros(rows * groups, 1, device=g.device)
+    best_lo = torch.zeros(rows * groups, 1, device=g.device)
     step_rows = max(1, chunk // size)
-    buffer = torch.empty(step_rows, size)
+    buffer = torch.empty(step_rows, size, device=g.device)
     for start in range(0, flat.shape[0], step_rows):
         x = flat[start:start + step_rows]
         work = buffer[: x.shape[0]]
@@ -168,7 +168,9 @@ def _upper_cholesky_of_inverse(hessian: Any, perm: Any, damp: float) -> Any:
         low, info = torch.linalg.cholesky_ex(h)
         del h
         if int(info) == 0:
-            inverse = torch.linalg.solve_triangular(low, torch.eye(low.shape[0], dtype=dtype), upper=False)
+            eye = torch.eye(low.shape[0], dtype=dtype, device=low.device)
+            inverse = torch.linalg.solve_triangular(low, eye, upper=False)
+            del eye
             del low
             return inverse.flip(0, 1).float()
         del low
@@ -200,12 +202,12 @@ def gptq_int4(weight: Any, hessian: Any, group_size: int, damp: float = 0.01, bl
     wt = w.t()[perm].contiguous()  # [cols, rows]: permuted columns as rows
     del w
     scale_t, lo_t = scale_g.t().contiguous(), lo_g.t().contiguous()
-    codes = torch.empty(cols, rows, dtype=torch.uint8)
-    q, err = torch.empty(rows), torch.empty(rows)
+    codes = torch.empty(cols, rows, dtype=torch.uint8, device=wt.device)
+    q, err = torch.empty(rows, device=wt.device), torch.empty(rows, device=wt.device)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]
-        err1 = torch.empty(i2 - i1, rows)
+        err1 = torch.empty(i2 - i1, rows, device=wt.device)
         for i in range(i2 - i1):
             scale, lo = scale_t[group_of[i1 + i]], lo_t[group_of[i1 + i]]
             torch.sub(w1[i], lo, out=q).div_(scale).round_().clamp_(0, 15)
@@ -1244,9 +1246,9 @@ class Quantize(Compressor):
     def prepare(self, model: Any, options: Mapping[str, Any], device: str, probe: Probe | None = None) -> Any:
         """After loading: swap torchao's int8 weight-only tensors for :class:`QuantEmbedding`
         (only the rows looked up are dequantized; torchao dequantizes the whole table per call)
-        and :class:`QuantLinear`, sharing the same int8 data (int8-dynamic ones quantize their
-        activations per row, as torchao does; torchao int8-dynamic weights of another kind keep
-        torchao's kernels). With ``compute=auto`` on a CPU with native bf16 (AMX,
+        and :class:`QuantLinear`, sharing the same int8 data (on CPU, int8-dynamic ones quantize
+        their activations per row, as torchao does; elsewhere, and for torchao int8-dynamic
+        weights of another kind, torchao's int8 x int8 kernels stay: they are fast on GPUs). With ``compute=auto`` on a CPU with native bf16 (AMX,
         avx512_bf16), matmuls run in bf16: dequantizing to bf16 and a bf16 matmul cost less than
         the fp32 matmul the weights came from. On CPUs where torch's fused weight-only kernels
         are fast (:func:`fused_kernels_available`), int8 decoding steps run in
@@ -1254,7 +1256,7 @@ class Quantize(Compressor):
         ``_weight_int4pack_mm_for_cpu`` (see the module docstring)."""
         _define_modules()
         if options["scheme"] not in ("int4", "mixed"):
-            model = self._swap_torchao(model, options)
+            model = self._swap_torchao(model, options, device)
         if (options.get("compute") or "auto") == "auto" and device == "cpu" and probe is not None \
                 and "bf16-native" in probe.capabilities:
             for module in model.modules():
@@ -1271,7 +1273,7 @@ class Quantize(Compressor):
                     module.use_int4_kernel()
         return model
 
-    def _swap_torchao(self, model: Any, options: Mapping[str, Any]) -> Any:
+    def _swap_torchao(self, model: Any, options: Mapping[str, Any], device: str = "cpu") -> Any:
         try:
             from torchao.quantization import Int8Tensor
         except ImportError:
@@ -1284,7 +1286,8 @@ class Quantize(Compressor):
             if isinstance(module, nn.Embedding):
                 new = QuantEmbedding(module.num_embeddings, module.embedding_dim, 8, qdata, scale, None,
                                      module.padding_idx, weight.dtype)
-            elif isinstance(module, nn.Linear) and (options["scheme"] == "int8" or _dynamic_rows(weight)):
+            elif isinstance(module, nn.Linear) and (
+                    options["scheme"] == "int8" or (device == "cpu" and _dynamic_rows(weight))):
                 bias = module.bias.detach() if module.bias is not None else None
                 new = QuantLinear(module.in_features, module.out_features, 8, qdata, scale, None, bias)
                 new.dynamic = options["scheme"] == "int8-dynamic"

@@ -446,7 +446,7 @@ def test_int8_dynamic_linears_compute_torchaos_products_without_int_mm():
     activations times the same int8 weights as torchao's own path (which runs torch._int_mm,
     tens of times slower on CPU), within fp32 rounding for large inputs and within the fused
     kernel's bf16 output for decoding steps; a kind of torchao weight edgepack does not compute
-    (reduced range) keeps torchao's path."""
+    (reduced range), and any on a GPU, keep torchao's path."""
     from edgepack.plugins import quantize as quantize_module
 
     gen = torch.Generator().manual_seed(0)
@@ -476,6 +476,9 @@ def test_int8_dynamic_linears_compute_torchaos_products_without_int_mm():
     _, kept = _torchao_dynamic_linear(torch.Generator().manual_seed(0), reduce_range=True)
     Quantize().prepare(kept, {"scheme": "int8-dynamic"}, "cpu", probe)
     assert isinstance(kept[0], torch.nn.Linear)
+    _, on_gpu = _torchao_dynamic_linear(torch.Generator().manual_seed(0))
+    Quantize().prepare(on_gpu, {"scheme": "int8-dynamic"}, "cuda", probe)
+    assert isinstance(on_gpu[0], torch.nn.Linear)  # torchao's int8 x int8 kernels are fast on GPUs
 
 
 needs_int4_kernel = pytest.mark.skipif(
