@@ -157,7 +157,7 @@ def write_card(directory: Path, manifest: dict[str, Any], effects: Sequence[dict
     chart: bool | str = False
     if plotting_available():
         try:
-            save([Chart.from_manifest(manifest)], directory / CARD_CHART)
+            save([Chart.from_manifest(manifest)], directory / CARD_CHART, what="the model card's chart")
             chart = True
         except OSError as exc:
             if exc.errno == errno.ENOSPC:

@@ -186,7 +186,7 @@ _code_opt = click.option("--allow-code", is_flag=True,
 @_code_opt
 @_json_opt
 def plan(model: str, target: str | None, budget: int | None, batch_size: int | None, seq_len: int | None,
-         min_fidelity: float | None, cache_len: int | None, work_memory: str | None, plot: str | None,
+         min_fidelity: float | None, cache_len: int | None, work_memory: str | int | None, plot: str | None,
          allow_code: bool, as_json: bool) -> None:
     """Show the candidate plans for MODEL on a target, without loading weights.
 
@@ -210,7 +210,7 @@ def plan(model: str, target: str | None, budget: int | None, batch_size: int | N
     if work_memory is not None:
         from edgepack.memory import parse_size
 
-        parse_size(work_memory, "--work-memory")  # bad input before any work
+        work_memory = parse_size(work_memory, "--work-memory")  # bad input before any work
     budget_obj, candidates = plan_model(
         source, target=target or "cpu", budget=budget, batch_size=batch_size or 1,
         seq_len=seq_len or 128, cache_len=cache_len, work_memory=work_memory,

@@ -413,7 +413,8 @@ def pack_cost(candidate: Candidate, facts: ModelFacts, workload: Workload, probe
     steps = [(c, o) for c, o in candidate.steps if c.kind != "parallel"]
     split = [o for c, o in candidate.steps if c.kind == "parallel"]
     ranks = int(split[0].get("ranks") or max(1, len(probe.devices))) if split else 1
-    weights_after = [f.weights_bytes for f in step_footprints(facts, steps, probe)]  # the source's, then each step's
+    footprints = step_footprints(facts, steps, probe)  # the source's, then each step's
+    weights_after = [f.weights_bytes for f in footprints]
     held = 0  # the first step is given the memory-mapped source: nothing of the pack's own
     apply = 0
     for (compressor, options), after in zip(steps, weights_after[1:]):
@@ -425,8 +426,7 @@ def pack_cost(candidate: Candidate, facts: ModelFacts, workload: Workload, probe
     weights = held or weights_after[0]
     apply = max(apply, held + (weights if own_format else min(weights, max_shard_bytes)))
     # the golden outputs run first, on the memory-mapped source, at a batch of their own
-    source = step_footprints(facts, [], probe)[0]
     golden = dataclasses.replace(workload, batch_size=golden_batch(workload.batch_size, workload.seq_len))
-    apply = max(apply, activation_bytes(facts, golden, source) + kv_cache_bytes(facts, golden, source))
+    apply = max(apply, activation_bytes(facts, golden, footprints[0]) + kv_cache_bytes(facts, golden, footprints[0]))
     measure = ranks * (FRESH_PROCESS_BYTES + candidate.estimate.peak_bytes)
     return PackCost(base_bytes, base_bytes + apply, base_bytes + measure)

@@ -41,11 +41,11 @@ def require_plotting(path: str | Path) -> None:
     _check_path(Path(path))
 
 
-def _check_path(path: Path) -> None:
+def _check_path(path: Path, what: str = "--plot") -> None:
     if path.suffix.lower() != ".png":
-        raise UsageError(f"--plot {path}: the chart is a PNG; name the file *.png")
+        raise UsageError(f"{what} {path}: the chart is a PNG; name the file *.png")
     if not path.parent.is_dir():
-        raise UsageError(f"--plot {path}: the directory {path.parent} does not exist")
+        raise UsageError(f"{what} {path}: the directory {path.parent} does not exist")
 
 
 @dataclass(frozen=True)
@@ -220,10 +220,11 @@ def figure(charts: Sequence[Chart]) -> Any:
     return fig
 
 
-def save(charts: Sequence[Chart], path: str | Path) -> Path:
-    """Draw ``charts`` into the PNG ``path`` (written whole: a temporary file, then renamed)."""
+def save(charts: Sequence[Chart], path: str | Path, what: str = "--plot") -> Path:
+    """Draw ``charts`` into the PNG ``path`` (written whole: a temporary file, then renamed);
+    a bad or unwritable path is a UsageError naming ``what`` (the option that gave it)."""
     path = Path(path)
-    _check_path(path)
+    _check_path(path, what)
     fig = figure(charts)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -233,7 +234,7 @@ def save(charts: Sequence[Chart], path: str | Path) -> Path:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise  # a full disk is reported as such by the caller
-        raise UsageError(f"--plot {path}: cannot be written: {exc.strerror or exc}") from None
+        raise UsageError(f"{what} {path}: cannot be written: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
