@@ -18,6 +18,7 @@ from edgepack.errors import EdgepackError, NoPlanFits, UsageError, VerificationE
 from edgepack.interfaces import ApplyContext, Compressor, Workload, format_option_value
 from edgepack.card import step_effects, write_card
 from edgepack.memory import format_size, parse_size
+from edgepack.smoke import LOGITS_FORWARD, LOGITS_GENERATE
 from edgepack.planner import (
     DEFAULT_FLOOR, DEFAULT_SHARD_SIZE, Budget, Candidate, build_candidate, choose_parallel_mode, fixed_plan, negotiate,
     packable, search, smallest,
@@ -112,6 +113,9 @@ class SourceSession:
     seq_len: int
     cache_len: int | None
     progress: Callable[[str], None] = _progress_default
+    #: where a decoder's smoke logits come from (edgepack.smoke.LOGITS_FROM): the first step of
+    #: generation, or, rebuilding a bundle packed before smoke.logits_from existed, a forward
+    logits_from: str = LOGITS_GENERATE
     #: how long each phase of packing took, in order: {phase, [bundle, target, candidate,] seconds}
     phases: list[dict[str, Any]] = field(default_factory=list)
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -170,7 +174,8 @@ class SourceSession:
             inputs, original = self.inputs, self.original
             with self.timed("golden outputs"):
                 self.progress(f"computing golden outputs of the original model on {len(self.samples)} smoke inputs")
-                return run_outputs(original, inputs, self.facts.task, golden_batch(self.batch_size, self.seq_len))
+                return run_outputs(original, inputs, self.facts.task, golden_batch(self.batch_size, self.seq_len),
+                                   logits_from=self.logits_from)
         return self._get("expected", make)
 
     @contextlib.contextmanager
@@ -561,7 +566,8 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             progress(f"loading the packed model in a fresh process and running the smoke inputs on {where}")
             measure = dict(task=facts.task, steps=candidate.plan, loader=loader,
                            target=target if program is not None else probe_target,
-                           batch_size=session.batch_size, target_options=dict(tgt.settings))
+                           batch_size=session.batch_size, target_options=dict(tgt.settings),
+                           logits_from=session.logits_from)
             if program is not None:
                 measure["program"] = program
             if source.code:
@@ -637,7 +643,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             workload=workload, budget=negotiated, candidates=candidates, chosen=chosen,
             measured_peak=measured_peak, scope=scope, fidelity=chosen_fidelity, floor=floor,
             loader=chosen_loader, samples=len(session.samples), details=details,
-            max_shard_bytes=request.max_shard_bytes, program=chosen_program,
+            max_shard_bytes=request.max_shard_bytes, program=chosen_program, logits_from=session.logits_from,
         )
         sharding = sharded_as(chosen.steps)
         if sharding is not None:
@@ -753,7 +759,7 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
               budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | list[int] | None, scope: str,
               fidelity: Any, floor: float, loader: str | None, samples: int,
               details: Sequence[dict[str, Any] | None] = (), max_shard_bytes: int = DEFAULT_SHARD_SIZE,
-              program: dict[str, Any] | None = None) -> dict[str, Any]:
+              program: dict[str, Any] | None = None, logits_from: str = LOGITS_GENERATE) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -823,6 +829,8 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
             "tolerances": TOLERANCES_FILE,
             "new_tokens": DEFAULT_NEW_TOKENS,
             "count": samples,
+            # absent: a forward's logits, as in bundles packed before the key existed
+            **({"logits_from": logits_from} if logits_from != LOGITS_FORWARD else {}),
         },
     }
 
@@ -904,6 +912,7 @@ def rebuild(bundle: str | Path, model: str | Path, *, samples: str | Path | None
     workload = manifest["workload"]
     session = open_source(model, samples=samples, batch_size=workload["batch_size"], seq_len=workload["seq_len"],
                           cache_len=workload.get("cache_len"), progress=progress, allow_code=allow_code)
+    session.logits_from = manifest["smoke"].get("logits_from", LOGITS_FORWARD)
     actual = session.source.weights_sha256()
     if actual != manifest["source"]["sha256"]:
         raise VerificationError(

@@ -37,6 +37,15 @@ DEFAULT_SAMPLES = (
 
 DEFAULT_NEW_TOKENS = 8
 
+#: Where a decoder's smoke logits come from (the manifest's ``smoke.logits_from``): the first
+#: step of the greedy generation, whose positions follow the attention mask, so the prompt is
+#: run once per sample ...
+LOGITS_GENERATE = "generate"
+#: ... or, in bundles packed before that key existed, a plain forward over the left-padded
+#: prompt (positions 0 .. seq_len - 1, padding included), run before the generation.
+LOGITS_FORWARD = "forward"
+LOGITS_FROM = (LOGITS_GENERATE, LOGITS_FORWARD)
+
 #: The golden outputs run about this many tokens at once (see :func:`golden_batch`).
 GOLDEN_BATCH_TOKENS = 1024
 
@@ -108,37 +117,54 @@ def mean_pool(hidden: Any, attention_mask: Any) -> Any:
 
 
 def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
-                new_tokens: int = DEFAULT_NEW_TOKENS, device: str = "cpu") -> dict[str, Any]:
+                new_tokens: int = DEFAULT_NEW_TOKENS, device: str = "cpu",
+                logits_from: str = LOGITS_GENERATE) -> dict[str, Any]:
     """Run the model over the smoke inputs in batches and return its outputs (fp32, on CPU).
 
     For decoders, ``tokens`` always has exactly ``new_tokens`` columns: generation ends a batch
     early once every row has emitted an end-of-sequence token, and a row that ended holds the
     pad id after its end-of-sequence token (see :func:`finish_tokens`), whichever batch it ran in.
+    ``logits`` are the next-token logits of each prompt, taken as ``logits_from`` says (see
+    :data:`LOGITS_GENERATE`, :data:`LOGITS_FORWARD`).
     """
     import torch
 
+    if logits_from not in LOGITS_FROM:
+        raise ValueError(f"logits_from must be one of {', '.join(LOGITS_FROM)}, not {logits_from!r}")
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
         for batch in batches(inputs, batch_size):
             batch = {k: v.to(device) for k, v in batch.items()}
             if task == "text-generation":
-                try:  # only the last position's logits: a full [batch, seq, vocab] is not needed
-                    out = model(**batch, logits_to_keep=1)
-                except TypeError:
-                    out = model(**batch)
-                logits = out.logits[:, -1, :].float().cpu()
-                pad = pad_id(model)
-                generated = model.generate(
-                    **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                )
-                tokens = generated[:, batch["input_ids"].shape[1]:].cpu()
-                parts = {"logits": logits, "tokens": finish_tokens(tokens, new_tokens, eos_ids(model), pad)}
+                parts = _generate(model, batch, new_tokens, logits_from)
             else:
                 out = model(**batch)
                 parts = {"embeddings": mean_pool(out.last_hidden_state, batch["attention_mask"]).cpu()}
             for key, value in parts.items():
                 collected.setdefault(key, []).append(value)
     return {k: torch.cat(v) for k, v in collected.items()}
+
+
+def _generate(model: Any, batch: dict[str, Any], new_tokens: int, logits_from: str) -> dict[str, Any]:
+    """One batch of a decoder's smoke outputs: next-token ``logits`` and ``new_tokens`` greedy
+    ``tokens`` (see :func:`run_outputs`)."""
+    pad = pad_id(model)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    if logits_from == LOGITS_GENERATE:  # the prompt runs once: its logits are generation's first step
+        out = model.generate(**batch, **kwargs, output_logits=True, return_dict_in_generate=True)
+        if getattr(out, "logits", None):
+            generated, logits = out.sequences, out.logits[0]
+        else:  # a program's generate that returns only the tokens: its prompts run once more
+            generated = getattr(out, "sequences", out)
+            logits = model(**batch).logits[:, -1, :]
+    else:
+        try:  # only the last position's logits: a full [batch, seq, vocab] is not needed
+            logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+        except TypeError:
+            logits = model(**batch).logits[:, -1, :]
+        generated = model.generate(**batch, **kwargs)
+    tokens = generated[:, batch["input_ids"].shape[1]:].cpu()
+    return {"logits": logits.float().cpu(), "tokens": finish_tokens(tokens, new_tokens, eos_ids(model), pad)}
 
 
 def pad_id(model: Any) -> int:
@@ -496,7 +522,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                              threads: int | None = None, ranks: int = 1,
                              target_options: dict[str, Any] | None = None,
                              device: str = "cpu", allow_code: bool = False,
-                             program: dict[str, Any] | None = None) -> ProbeResult:
+                             program: dict[str, Any] | None = None,
+                             logits_from: str = LOGITS_GENERATE) -> ProbeResult:
     """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
     ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
 
@@ -509,6 +536,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     :param allow_code: the measuring process may run the bundle's own code (``model.code``,
         ``--allow-code``); without it, that code is never run.
     :param program: the manifest's ``model.program``: the target's runtime runs that program.
+    :param logits_from: where a decoder's logits come from (the manifest's ``smoke.logits_from``).
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -526,7 +554,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
         threads = max(1, probe_threads() // ranks) if threads is None else max(1, int(threads))
         return _measure_ranks(bundle_dir, task=task, steps=steps, target=target, batch_size=batch_size,
                               new_tokens=new_tokens, timeout=limit, repeats=repeats, threads=threads, ranks=ranks,
-                              target_options=target_options or {}, device=device)
+                              target_options=target_options or {}, device=device, logits_from=logits_from)
     threads = probe_threads() if threads is None else max(1, int(threads))
     env = probe_env(threads)
     reports: list[dict[str, Any]] = []
@@ -542,6 +570,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "target_options": target_options or {},
                 "batch_size": batch_size,
                 "new_tokens": new_tokens,
+                "logits_from": logits_from,
                 "threads": threads,
                 "outputs": str(Path(tmp) / f"outputs-{attempt}.safetensors"),
                 "allow_code": bool(allow_code),
@@ -570,7 +599,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
 
 def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str, batch_size: int, new_tokens: int,
                    timeout: float, repeats: int, threads: int, ranks: int, target_options: dict[str, Any],
-                   device: str) -> ProbeResult:
+                   device: str, logits_from: str) -> ProbeResult:
     """:func:`measure_in_fresh_process` for a sharded bundle: every rank through torchrun."""
     import tempfile
 
@@ -587,7 +616,7 @@ def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str
             spec = {
                 "bundle_dir": str(Path(bundle_dir).resolve()), "task": task, "steps": [s.to_json() for s in steps],
                 "target": target, "target_options": target_options, "device": device,
-                "batch_size": batch_size, "new_tokens": new_tokens,
+                "batch_size": batch_size, "new_tokens": new_tokens, "logits_from": logits_from,
                 "outputs": str(Path(tmp) / "outputs.safetensors"),
             }
             result = launch_ranks(spec, ranks, timeout=timeout, threads=threads, workdir=Path(tmp))

@@ -1128,9 +1128,11 @@ class RankModel:
         m = mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
-    def generate(self, inputs: Mapping[str, Any], max_new_tokens: int = 8) -> Any:
+    def generate(self, inputs: Mapping[str, Any], max_new_tokens: int = 8, first_logits: bool = False) -> Any:
         """Greedy continuation of ``max_new_tokens`` tokens (B x k), with a KV cache on every
-        rank; positions follow the attention mask (left padding works)."""
+        rank; positions follow the attention mask (left padding works). With ``first_logits``
+        it returns ``(tokens, logits)``: the first step's next-token logits (B x vocab, fp32),
+        on every rank."""
         import torch
         import torch.distributed as dist
         from transformers import DynamicCache
@@ -1143,7 +1145,7 @@ class RankModel:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.module.config)
         step = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        tokens = []
+        tokens, first = [], None
         for _ in range(max_new_tokens):
             logits = self._step(step, cache, last_only=True)
             if logits is not None:
@@ -1152,11 +1154,15 @@ class RankModel:
                 nxt = torch.empty(ids.shape[0], dtype=torch.long, device=self.device)
             if self.mode == "pipeline" and self.world_size > 1:
                 dist.broadcast(nxt, src=self.world_size - 1)
+            if first_logits and first is None:
+                first = self._broadcast_from_last(None if logits is None else logits[:, -1, :].float(),
+                                                  (ids.shape[0], self._vocab_size()), torch.float32)
             tokens.append(nxt)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions[:, -1:] + 1
             step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": positions}
-        return torch.stack(tokens, dim=1)
+        tokens = torch.stack(tokens, dim=1)
+        return (tokens, first) if first_logits else tokens
 
     def run(self, inputs: Mapping[str, Any], task: str, max_new_tokens: int = 8) -> dict[str, Any]:
         """One of :data:`TASKS`; returns ``{name: tensor}`` on every rank."""
@@ -1317,20 +1323,25 @@ def save_sharded(model: Any, world_size: int, mode: str, model_dir: str | os.Pat
 
 
 def smoke_outputs(model: "RankModel", inputs: Mapping[str, Any], task: str, batch_size: int,
-                  new_tokens: int) -> dict[str, Any]:
+                  new_tokens: int, logits_from: str = "generate") -> dict[str, Any]:
     """What :func:`edgepack.smoke.run_outputs` returns for a single-device model, computed by
     all ranks together (collective; every rank gets the result): mean-pooled, normalised
-    embeddings for encoders; last-position logits and ``new_tokens`` greedy tokens for decoders."""
+    embeddings for encoders; next-token logits (taken as ``logits_from`` says) and
+    ``new_tokens`` greedy tokens for decoders."""
     import torch
 
-    from edgepack.smoke import batches, eos_ids, finish_tokens, mean_pool, pad_id
+    from edgepack.smoke import LOGITS_GENERATE, batches, eos_ids, finish_tokens, mean_pool, pad_id
 
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
         for batch in batches(dict(inputs), batch_size):
             if task == "text-generation":
-                logits = model.forward(batch, last_only=True)[:, -1, :].float().cpu().clone()
-                tokens = model.generate(batch, new_tokens).cpu()
+                if logits_from == LOGITS_GENERATE:
+                    tokens, logits = model.generate(batch, new_tokens, first_logits=True)
+                else:
+                    logits = model.forward(batch, last_only=True)[:, -1, :]
+                    tokens = model.generate(batch, new_tokens)
+                logits, tokens = logits.float().cpu().clone(), tokens.cpu()
                 pad = pad_id(model.module)
                 parts = {"logits": logits, "tokens": finish_tokens(tokens, new_tokens, eos_ids(model.module), pad)}
             else:

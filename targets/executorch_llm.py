@@ -110,9 +110,14 @@ class DecoderProgram:
         return SimpleNamespace(logits=logits[:, None, :])
 
     def generate(self, input_ids: Any, attention_mask: Any | None = None, max_new_tokens: int = 32,
-                 min_new_tokens: int = 0, pad_token_id: int | None = None, do_sample: bool = False, **_: Any) -> Any:
-        """Greedy decoding of every row; ``do_sample`` must be False."""
+                 min_new_tokens: int = 0, pad_token_id: int | None = None, do_sample: bool = False,
+                 output_logits: bool = False, return_dict_in_generate: bool = False, **_: Any) -> Any:
+        """Greedy decoding of every row; ``do_sample`` must be False. With
+        ``return_dict_in_generate`` it returns ``sequences`` and, with ``output_logits``, each
+        step's logits as transformers does ([rows, vocab] per step; NaN for a row that had
+        already ended, whose decoding stopped)."""
         import torch
+        from types import SimpleNamespace
 
         from edgepack.smoke import eos_ids
 
@@ -120,20 +125,31 @@ class DecoderProgram:
             raise UsageError("the program generates greedily; sampling is not supported")
         eos = set(eos_ids(self))
         pad = int(pad_token_id if pad_token_id is not None else (getattr(self.config, "pad_token_id", None) or 0))
-        generated = []
+        generated, step_logits = [], []
         for row in self._rows(input_ids, attention_mask):
             if row.numel() + max_new_tokens > self.cache_len:
                 raise UsageError(f"a prompt of {row.numel()} tokens and {max_new_tokens} new ones need "
                                  f"{row.numel() + max_new_tokens} cache positions; the program has {self.cache_len} "
                                  "(pack with a larger --cache-len, or generate fewer with --max-new-tokens)")
-            tokens = [int(self._prefill(row).argmax())]
+            logits = [self._prefill(row)]
+            tokens = [int(logits[-1].argmax())]
             while len(tokens) < max_new_tokens and (tokens[-1] not in eos or len(tokens) < min_new_tokens):
-                tokens.append(int(self._step(tokens[-1], row.numel() + len(tokens) - 1).argmax()))
+                logits.append(self._step(tokens[-1], row.numel() + len(tokens) - 1))
+                tokens.append(int(logits[-1].argmax()))
             generated.append(tokens)
+            step_logits.append(logits)
         width = max(len(t) for t in generated)
         new = torch.full((len(generated), width), pad, dtype=torch.long)
         for i, tokens in enumerate(generated):
             new[i, :len(tokens)] = torch.tensor(tokens)
-        return torch.cat([input_ids.to(torch.long), new], dim=1)
+        sequences = torch.cat([input_ids.to(torch.long), new], dim=1)
+        if not return_dict_in_generate:
+            return sequences
+        steps = None
+        if output_logits:
+            blank = torch.full_like(step_logits[0][0], float("nan"), dtype=torch.float32)
+            steps = tuple(torch.stack([row[i].float() if i < len(row) else blank for row in step_logits])
+                          for i in range(width))
+        return SimpleNamespace(sequences=sequences, logits=steps)
 
 

@@ -113,7 +113,7 @@ def fake_probe(monkeypatch):
     calls = []
 
     def fake(bundle_dir, *, task, steps, loader, target, batch_size, new_tokens=8, target_options=None,
-             allow_code=False):
+             allow_code=False, logits_from="generate"):
         calls.append(dict(task=task, loader=loader, target=target, batch_size=batch_size, new_tokens=new_tokens))
         outputs = load_file(Path(bundle_dir) / "smoke/expected.safetensors")
         return edgepack.smoke.ProbeResult(10, "test scope", outputs, 0.0)

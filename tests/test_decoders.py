@@ -130,6 +130,47 @@ def test_verify_passes(packed, kind):
     assert report.fidelity["metric"] == "top1_agreement"
 
 
+@pytest.mark.slow
+def test_a_bundle_without_smoke_logits_from_is_verified_with_a_forwards_logits(decoders, tmp_path):
+    """Bundles packed before ``smoke.logits_from`` existed hold a forward's logits of the padded
+    prompts (GPT-2: positions 0.. over the padding); verify compares them with the same."""
+    import hashlib
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from edgepack.bundle.manifest import MANIFEST, canonical_json, content_digest
+    from edgepack.smoke import EXPECTED_FILE, INPUTS_FILE, LOGITS_FORWARD, LOGITS_GENERATE, run_outputs
+
+    result = edgepack.pack(str(decoders["gpt2"]), target="cpu", budget="500MB", seq_len=32,
+                           apply=["precision:dtype=bf16"], out=str(tmp_path / "dist"))
+    assert result.manifest["smoke"]["logits_from"] == LOGITS_GENERATE
+    now = edgepack.verify(result.bundle)
+    assert now.ok, now.failures
+
+    old = tmp_path / "old" / result.bundle.name
+    shutil.copytree(result.bundle, old)
+    model = transformers.AutoModelForCausalLM.from_pretrained(decoders["gpt2"]).eval()
+    expected = load_file(old / EXPECTED_FILE)
+    forward = run_outputs(model, load_file(old / INPUTS_FILE), "text-generation", 8, logits_from=LOGITS_FORWARD)
+    assert forward["tokens"].tolist() == expected["tokens"].tolist()
+    apart = (forward["logits"] - expected["logits"]).abs().max().item()
+    assert apart > 10 * now.fidelity["max_logit_error"]  # the padded forward's logits are others
+    save_file(forward, old / EXPECTED_FILE)
+    manifest = json.loads((old / MANIFEST).read_text())
+    del manifest["smoke"]["logits_from"]
+    data = (old / EXPECTED_FILE).read_bytes()
+    entry = next(e for e in manifest["files"] if e["path"] == EXPECTED_FILE)
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    manifest["content"]["digest"] = content_digest(manifest)
+    (old / MANIFEST).write_bytes(canonical_json(manifest))
+
+    before = edgepack.verify(old)
+    assert before.ok, before.failures
+    assert before.fidelity["max_logit_error"] < apart / 10  # compared with a forward's logits, not generation's
+
+
 @pytest.mark.parametrize("kind", PACKED)
 def test_cli_run_prints_a_continuation(packed, kind):
     from edgepack.runtime import open_bundle

@@ -376,3 +376,33 @@ def test_acceptance_limit_leaves_a_margin_for_the_spread():
     assert not close_call(80 * mb, result(74 * mb, 74 * mb, 75 * mb))  # measured often enough
     combined = result(70 * mb).with_more(result(72 * mb, 71 * mb))
     assert combined.peaks == [70 * mb, 72 * mb, 71 * mb] and combined.peak_bytes == 72 * mb
+
+
+def test_decoder_logits_are_the_first_generation_steps_or_a_padded_forwards():
+    """``logits_from="generate"``: a left-padded prompt's logits are those of the prompt alone
+    (generation's positions follow the mask) and give the first token; ``"forward"`` (bundles
+    packed before smoke.logits_from) runs the padded prompt at positions 0.. instead, which for
+    absolute positions (GPT-2) gives other logits."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from edgepack.smoke import run_outputs
+    from edgepack.testing import decoder_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(decoder_config("gpt2", 256)).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    prompt = torch.randint(1, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    padded = {"input_ids": torch.cat([torch.zeros(1, 4, dtype=torch.long), prompt], dim=1),
+              "attention_mask": torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 12, dtype=torch.long)], dim=1)}
+    first = run_outputs(model, padded, "text-generation", 1, new_tokens=4)
+    forward = run_outputs(model, padded, "text-generation", 1, new_tokens=4, logits_from="forward")
+    with torch.inference_mode():
+        alone = model(input_ids=prompt).logits[:, -1, :]
+    assert torch.allclose(first["logits"], alone, atol=1e-5)
+    assert first["tokens"][:, 0].tolist() == first["logits"].argmax(-1).tolist()
+    assert first["tokens"].tolist() == forward["tokens"].tolist()  # where the logits come from changes no token
+    assert (forward["logits"] - alone).abs().max() > 100 * (first["logits"] - alone).abs().max() + 1e-4
+    with pytest.raises(ValueError, match="logits_from"):
+        run_outputs(model, padded, "text-generation", 1, logits_from="prefill")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack.errors import UsageError
+from edgepack.smoke import LOGITS_FROM
 
 FORMAT = "edgepack.bundle"
 FORMAT_VERSION = "1.1"
@@ -579,6 +580,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "smoke.expected": _smoke_file,
     "smoke.tolerances": _smoke_file,
     "smoke.new_tokens": _positive_int,
+    "smoke.logits_from": _one_of(*LOGITS_FROM),
     "model.task": _one_of(*TASKS),
     "model.loader": _loader,
     "model.code": _code_files,
