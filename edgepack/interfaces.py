@@ -251,6 +251,23 @@ class WeightGroup:
 
 
 @dataclass(frozen=True)
+class ScratchChunks:
+    """Matmuls that dequantize their weight a slice of rows at a time: weights of at least
+    ``min_elements`` elements and more than ``rows`` rows, with inputs of at most
+    ``max_input_rows`` rows. Their scratch is ``rows`` rows of the weight and a copy of the
+    result."""
+
+    rows: int
+    min_elements: int
+    max_input_rows: int
+
+    def applies(self, out_features: int, in_features: int, input_rows: int) -> bool:
+        """Whether a matmul of ``input_rows`` rows with this weight is sliced."""
+        return (out_features > self.rows and out_features * in_features >= self.min_elements
+                and input_rows <= self.max_input_rows)
+
+
+@dataclass(frozen=True)
 class Footprint:
     """The memory a plan needs, by component; built by :mod:`edgepack.memory`.
 
@@ -267,6 +284,8 @@ class Footprint:
     :param workspace_bytes: fixed extra memory of the kernels the plan runs on.
     :param weight_scratch: bytes of per-call scratch per element of the weight a matmul uses
         (a weight dequantized for one call: 4 in fp32); compressors add theirs.
+    :param scratch_chunks: weights whose per-call scratch covers a slice of their rows only
+        (see :class:`ScratchChunks`); None: every weight's scratch is whole.
     :param generation_workspace: bytes of a decoder's generation loop (logits processors,
         per-step scores); None: what transformers' ``generate`` needs
         (:data:`edgepack.memory.GENERATION_WORKSPACE_BYTES`).
@@ -282,6 +301,7 @@ class Footprint:
     notes: tuple[str, ...] = ()
     workspace_bytes: int = 0
     weight_scratch: float = 0.0
+    scratch_chunks: ScratchChunks | None = None
     generation_workspace: int | None = None
     facts: ModelFacts | None = field(default=None, compare=False, repr=False)
 

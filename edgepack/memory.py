@@ -149,13 +149,23 @@ def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint
     kv_heads = max(1, min(heads, round(facts.num_key_value_heads * footprint.heads_scale)))
     head_dim = facts.head_dim
     ffn = int(facts.intermediate_size * footprint.ffn_scale)
-    scratch = footprint.weight_scratch
+
+    def scratch(out_features: int, in_features: int) -> float:
+        """Per-call scratch of one matmul with an ``out_features x in_features`` weight."""
+        chunks = footprint.scratch_chunks
+        if chunks is not None and chunks.applies(out_features, in_features, b * s):
+            return footprint.weight_scratch * chunks.rows * in_features + b * s * out_features * elem
+        return footprint.weight_scratch * out_features * in_features
+
+    def square(a: int, c: int) -> float:  # a weight and its transpose (up and down projections)
+        return max(scratch(a, c), scratch(c, a))
+
     residual = 3 * b * s * hidden * elem  # input, output, normalised copy
     attention = (b * s * (heads + 2 * kv_heads) * head_dim + b * s * heads * head_dim) * elem
     scores = 2 * b * heads * s * s * elem
-    attention_phase = attention + scores + scratch * heads * head_dim * hidden
+    attention_phase = attention + scores + square(heads * head_dim, hidden)
     mlp = (3 if facts.is_decoder else 2) * b * s * ffn * elem  # gated MLPs: gate and up side by side
-    mlp_phase = mlp + scratch * ffn * hidden
+    mlp_phase = mlp + square(ffn, hidden)
     phases = [attention_phase, mlp_phase]
     if facts.is_decoder:
         phases.append(b * facts.vocab_size * 4)  # compressors leave the output head as it is

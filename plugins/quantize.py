@@ -38,15 +38,16 @@ stored nowhere in the bundle (the stored layout is portable):
 
 * int8 on an x86 CPU with AVX2 or AVX-512: inputs of at most :data:`FUSED_MAX_ROWS` rows (decoding
   steps) run in torch's fused weight-only kernel ``_weight_int8pack_mm`` with bf16 activations;
-  larger inputs dequantize the weight once per call and run one GEMM. int8-dynamic does the
-  same with the activations' int8 codes (exact in bf16) in place of the activations, and
-  scales the result per row.
+  larger inputs dequantize the weight once per call and run one GEMM, a slice of rows at a time
+  for large weights and inputs of at most a few hundred rows (:data:`CHUNKS`, :func:`dequantized_matmul`).
+  int8-dynamic does the same with the activations' int8 codes (exact in bf16) in place of the
+  activations, and scales the result per row (its weight whole).
 * int4 in a decoder on such a CPU: every call runs in torch's fused ``_weight_int4pack_mm_for_cpu``
   (bf16 activations), after the nibbles are repacked at load time into the layout that kernel
   wants on this CPU (:func:`pack_int4_for_cpu`; the layout differs between AVX2 and AVX-512, so
   it is never stored). The repacked weight replaces the portable one: memory stays the same.
 * everywhere else: dequantize to the activations' dtype (bf16 with ``compute=auto`` on CPUs with
-  native bf16), then one matmul.
+  native bf16), then one matmul (on a CPU, large weights a slice of rows at a time, as above).
 """
 
 from __future__ import annotations
@@ -59,13 +60,22 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import edgepack
 from edgepack.errors import UsageError
-from edgepack.interfaces import ApplyContext, Compressor, Footprint, ModelFacts, Option, PlanStep, Probe
+from edgepack.interfaces import (
+    ApplyContext, Compressor, Footprint, ModelFacts, Option, PlanStep, Probe, ScratchChunks,
+)
 
 #: int8 Linear inputs of at most this many rows (a decoding step at small batch) run in torch's
 #: fused int8 weight-only CPU kernel; larger ones (prefill, encoder batches) dequantize the
 #: weight once per call and run one GEMM, which is faster there
 #: (``python examples/benchmark_speed.py --kernels``).
 FUSED_MAX_ROWS = 32
+
+#: On CPU, a Linear whose weight has at least ``min_elements`` elements (an 8 MB fp32 weight)
+#: dequantizes it ``rows`` rows at a time (:func:`dequantized_matmul`) for inputs of at most
+#: ``max_input_rows`` rows, where that is up to 2x faster than dequantizing it whole; smaller
+#: weights, and larger inputs, which spread the cost of one dequantization over more rows,
+#: dequantize whole (``python examples/benchmark_speed.py --kernels``).
+CHUNKS = ScratchChunks(rows=256, min_elements=1 << 21, max_input_rows=256)
 
 #: Group sizes torch's CPU int4 kernel accepts; int4 bundles at other group sizes dequantize.
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -271,7 +281,7 @@ def input_hessians(model: Any, modules: list[tuple[str, Any]], calibration: list
     finally:
         for handle in handles:
             handle.remove()
-    return {name: 2 * sums[name] / max(counts[name], 1) for name in sums}
+    return _finish_hessians(sums, counts)
 
 
 class _Stop(Exception):
@@ -294,9 +304,20 @@ def _repeated_layers(model: Any, names: set[str]) -> tuple[str, list[Any]] | Non
 
 def _accumulate(sums: dict[str, Any], counts: dict[str, int], modules: list[tuple[str, Any]],
                 mask_holder: dict[str, Any]) -> list[Any]:
-    """Forward pre-hooks adding each module's ``XᵀX`` (padding excluded) to ``sums``."""
+    """Forward pre-hooks adding each module's ``XᵀX`` (padding excluded) to ``sums``. Modules
+    called on the very tensor the module before them was (q, k and v; gate and up) share that
+    module's sum: the same statistics, held once (see :func:`_finish_hessians`)."""
+    import weakref
+
+    last: dict[str, Any] = {"input": lambda: None, "name": None}
+
     def hook_for(name: str):
         def hook(module: Any, args: tuple[Any, ...]) -> None:
+            if last["input"]() is args[0]:  # the previous module's input: its sum is this one's
+                sums[name] = sums[last["name"]]
+                counts[name] = counts[last["name"]]
+                return
+            last["input"], last["name"] = weakref.ref(args[0]), name
             x = args[0].detach()
             mask = mask_holder.get("mask")
             x = x[mask.bool()] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
@@ -305,6 +326,16 @@ def _accumulate(sums: dict[str, Any], counts: dict[str, int], modules: list[tupl
             counts[name] += x.shape[0]
         return hook
     return [m.register_forward_pre_hook(hook_for(name)) for name, m in modules]
+
+
+def _finish_hessians(sums: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    """``2 XᵀX / n`` of each module from :func:`_accumulate`'s sums, in place (a shared sum once)."""
+    finished: set[int] = set()
+    for name, total in sums.items():
+        if id(total) not in finished:
+            total.mul_(2).div_(max(counts[name], 1))
+            finished.add(id(total))
+    return dict(sums)
 
 
 def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: list[dict[str, Any]],
@@ -367,7 +398,7 @@ def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: 
                         for hook in hooks:
                             hook.remove()
                     if group:
-                        yield {n: 2 * sums[n] / max(counts[n], 1) for n in sums}
+                        yield _finish_hessians(sums, counts)
                     del sums
                     if progress is not None and group:
                         done = time.perf_counter() - start
@@ -386,21 +417,47 @@ def unpack_int4(packed: Any) -> Any:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-def dequantize(qdata: Any, scale: Any, offset: Any | None, bits: int, dtype: Any) -> Any:
-    """Rows of weights back in ``dtype`` from int8 (per-row scale) or packed int4 (groups)."""
+def dequantize(qdata: Any, scale: Any, offset: Any | None, bits: int, dtype: Any, out: Any | None = None) -> Any:
+    """Rows of weights back in ``dtype`` from int8 (per-row scale) or packed int4 (groups),
+    written into ``out`` (contiguous, of the weight's shape) when given."""
     # In-place arithmetic: one weight-sized temporary per call, not three.
     if bits == 8:
-        return qdata.to(dtype).mul_(scale.to(dtype))
+        if out is None:
+            return qdata.to(dtype).mul_(scale.to(dtype))
+        return out.copy_(qdata).mul_(scale.to(dtype))
     # int4: each nibble plane is written straight into its interleaved place in the output
     # (cast on copy), with no unpacked uint8 copy in between
     rows, half = qdata.shape[:-1], qdata.shape[-1]
-    w = torch.empty(*rows, half, 2, dtype=dtype, device=qdata.device)
+    w = torch.empty(*rows, half, 2, dtype=dtype, device=qdata.device) if out is None else out.view(*rows, half, 2)
     w[..., 0].copy_(qdata & 0xF)
     w[..., 1].copy_(qdata >> 4)
     groups = scale.shape[-1]
     w = w.view(*rows, groups, 2 * half // groups)
     w.mul_(scale.to(dtype).unsqueeze(-1)).add_(offset.to(dtype).unsqueeze(-1))
     return w.view(*rows, 2 * half)
+
+
+def dequantized_matmul(rows: Any, qdata: Any, scale: Any, offset: Any | None, bits: int,
+                       chunk_rows: int | None = CHUNKS.rows) -> Any:
+    """``rows @ W.T`` for a stored weight W (2-D ``rows`` in the compute dtype), without the
+    whole dequantized W: ``chunk_rows`` rows of W at a time are dequantized into one reused,
+    cache-sized buffer and multiplied into their slice of the (transposed) result. On CPU that
+    is up to 2x faster than dequantizing the whole weight and multiplying once, and needs
+    ``chunk_rows`` rows of scratch instead of the weight
+    (``python examples/benchmark_speed.py --kernels``). ``chunk_rows=None`` dequantizes it whole."""
+    out_features = qdata.shape[0]
+    if chunk_rows is None or chunk_rows >= out_features:
+        return rows @ dequantize(qdata, scale, offset, bits, rows.dtype).T
+    in_features = rows.shape[-1]
+    result = torch.empty(out_features, rows.shape[0], dtype=rows.dtype, device=rows.device)
+    buffer = torch.empty(chunk_rows, in_features, dtype=rows.dtype, device=rows.device)
+    columns = rows.T
+    for start in range(0, out_features, chunk_rows):
+        end = min(out_features, start + chunk_rows)
+        weight = dequantize(qdata[start:end], scale[start:end], None if offset is None else offset[start:end],
+                            bits, rows.dtype, out=buffer[: end - start])
+        torch.mm(weight, columns, out=result[start:end])
+    return result.T.contiguous()
 
 
 def fused_kernels_available() -> bool:
@@ -507,6 +564,13 @@ def _define_modules() -> None:
             if self.fused_rows and x.numel() <= self.fused_rows * self.in_features and x.device.type == "cpu":
                 return self._forward_fused(x)
             dtype = self.compute_dtype or x.dtype
+            if x.device.type == "cpu" and CHUNKS.applies(self.out_features, self.in_features,
+                                                         x.numel() // self.in_features):
+                y = dequantized_matmul(x.reshape(-1, self.in_features).to(dtype), self.qdata, self.scale,
+                                       self.offset, self.bits)
+                if self.bias is not None:
+                    y.add_(self.bias.to(dtype))
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             weight = dequantize(self.qdata, self.scale, self.offset, self.bits, dtype)
             bias = self.bias.to(dtype) if self.bias is not None else None
             return nn.functional.linear(x.to(dtype), weight, bias).to(x.dtype)
@@ -1006,6 +1070,9 @@ class Quantize(Compressor):
             # the weight dequantized for one matmul (and, for fp32 activations on a native-bf16
             # CPU, its bf16 copy); 16-bit activations dequantize straight into their dtype
             scratch = act_bytes + 2 if act_bytes > 2 else act_bytes
+        if options["scheme"] != "int8-dynamic" and target.target == "cpu" and scratch >= result.weight_scratch:
+            # QuantLinear on a CPU dequantizes large weights a slice of rows at a time (CHUNKS)
+            result = dataclasses.replace(result, scratch_chunks=CHUNKS)
         return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch))
 
     def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:

@@ -285,6 +285,14 @@ def test_layerwise_statistics_equal_the_whole_model_pass_one_layer_at_a_time(kin
     assert sorted(n for group in seen for n in group) == sorted(whole)
     assert len(seen) == layers + (1 if any(not n.startswith(stack) for n in whole) else 0)
     assert getattr(model.config, "use_cache", None) == use_cache  # set back after the passes without a cache
+    if kind == "llama":  # modules called on one tensor share one matrix, the one each would have alone
+        first, modules = "model.layers.0.", dict(linears)
+        assert whole[first + "self_attn.q_proj"] is whole[first + "self_attn.k_proj"] is whole[first + "self_attn.v_proj"]
+        assert whole[first + "mlp.gate_proj"] is whole[first + "mlp.up_proj"]
+        assert whole[first + "self_attn.o_proj"] is not whole[first + "self_attn.q_proj"]
+        for name in (first + "self_attn.v_proj", first + "mlp.up_proj"):
+            alone = input_hessians(model, [(name, modules[name])], session.calibration)[name]
+            torch.testing.assert_close(alone, whole[name], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -589,3 +597,73 @@ def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_pa
     tied = transformers.AutoModelForCausalLM.from_pretrained(gpt2)
     with pytest.raises(UsageError, match="tie_word_embeddings"):
         quantize.apply(tied, options, None)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_large_weights_are_dequantized_a_slice_of_rows_at_a_time(bits, monkeypatch):
+    """On CPU a Linear whose weight is large dequantizes CHUNKS.rows rows at a time into one
+    buffer for inputs of up to CHUNKS.max_input_rows rows (faster, and a slice of scratch instead
+    of the whole weight): the same products as the whole dequantized weight, in fp32 and bf16,
+    with a last slice shorter than the others. Small weights and larger inputs dequantize whole."""
+    from edgepack.plugins import quantize as quantize_module
+    from edgepack.plugins.quantize import CHUNKS, quantize_int4_groups, quantize_int8_rows
+
+    gen = torch.Generator().manual_seed(0)
+    in_f = 1024
+    out_f = CHUNKS.min_elements // in_f + CHUNKS.rows // 2  # the last slice is half a slice
+    assert CHUNKS.applies(out_f, in_f, CHUNKS.max_input_rows) and not CHUNKS.applies(1536, 384, 1)
+    assert not CHUNKS.applies(out_f, in_f, CHUNKS.max_input_rows + 1) and not CHUNKS.applies(CHUNKS.rows, 1 << 16, 1)
+    weight = torch.randn(out_f, in_f, generator=gen)
+    if bits == 8:
+        q, scale = quantize_int8_rows(weight)
+        offset = None
+    else:
+        q, scale, offset = quantize_int4_groups(weight, 32)
+    bias = torch.randn(out_f, generator=gen)
+    layer = QuantLinear(in_f, out_f, bits, q, scale, offset, bias)
+    sliced = []
+    real = quantize_module.dequantize
+    monkeypatch.setattr(quantize_module, "dequantize",
+                        lambda q, *a, **k: sliced.append(q.shape[0]) or real(q, *a, **k))
+    for dtype, rows, whole in ((torch.float32, 40, False), (torch.bfloat16, 40, False), (torch.float32, 300, True)):
+        x = torch.randn(3, rows, in_f, generator=gen).to(dtype)
+        sliced.clear()
+        with torch.inference_mode():
+            got = layer(x)
+            want = torch.nn.functional.linear(x, dequantize(q, scale, offset, bits, dtype), bias.to(dtype))
+        assert got.dtype == dtype and got.shape == (3, rows, out_f) and got.is_contiguous()
+        slices = [out_f] if whole else [CHUNKS.rows] * (out_f // CHUNKS.rows) + [out_f % CHUNKS.rows]
+        assert sliced == slices, (dtype, rows)
+        error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        assert error < (1e-5 if dtype == torch.float32 else 2 ** -7), (dtype, error)  # bf16: its rounding
+    small = QuantLinear(384, 1536, 8, *quantize_int8_rows(torch.randn(1536, 384, generator=gen)))
+    sliced.clear()
+    with torch.inference_mode():
+        small(torch.randn(2, 384, generator=gen))
+    assert sliced == [1536]
+
+
+def test_the_estimate_counts_a_slice_of_a_large_weight_on_cpu_only():
+    """The estimate follows the slices: a decoder whose FFN weights are chunked on CPU needs
+    less activation memory there than on a GPU, where weights dequantize whole."""
+    from edgepack.interfaces import Workload
+    from edgepack.memory import activation_bytes, initial_footprint
+    from edgepack.interfaces import ModelFacts
+
+    facts = ModelFacts(architecture="LlamaForCausalLM", model_type="llama", task="text-generation", dtype="float32",
+                       num_parameters=0, parameters_by_kind={"linear": 16 * 3 * 2048 * 5632}, num_layers=16,
+                       hidden_size=2048, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+                       intermediate_size=5632, vocab_size=32000, max_positions=2048)
+    footprint = initial_footprint(facts)
+    cpu = Probe("cpu", True, (DeviceInfo(0, "cpu", 1, 1),), frozenset({"fp32", "int8"}))
+    gpu = Probe("cuda", True, (DeviceInfo(0, "gpu", 1, 1),), frozenset({"fp32", "int8"}))
+    on_cpu = Quantize().estimate(footprint, {"scheme": "int8"}, cpu)
+    on_gpu = Quantize().estimate(footprint, {"scheme": "int8"}, gpu)
+    assert on_cpu.scratch_chunks is not None and on_gpu.scratch_chunks is None
+    workload = Workload(1, 128, 136)
+    whole, sliced = activation_bytes(facts, workload, on_gpu), activation_bytes(facts, workload, on_cpu)
+    # the largest phase's scratch: a 5632 x 2048 fp32 weight, against 256 of its rows and a copy of the result
+    per_element = on_cpu.weight_scratch  # bytes per element of a dequantized weight (fp32, and bf16 on some CPUs)
+    assert whole - sliced == per_element * 5632 * 2048 - (per_element * 256 * 5632 + 128 * 2048 * 4)
+    long = Workload(1, 1024, 1032)  # a prefill of more rows than CHUNKS.max_input_rows dequantizes whole
+    assert activation_bytes(facts, long, on_cpu) == activation_bytes(facts, long, on_gpu)
