@@ -51,9 +51,8 @@ class RssMeter(MemoryMeter):
         "peak resident set size (VmHWM) of a fresh process above its resident size after "
         "importing torch, transformers and edgepack and warming the runtime up (a one-layer copy "
         "of the architecture, then one load and batch of the bundle, freed), while loading the "
-        "bundle, reading every weight once, and running the first batch of smoke inputs at the "
-        "declared batch size and sequence length (every batch has its shape; the others run after "
-        "the peak is read)"
+        "bundle, reading every weight once, and running the smoke inputs at the declared batch "
+        "size and sequence length"
     )
 
     def __init__(self) -> None:

@@ -17,8 +17,7 @@ class CudaAllocatorMeter(MemoryMeter):
     scope = (
         "peak bytes allocated by torch's CUDA caching allocator on device 0 "
         "(torch.cuda.max_memory_allocated) above the allocation at start, while loading the "
-        "bundle and running the first batch of smoke inputs at the declared batch size (every "
-        "batch has its shape; the others run after the peak is read), in a fresh process"
+        "bundle and running the smoke inputs at the declared batch size, in a fresh process"
     )
 
     def __init__(self) -> None:

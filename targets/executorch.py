@@ -80,9 +80,8 @@ class ProgramRssMeter(RssMeter):
     scope = (
         "peak resident set size (VmHWM) of a fresh process above its resident size after importing "
         "torch, edgepack and the ExecuTorch runtime and warming the runtime up (one load and batch "
-        "of the program, freed), while loading the program and running the first batch of smoke "
-        "inputs at the declared batch size and sequence length (every batch has its shape; the "
-        "others run after the peak is read)"
+        "of the program, freed), while loading the program and running the smoke inputs at the "
+        "declared batch size and sequence length"
     )
 
 

@@ -136,6 +136,27 @@ def measuring_children(pid: int) -> list[tuple[int, str, list[Path]]]:
     return found
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = proc_stat(int(entry))
+            if fields is not None and fields[1] == str(pid):
+                found.append(int(entry))
+    return found
+
+
+def signal_children(pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid``'s children: a measuring process runs in a session of its own,
+    which a signal to the pack's process group does not reach once it has left the group."""
+    for child in children_of(pid):
+        try:
+            os.kill(child, sig)
+        except ProcessLookupError:
+            pass
+
+
 def all_stopped(pid: int) -> bool:
     """Whether every thread of ``pid`` is stopped (or the process is gone)."""
     try:
@@ -393,10 +414,15 @@ def drive_pack(args: list[str], *, kill_after: str, inspect: Callable[[str], Non
                     inspect(label)
             finally:
                 os.killpg(proc.pid, signal.SIGCONT)
+                # a child stopped with the group just before it left it (between vfork and setsid)
+                # is out of the group now: continue it too, or the pack waits for it forever
+                signal_children(proc.pid, signal.SIGCONT)
             if stopped:
                 record["inspections"].append(label)
     finally:
         if proc.poll() is None:
+            if "killed_at" not in record:  # a failed run (its children's death is not under test)
+                signal_children(proc.pid, signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         reader.join(10)
