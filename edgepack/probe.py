@@ -96,7 +96,7 @@ def main(spec_path: str) -> None:
 
     quiet_libraries()
 
-    import torch  # imported before the baseline: a fixed cost of every runtime
+    import torch  # noqa: F401  (imported before the baseline: a fixed cost of every runtime)
     import transformers
     from safetensors.torch import load_file, save_file
 
@@ -104,7 +104,7 @@ def main(spec_path: str) -> None:
     from edgepack.interfaces import PlanStep
     from edgepack.model import allow_code_of, code_kwargs
     from edgepack.runtime import load_model_dir
-    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, golden_batch, run_outputs
+    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, run_outputs
 
     spec = json.loads(Path(spec_path).read_text())
     threads = fix_threads(spec.get("threads") or 1)
@@ -135,16 +135,10 @@ def main(spec_path: str) -> None:
     meter.start()
     model, _ = load_model_dir(bundle_dir / "model", **load)
     touch_weights(model)
-    batch_size = spec["batch_size"]
-    run = dict(task=spec["task"], new_tokens=spec["new_tokens"], device=target.device_type,
-               logits_from=spec.get("logits_from", LOGITS_GENERATE))
-    outputs = run_outputs(model, {k: v[:batch_size] for k, v in inputs.items()}, batch_size=batch_size, **run)
+    outputs = run_outputs(model, inputs, spec["task"], spec["batch_size"], spec["new_tokens"],
+                          device=target.device_type, logits_from=spec.get("logits_from", LOGITS_GENERATE))
     peak = meter.peak_bytes()
     seconds = time.perf_counter() - started
-    rest = {k: v[batch_size:] for k, v in inputs.items()}
-    if len(rest["input_ids"]):  # every batch has the first's shape: the rest run after the peak, several at once
-        more = run_outputs(model, rest, batch_size=golden_batch(batch_size, rest["input_ids"].shape[1]), **run)
-        outputs = {k: torch.cat([outputs[k], more[k]]) for k in outputs}
     save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
     scope = f"{meter.scope}; {threads} intra-op thread{'s' if threads != 1 else ''}"
     print(json.dumps({"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}))
@@ -181,7 +175,7 @@ def rank_main(spec_path: str) -> None:
     from edgepack.host import load_registry
     from edgepack.launch import FAULT_ENV
     from edgepack.plugins.parallel import init_distributed, load_rank, smoke_outputs
-    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, batches, golden_batch
+    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, batches
 
     threads = fix_threads(spec.get("threads") or 1)
     bundle_dir = Path(spec["bundle_dir"])
@@ -219,14 +213,10 @@ def rank_main(spec_path: str) -> None:
     model = load_rank(model_dir, rank, world, device)
     touch_weights(model.module)
     stage("running the smoke inputs")
-    run = dict(task=task, new_tokens=int(spec["new_tokens"]), logits_from=spec.get("logits_from", LOGITS_GENERATE))
-    outputs = smoke_outputs(model, first_batch, batch_size=batch_size, **run)
+    outputs = smoke_outputs(model, inputs, task, batch_size, int(spec["new_tokens"]),
+                            spec.get("logits_from", LOGITS_GENERATE))
     peak = meter.peak_bytes()
     seconds = time.perf_counter() - started
-    rest = {k: v[batch_size:] for k, v in inputs.items()}
-    if len(rest["input_ids"]):  # as in main: the other batches after the peak, several at once
-        more = smoke_outputs(model, rest, batch_size=golden_batch(batch_size, rest["input_ids"].shape[1]), **run)
-        outputs = {k: torch.cat([outputs[k], more[k]]) for k in outputs}
     if rank == 0:
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
     scope = f"{meter.scope}; each of {world} ranks measured in its own process; {threads} intra-op thread{'s' if threads != 1 else ''} per rank"

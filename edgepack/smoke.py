@@ -150,21 +150,50 @@ def _generate(model: Any, batch: dict[str, Any], new_tokens: int, logits_from: s
     ``tokens`` (see :func:`run_outputs`)."""
     pad = pad_id(model)
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    rows = batch["input_ids"].shape[0]
+    logits = None
     if logits_from == LOGITS_GENERATE:  # the prompt runs once: its logits are generation's first step
-        out = model.generate(**batch, **kwargs, output_logits=True, return_dict_in_generate=True)
-        if getattr(out, "logits", None):
-            generated, logits = out.sequences, out.logits[0]
-        else:  # a program's generate that returns only the tokens: its prompts run once more
-            generated = getattr(out, "sequences", out)
-            logits = model(**batch).logits[:, -1, :]
+        generated, logits = _generate_with_first_logits(model, batch, kwargs)
+        if logits is not None and logits.shape[0] != rows:  # beam search: each prompt's beams start alike
+            logits = logits.reshape(rows, -1, logits.shape[-1])[:, 0]
     else:
+        generated = model.generate(**batch, **kwargs)
+    if logits is None:  # a plain forward of the prompt (and a program whose generate gives tokens only)
         try:  # only the last position's logits: a full [batch, seq, vocab] is not needed
             logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
         except TypeError:
             logits = model(**batch).logits[:, -1, :]
-        generated = model.generate(**batch, **kwargs)
     tokens = generated[:, batch["input_ids"].shape[1]:].cpu()
     return {"logits": logits.float().cpu(), "tokens": finish_tokens(tokens, new_tokens, eos_ids(model), pad)}
+
+
+def _generate_with_first_logits(model: Any, batch: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """Greedy generation and the logits of its first step (None when a program's ``generate``
+    cannot return them). A torch model's are copied by a forward hook from its first call, so
+    no other step's logits are kept (``output_logits`` would hold every step's, memory a
+    deployed model never uses); a program (not a torch module) is asked for ``output_logits``."""
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        first: list[Any] = []
+
+        def keep_first(module: Any, args: Any, output: Any) -> None:
+            if not first:
+                first.append(output.logits[:, -1, :].float())
+
+        handle = model.register_forward_hook(keep_first)
+        try:
+            generated = model.generate(**batch, **kwargs)
+        finally:
+            handle.remove()
+        return generated, first[0]
+    try:
+        out = model.generate(**batch, **kwargs, output_logits=True, return_dict_in_generate=True)
+    except TypeError:  # a program's generate without these options
+        return model.generate(**batch, **kwargs), None
+    if getattr(out, "logits", None):
+        return out.sequences, out.logits[0]
+    return getattr(out, "sequences", out), None
 
 
 def pad_id(model: Any) -> int:

@@ -88,6 +88,7 @@ from typing import Any, Mapping, Sequence
 import edgepack
 from edgepack.errors import UsageError
 from edgepack.interfaces import Compressor, Option
+from edgepack.smoke import LOGITS_GENERATE
 
 FORMAT = "edgepack.parallel/1"
 SHARD_FILE = "model.safetensors"
@@ -1323,15 +1324,17 @@ def save_sharded(model: Any, world_size: int, mode: str, model_dir: str | os.Pat
 
 
 def smoke_outputs(model: "RankModel", inputs: Mapping[str, Any], task: str, batch_size: int,
-                  new_tokens: int, logits_from: str = "generate") -> dict[str, Any]:
+                  new_tokens: int, logits_from: str = LOGITS_GENERATE) -> dict[str, Any]:
     """What :func:`edgepack.smoke.run_outputs` returns for a single-device model, computed by
     all ranks together (collective; every rank gets the result): mean-pooled, normalised
     embeddings for encoders; next-token logits (taken as ``logits_from`` says) and
     ``new_tokens`` greedy tokens for decoders."""
     import torch
 
-    from edgepack.smoke import LOGITS_GENERATE, batches, eos_ids, finish_tokens, mean_pool, pad_id
+    from edgepack.smoke import LOGITS_FROM, batches, eos_ids, finish_tokens, mean_pool, pad_id
 
+    if logits_from not in LOGITS_FROM:
+        raise ValueError(f"logits_from must be one of {', '.join(LOGITS_FROM)}, not {logits_from!r}")
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
         for batch in batches(dict(inputs), batch_size):

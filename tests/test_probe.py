@@ -406,3 +406,9 @@ def test_decoder_logits_are_the_first_generation_steps_or_a_padded_forwards():
     assert (forward["logits"] - alone).abs().max() > 100 * (first["logits"] - alone).abs().max() + 1e-4
     with pytest.raises(ValueError, match="logits_from"):
         run_outputs(model, padded, "text-generation", 1, logits_from="prefill")
+    model.generation_config.num_beams = 2  # a model that generates by beam search: one row per prompt still
+    try:
+        beams = run_outputs(model, padded, "text-generation", 1, new_tokens=4)
+    finally:
+        model.generation_config.num_beams = 1
+    assert beams["logits"].shape == first["logits"].shape and torch.allclose(beams["logits"], alone, atol=1e-5)
