@@ -255,11 +255,13 @@ class ScratchChunks:
     """Matmuls that dequantize their weight a slice of rows at a time: weights of at least
     ``min_elements`` elements and more than ``rows`` rows, with inputs of at most
     ``max_input_rows`` rows. Their scratch is ``rows`` rows of the weight and a copy of the
-    result."""
+    result. ``scratch`` is the per-element scratch so sliced (``Footprint.weight_scratch`` when
+    the slicing step set it): a larger one, from a later step, counts whole."""
 
     rows: int
     min_elements: int
     max_input_rows: int
+    scratch: float = 0.0
 
     def applies(self, out_features: int, in_features: int, input_rows: int) -> bool:
         """Whether a matmul of ``input_rows`` rows with this weight is sliced."""

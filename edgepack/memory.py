@@ -153,7 +153,8 @@ def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint
     def scratch(out_features: int, in_features: int) -> float:
         """Per-call scratch of one matmul with an ``out_features x in_features`` weight."""
         chunks = footprint.scratch_chunks
-        if chunks is not None and chunks.applies(out_features, in_features, b * s):
+        if chunks is not None and footprint.weight_scratch <= chunks.scratch \
+                and chunks.applies(out_features, in_features, b * s):
             return footprint.weight_scratch * chunks.rows * in_features + b * s * out_features * elem
         return footprint.weight_scratch * out_features * in_features
 

@@ -269,19 +269,11 @@ def _output_error(weight: Any, hessian: Any, effective: Any) -> float:
 def input_hessians(model: Any, modules: list[tuple[str, Any]], calibration: list[dict[str, Any]]) -> dict[str, Any]:
     """``2 XᵀX / n`` of each Linear's inputs over the calibration batches, padding excluded,
     from passes of the whole model (every module's statistics at once)."""
-    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in modules}
-    counts = dict.fromkeys(sums, 0)
-    mask_holder: dict[str, Any] = {}
-    handles = _accumulate(sums, counts, modules, mask_holder)
-    try:
-        with torch.inference_mode():
-            for batch in calibration:
-                mask_holder["mask"] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return _finish_hessians(sums, counts)
+    with _InputStatistics(modules) as statistics, torch.inference_mode():
+        for batch in calibration:
+            statistics.mask = batch.get("attention_mask")
+            model(**batch)
+    return statistics.hessians()
 
 
 class _Stop(Exception):
@@ -302,40 +294,87 @@ def _repeated_layers(model: Any, names: set[str]) -> tuple[str, list[Any]] | Non
     return best
 
 
-def _accumulate(sums: dict[str, Any], counts: dict[str, int], modules: list[tuple[str, Any]],
-                mask_holder: dict[str, Any]) -> list[Any]:
-    """Forward pre-hooks adding each module's ``XᵀX`` (padding excluded) to ``sums``. Modules
-    called on the very tensor the module before them was (q, k and v; gate and up) share that
-    module's sum: the same statistics, held once (see :func:`_finish_hessians`)."""
-    import weakref
+class _InputStatistics:
+    """Forward pre-hooks adding up ``XᵀX`` of each module's inputs (padding excluded, by
+    :attr:`mask`); :meth:`hessians` gives ``2 XᵀX / n``. Modules called one after another on
+    the very same tensor (q, k and v; gate and up) get one product and, for as long as they
+    get the same inputs, one matrix: the same statistics, computed and held once. (A Linear's
+    input is kept for its weight's gradient, so a model that trains never changes it in place
+    between two such calls.) A module that gets an input the others sharing its matrix do not
+    gets a copy of its own."""
 
-    last: dict[str, Any] = {"input": lambda: None, "name": None}
+    def __init__(self, modules: list[tuple[str, Any]]) -> None:
+        self.modules = modules
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.mask: Any = None
+        self._pending: tuple[Any, Any, list[str]] | None = None  # an input and the modules it went to
+        self._handles = [m.register_forward_pre_hook(self._hook_for(name)) for name, m in modules]
 
-    def hook_for(name: str):
+    def __enter__(self) -> "_InputStatistics":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook_for(self, name: str) -> Any:
         def hook(module: Any, args: tuple[Any, ...]) -> None:
-            if last["input"]() is args[0]:  # the previous module's input: its sum is this one's
-                sums[name] = sums[last["name"]]
-                counts[name] = counts[last["name"]]
+            if self._pending is not None and self._pending[0] is args[0] and name not in self._pending[2]:
+                self._pending[2].append(name)
                 return
-            last["input"], last["name"] = weakref.ref(args[0]), name
-            x = args[0].detach()
-            mask = mask_holder.get("mask")
-            x = x[mask.bool()] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
-            x = x.double()
-            sums[name] += x.T @ x
-            counts[name] += x.shape[0]
+            self._add_pending()
+            self._pending = (args[0], self.mask, [name])
         return hook
-    return [m.register_forward_pre_hook(hook_for(name)) for name, m in modules]
 
+    def _add_pending(self) -> None:
+        """Add the pending input's ``XᵀX`` to the matrix of the modules it went to."""
+        if self._pending is None:
+            return
+        x, mask, names = self._pending
+        self._pending = None
+        x = x.detach()
+        x = x[mask.bool()] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
+        x = x.double()
+        product = x.T @ x
+        sums, counts = self.sums, self.counts
+        with torch.inference_mode(False):  # plain tensors, normalised after the passes
+            matrix = sums.get(names[0])
+            if matrix is not None and all(sums.get(n) is matrix for n in names) \
+                    and not any(total is matrix for other, total in sums.items() if other not in names):
+                matrix += product  # these modules, and only they, share this matrix
+            elif all(n not in sums for n in names):  # their first input: one matrix for all of them
+                matrix = product.clone()
+                for n in names:
+                    sums[n], counts[n] = matrix, 0
+            else:  # their inputs differ from now on: each its own copy
+                for n in names:
+                    mine = sums.get(n)
+                    if mine is None:
+                        sums[n], counts[n] = product.clone(), 0
+                        continue
+                    if any(total is mine for other, total in sums.items() if other != n):
+                        mine = sums[n] = mine.clone()
+                    mine += product
+        for n in names:
+            counts[n] += x.shape[0]
 
-def _finish_hessians(sums: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
-    """``2 XᵀX / n`` of each module from :func:`_accumulate`'s sums, in place (a shared sum once)."""
-    finished: set[int] = set()
-    for name, total in sums.items():
-        if id(total) not in finished:
-            total.mul_(2).div_(max(counts[name], 1))
-            finished.add(id(total))
-    return dict(sums)
+    def hessians(self) -> dict[str, Any]:
+        """``2 XᵀX / n`` of every module, normalised in place (a shared matrix once); zeros for
+        a module that saw no input."""
+        self._add_pending()
+        out: dict[str, Any] = {}
+        finished: set[int] = set()
+        for name, module in self.modules:
+            total = self.sums.get(name)
+            if total is None:
+                total = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
+            elif id(total) not in finished:
+                total.mul_(2).div_(max(self.counts[name], 1))
+                finished.add(id(total))
+            out[name] = total
+        self.sums.clear()
+        return out
 
 
 def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: list[dict[str, Any]],
@@ -384,22 +423,16 @@ def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: 
                     handle.remove()
                 start = time.perf_counter()
                 for index, (layer, group) in enumerate(zip(layers, groups)):
-                    sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in group}
-                    counts = dict.fromkeys(sums, 0)
-                    mask_holder: dict[str, Any] = {}
-                    hooks = _accumulate(sums, counts, group, mask_holder)
-                    try:  # statistics, and the inputs of the next layer (before this one is quantized)
+                    # statistics, and the inputs of the next layer (before this one is quantized)
+                    with _InputStatistics(group) as statistics:
                         for i, (args, kwargs, mask) in enumerate(captured):
-                            mask_holder["mask"] = mask
+                            statistics.mask = mask
                             out = layer(*args, **kwargs)
                             out = out[0] if isinstance(out, tuple) else out
                             captured[i] = ((out, *args[1:]), kwargs, mask)
-                    finally:
-                        for hook in hooks:
-                            hook.remove()
                     if group:
-                        yield _finish_hessians(sums, counts)
-                    del sums
+                        yield statistics.hessians()
+                    del statistics
                     if progress is not None and group:
                         done = time.perf_counter() - start
                         left = done / (index + 1) * (len(layers) - index - 1)
@@ -440,9 +473,9 @@ def dequantize(qdata: Any, scale: Any, offset: Any | None, bits: int, dtype: Any
 def dequantized_matmul(rows: Any, qdata: Any, scale: Any, offset: Any | None, bits: int,
                        chunk_rows: int | None = CHUNKS.rows) -> Any:
     """``rows @ W.T`` for a stored weight W (2-D ``rows`` in the compute dtype), without the
-    whole dequantized W: ``chunk_rows`` rows of W at a time are dequantized into one reused,
-    cache-sized buffer and multiplied into their slice of the (transposed) result. On CPU that
-    is up to 2x faster than dequantizing the whole weight and multiplying once, and needs
+    whole dequantized W: ``chunk_rows`` rows of W at a time are dequantized into one buffer,
+    reused within the call, and multiplied into their slice of the (transposed) result. On CPU
+    that is up to 2x faster than dequantizing the whole weight and multiplying once, and needs
     ``chunk_rows`` rows of scratch instead of the weight
     (``python examples/benchmark_speed.py --kernels``). ``chunk_rows=None`` dequantizes it whole."""
     out_features = qdata.shape[0]
@@ -1072,7 +1105,7 @@ class Quantize(Compressor):
             scratch = act_bytes + 2 if act_bytes > 2 else act_bytes
         if options["scheme"] != "int8-dynamic" and target.target == "cpu" and scratch >= result.weight_scratch:
             # QuantLinear on a CPU dequantizes large weights a slice of rows at a time (CHUNKS)
-            result = dataclasses.replace(result, scratch_chunks=CHUNKS)
+            result = dataclasses.replace(result, scratch_chunks=dataclasses.replace(CHUNKS, scratch=scratch))
         return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch))
 
     def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:

@@ -337,8 +337,7 @@ class Sparsify(Compressor):
         # fp32 and bf16, under the fixed-allocator probe: large temporaries go back to the system
         # as soon as they are freed, so fewer of them are live at the peak).
         scratch = 6 + 1.5 * footprint.activation_bits / 8
-        return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch),
-                                   scratch_chunks=None)
+        return dataclasses.replace(result, weight_scratch=max(result.weight_scratch, scratch))
 
     def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:
         """A prior growing with sparsity, fitted to MiniLM (1 - mean cosine of embeddings after

@@ -295,6 +295,31 @@ def test_layerwise_statistics_equal_the_whole_model_pass_one_layer_at_a_time(kin
             torch.testing.assert_close(alone, whole[name], rtol=1e-9, atol=1e-9)
 
 
+def test_modules_share_statistics_only_while_they_get_the_same_inputs():
+    """Two Linears called on one tensor share a matrix; when one of them later gets an input
+    the other does not (either order), each ends with the statistics it would have alone."""
+    gen = torch.Generator().manual_seed(0)
+
+    class Pair(torch.nn.Module):
+        def __init__(self, pattern):
+            super().__init__()
+            self.a, self.b, self.pattern = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4), pattern
+
+        def forward(self, x, other):
+            for name, which in self.pattern:
+                getattr(self, name)(x if which == "x" else other)
+
+    for pattern in ([("a", "x"), ("b", "x"), ("b", "y")], [("a", "x"), ("b", "x"), ("a", "y")],
+                    [("a", "x"), ("a", "x"), ("b", "x")], [("a", "x"), ("b", "x")]):
+        model = Pair(pattern)
+        batches = [{"x": torch.randn(5, 8, generator=gen), "other": torch.randn(3, 8, generator=gen)} for _ in range(2)]
+        both = input_hessians(model, [("a", model.a), ("b", model.b)], batches)
+        for name in ("a", "b"):
+            alone = input_hessians(model, [(name, getattr(model, name))], batches)[name]
+            torch.testing.assert_close(both[name], alone, rtol=1e-12, atol=1e-12)
+        assert (both["a"] is both["b"]) == (len(pattern) == 2), pattern
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quant_embedding_gathers_the_rows_of_the_dequantized_table(bits):
     gen = torch.Generator().manual_seed(bits)
@@ -667,3 +692,7 @@ def test_the_estimate_counts_a_slice_of_a_large_weight_on_cpu_only():
     assert whole - sliced == per_element * 5632 * 2048 - (per_element * 256 * 5632 + 128 * 2048 * 4)
     long = Workload(1, 1024, 1032)  # a prefill of more rows than CHUNKS.max_input_rows dequantizes whole
     assert activation_bytes(facts, long, on_cpu) == activation_bytes(facts, long, on_gpu)
+    import dataclasses  # a later step's larger scratch (its own whole weights) is not sliced
+
+    later = dataclasses.replace(on_cpu, weight_scratch=per_element + 4)
+    assert activation_bytes(facts, workload, later) == activation_bytes(facts, workload, dataclasses.replace(later, scratch_chunks=None))
