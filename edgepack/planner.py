@@ -390,8 +390,8 @@ def packable(fitting: list[Candidate], facts: ModelFacts, workload: Workload, pr
     work = parse_size(work_memory, "--work-memory")
 
     def needs(cost: PackCost) -> str:
-        return (f"needs about {format_size(cost.peak_bytes)} (applying and writing {format_size(cost.apply_bytes)}, "
-                f"measuring {format_size(cost.measure_bytes)})")
+        return (f"needs about {format_size(cost.peak_bytes)} (golden outputs, applying and writing "
+                f"{format_size(cost.apply_bytes)}, measuring {format_size(cost.measure_bytes)})")
 
     kept = [c for c in fitting if c.pack_cost.peak_bytes <= work]  # type: ignore[union-attr]
     for candidate in fitting:

@@ -102,7 +102,7 @@ def test_work_memory_refuses_a_plan_before_any_work_with_the_figure(big, tmp_pat
     from edgepack.pipeline import pack
 
     with pytest.raises(NoPlanFits, match=r"--work-memory 100\.0 MB: the cheapest to pack, quantize:scheme=int4, "
-                                         r"needs about [\d.]+ [MG]B \(applying and writing"):
+                                         r"needs about [\d.]+ [MG]B \(golden outputs, applying and writing"):
         pack(big, target="cpu", out=tmp_path, apply=["quantize:scheme=int4"], work_memory="100MB")
     assert not any(tmp_path.iterdir())  # nothing written
 
