@@ -336,17 +336,16 @@ class _InputStatistics:
         x = x.detach()
         x = x[mask.bool()] if mask is not None and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])
         x = x.double()
-        product = x.T @ x
         sums, counts = self.sums, self.counts
         with torch.inference_mode(False):  # plain tensors, normalised after the passes
+            product = x.T @ x
             matrix = sums.get(names[0])
             if matrix is not None and all(sums.get(n) is matrix for n in names) \
                     and not any(total is matrix for other, total in sums.items() if other not in names):
                 matrix += product  # these modules, and only they, share this matrix
             elif all(n not in sums for n in names):  # their first input: one matrix for all of them
-                matrix = product.clone()
                 for n in names:
-                    sums[n], counts[n] = matrix, 0
+                    sums[n], counts[n] = product, 0
             else:  # their inputs differ from now on: each its own copy
                 for n in names:
                     mine = sums.get(n)
