@@ -46,6 +46,12 @@ LOGITS_GENERATE = "generate"
 LOGITS_FORWARD = "forward"
 LOGITS_FROM = (LOGITS_GENERATE, LOGITS_FORWARD)
 
+
+def check_logits_from(value: str) -> None:
+    """ValueError unless ``value`` is one of :data:`LOGITS_FROM`."""
+    if value not in LOGITS_FROM:
+        raise ValueError(f"logits_from must be one of {', '.join(LOGITS_FROM)}, not {value!r}")
+
 #: The golden outputs run about this many tokens at once (see :func:`golden_batch`).
 GOLDEN_BATCH_TOKENS = 1024
 
@@ -129,8 +135,7 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
     """
     import torch
 
-    if logits_from not in LOGITS_FROM:
-        raise ValueError(f"logits_from must be one of {', '.join(LOGITS_FROM)}, not {logits_from!r}")
+    check_logits_from(logits_from)
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
         for batch in batches(inputs, batch_size):

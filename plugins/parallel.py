@@ -1331,10 +1331,9 @@ def smoke_outputs(model: "RankModel", inputs: Mapping[str, Any], task: str, batc
     ``new_tokens`` greedy tokens for decoders."""
     import torch
 
-    from edgepack.smoke import LOGITS_FROM, batches, eos_ids, finish_tokens, mean_pool, pad_id
+    from edgepack.smoke import batches, check_logits_from, eos_ids, finish_tokens, mean_pool, pad_id
 
-    if logits_from not in LOGITS_FROM:
-        raise ValueError(f"logits_from must be one of {', '.join(LOGITS_FROM)}, not {logits_from!r}")
+    check_logits_from(logits_from)
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
         for batch in batches(dict(inputs), batch_size):
