@@ -25,9 +25,11 @@ cosine of mean-pooled embeddings against the source on held-out sentences.
 ``--kernels`` times one Linear at M rows (1 = a decoding step, 128 = a prefill) for the
 shapes of MiniLM, a ~1B decoder and an output head: fp32 matmul, int8 dequantize + matmul
 (whole, and 256 rows at a time), torch's fused ``_weight_int8pack_mm``
-with bf16 activations, int4 (g32) dequantize + matmul (whole and chunked) and torch's fused
-``_weight_int4pack_mm_for_cpu``; it is how ``FUSED_MAX_ROWS``, ``CHUNKS`` and the int4 kernel
-choice were made.
+with bf16 activations, int8-dynamic's ``torch._int_mm`` path (activations quantized per row,
+results scaled: the whole call), int4 (g32) dequantize + matmul (whole and chunked) and torch's
+fused ``_weight_int4pack_mm_for_cpu``; it is how ``FUSED_MAX_ROWS``, ``CHUNKS`` and the int4
+kernel choice were made. The probe's ``int8-gemm`` capability is measured the same way at one
+shape (``edgepack.targets.cpu.int8_gemm_fast``).
 
 Speed figures name the CPU they ran on: the script prints the model name and the flags that
 matter (avx512_bf16, amx) first.
@@ -71,11 +73,11 @@ def kernels() -> None:
     import torch
 
     from edgepack.plugins.quantize import (
-        dequantize, dequantized_matmul, pack_int4_for_cpu, quantize_int4_groups, quantize_int8_rows,
+        QuantLinear, dequantize, dequantized_matmul, pack_int4_for_cpu, quantize_int4_groups, quantize_int8_rows,
     )
 
     print(f"{'weight':>12} {'rows':>4} {'fp32':>8} {'int8 deq+mm':>12} {'int8 chunked':>12} {'int8 fused':>11} "
-          f"{'int4 deq+mm':>12} {'int4 chunked':>12} {'int4 fused':>11}  (ms, median)")
+          f"{'int8x8 int_mm':>13} {'int4 deq+mm':>12} {'int4 chunked':>12} {'int4 fused':>11}  (ms, median)")
     for out_f, in_f in ((384, 1536), (1536, 384), (2048, 2048), (5632, 2048), (2048, 5632), (32000, 768)):
         source = torch.randn(out_f, in_f)
         q, scale = quantize_int8_rows(source)
@@ -83,6 +85,9 @@ def kernels() -> None:
         flat = scale.reshape(-1).to(torch.bfloat16)
         q4, s4, o4 = quantize_int4_groups(source, 32)
         packed4, scale_zero = pack_int4_for_cpu(q4, s4, o4)
+        # int8-dynamic's torch._int_mm path, activations quantized per row and results scaled
+        dynamic = QuantLinear(in_f, out_f, 8, q, scale)
+        dynamic.dynamic = dynamic.int_mm = True
         for rows in (1, 4, 8, 16, 64, 128, 1024):
             x = torch.randn(rows, in_f)
             with torch.inference_mode():
@@ -90,11 +95,12 @@ def kernels() -> None:
                 deq = time_ms(lambda: x @ dequantize(q, scale, None, 8, torch.float32).T)
                 chunk = time_ms(lambda: dequantized_matmul(x, q, scale, None, 8))
                 fused = time_ms(lambda: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, flat).float())
+                int_mm = time_ms(lambda: dynamic(x))
                 deq4 = time_ms(lambda: x @ dequantize(q4, s4, o4, 4, torch.float32).T)
                 chunk4 = time_ms(lambda: dequantized_matmul(x, q4, s4, o4, 4))
                 fused4 = time_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x.to(torch.bfloat16), packed4, 32, scale_zero).float())
-            print(f"{out_f:>5}x{in_f:<6} {rows:>4} {fp32:>8.2f} {deq:>12.2f} {chunk:>12.2f} {fused:>11.2f} "
+            print(f"{out_f:>5}x{in_f:<6} {rows:>4} {fp32:>8.2f} {deq:>12.2f} {chunk:>12.2f} {fused:>11.2f} {int_mm:>13.2f} "
                   f"{deq4:>12.2f} {chunk4:>12.2f} {fused4:>11.2f}")
 
 

@@ -11,8 +11,9 @@ Schemes:
     int8 weights and int8 activations quantized per token at run time (torchao's
     ``Int8DynamicActivationInt8WeightConfig``) for Linear layers; embeddings int8 weight-only.
     Also saved by stock transformers. On CPU edgepack runs these Linears itself
-    (:meth:`QuantLinear._forward_dynamic`, the same products): torchao's path multiplies with
-    ``torch._int_mm``, which on CPU is tens of times slower than an fp32 GEMM.
+    (:meth:`QuantLinear._forward_dynamic`, the same products): torchao's path quantizes the
+    activations in many small steps and multiplies with ``torch._int_mm``, which on CPUs
+    without VNNI or AMX is tens of times slower than an fp32 GEMM.
 ``int4``
     weight-only, asymmetric, group-wise (``group_size`` columns share a scale and an offset),
     with the clipping range searched per group to minimise the squared error. torchao 0.18
@@ -41,7 +42,10 @@ stored nowhere in the bundle (the stored layout is portable):
   larger inputs dequantize the weight once per call and run one GEMM, a slice of rows at a time
   for large weights and inputs of at most a few hundred rows (:data:`CHUNKS`, :func:`dequantized_matmul`).
   int8-dynamic does the same with the activations' int8 codes (exact in bf16) in place of the
-  activations, and scales the result per row (its weight whole).
+  activations, and scales the result per row (its weight whole), except on CPUs where torch's
+  int8 x int8 matmul ``torch._int_mm`` was measured fast (the probe's ``int8-gemm``: VNNI or
+  AMX): there every int8-dynamic call runs in it, torchao's own products, about 4x faster than
+  an fp32 matmul.
 * int4 in a decoder on such a CPU: every call runs in torch's fused ``_weight_int4pack_mm_for_cpu``
   (bf16 activations), after the nibbles are repacked at load time into the layout that kernel
   wants on this CPU (:func:`pack_int4_for_cpu`; the layout differs between AVX2 and AVX-512, so
@@ -76,6 +80,10 @@ FUSED_MAX_ROWS = 32
 #: weights, and larger inputs, which spread the cost of one dequantization over more rows,
 #: dequantize whole (``python examples/benchmark_speed.py --kernels``).
 CHUNKS = ScratchChunks(rows=256, min_elements=1 << 21, max_input_rows=256)
+
+#: torch's fused int8 CPU kernel is correct only for rows of a multiple of this many elements
+#: (:meth:`QuantLinear.use_int8_kernel`); other int8 Linears dequantize.
+INT8_KERNEL_WIDTH = 16
 
 #: Group sizes torch's CPU int4 kernel accepts; int4 bundles at other group sizes dequantize.
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -499,6 +507,14 @@ def fused_kernels_available() -> bool:
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 
+def _aligned(tensor: Any) -> Any:
+    """``tensor``, or a contiguous copy of it where it is not contiguous from a 64-byte aligned
+    start (torch's allocator aligns what it allocates; views and memory-mapped files need not)."""
+    if tensor.is_contiguous() and tensor.data_ptr() % 64 == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def quantize_activation_rows(rows: Any) -> tuple[Any, Any]:
     """Activations ``[rows, in]`` as int8 codes per row, as torchao's dynamic int8 activations
     (symmetric, scale ``max |x| / 127.5``, at least fp32's eps; codes in [-128, 127]): returns
@@ -585,6 +601,9 @@ def _define_modules() -> None:
             #: int8-dynamic: the activations are quantized to int8 per row at every call
             #: (:func:`quantize_activation_rows`) and multiplied with the int8 weight
             self.dynamic = False
+            #: int8-dynamic on a CPU whose ``torch._int_mm`` is fast (the probe's ``int8-gemm``):
+            #: the integer products run in it (see Quantize.prepare)
+            self.int_mm = False
 
         def forward(self, x: Any) -> Any:
             if self.input_scale is not None:  # in fp32, as the rounding assumed, then back
@@ -622,10 +641,14 @@ def _define_modules() -> None:
             torchao's ``Int8DynamicActivationInt8WeightConfig``. The integer products run in a
             float matmul: int8 values are exact in bf16 and fp32, and an fp32 sum of them is exact
             up to 2**24. torchao's own path runs ``torch._int_mm``, which on CPU is a plain loop
-            tens of times slower than an fp32 GEMM; here decoding steps run in the fused
-            ``_weight_int8pack_mm`` and larger inputs in one GEMM, as for ``int8``."""
+            tens of times slower than an fp32 GEMM unless the CPU has VNNI or AMX; there
+            (``int_mm``) it runs in ``torch._int_mm`` too, elsewhere decoding steps run in the
+            fused ``_weight_int8pack_mm`` and larger inputs in one GEMM, as for ``int8``."""
             codes, row_scale = quantize_activation_rows(x.reshape(-1, self.in_features))
-            if self.fused_rows and codes.shape[0] <= self.fused_rows and x.device.type == "cpu":
+            if self.int_mm and x.device.type == "cpu":  # exact int32 sums, then torchao's scaling
+                y = torch._int_mm(codes.to(torch.int8), self.qdata.T).float()
+                y.mul_(row_scale).mul_(self.scale.reshape(1, -1))
+            elif self.fused_rows and codes.shape[0] <= self.fused_rows and x.device.type == "cpu":
                 y = self._int8pack_mm(codes).float().mul_(row_scale)
             else:  # in torchao's order: the integer products, the row scales, the channel scales
                 dtype = self.compute_dtype or torch.float32
@@ -639,7 +662,20 @@ def _define_modules() -> None:
             """``rows`` (2-D) times the int8 weight and its scales in torch's fused CPU kernel, in bf16."""
             if self._fused_scale is None:
                 self._fused_scale = self.scale.reshape(-1).to(torch.bfloat16)
-            return torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.qdata, self._fused_scale)
+            return torch.ops.aten._weight_int8pack_mm(_aligned(rows.to(torch.bfloat16)), self.qdata, self._fused_scale)
+
+        def use_int8_kernel(self) -> bool:
+            """Let decoding-sized inputs of this int8 Linear run in torch's fused kernel; False (and
+            nothing changed) where the kernel would be wrong. On an AVX-512 CPU (measured on an
+            avx512_vnni Xeon, torch 2.13) ``_weight_int8pack_mm`` reads out of bounds, crashing
+            or returning wrong values, unless the row width is a multiple of 16 and its operands
+            start 64-byte aligned: weights loaded from a safetensors file need not, so a
+            misaligned one is copied once here."""
+            if self.bits != 8 or self.in_features % INT8_KERNEL_WIDTH:
+                return False
+            self.qdata = _aligned(self.qdata)
+            self.fused_rows = FUSED_MAX_ROWS
+            return True
 
         def use_int4_kernel(self) -> bool:
             """Repack this int4 Linear for torch's fused CPU kernel, in place; False (and nothing
@@ -664,7 +700,7 @@ def _define_modules() -> None:
         def extra_repr(self) -> str:
             kernel = ", kernel=int4pack" if self.int4_group else (", kernel=int8pack" if self.fused_rows else "")
             awq = ", awq" if self.input_scale is not None else ""
-            dynamic = ", int8 activations" if self.dynamic else ""
+            dynamic = (", int8 activations" + (", kernel=int_mm" if self.int_mm else "")) if self.dynamic else ""
             return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
                     f"{kernel}{awq}{dynamic}")
 
@@ -1352,7 +1388,8 @@ class Quantize(Compressor):
         the fp32 matmul the weights came from. On CPUs where torch's fused weight-only kernels
         are fast (:func:`fused_kernels_available`), int8 decoding steps run in
         ``_weight_int8pack_mm`` and the int4 Linears of decoders are repacked for
-        ``_weight_int4pack_mm_for_cpu`` (see the module docstring)."""
+        ``_weight_int4pack_mm_for_cpu``; where the probe measured ``torch._int_mm`` fast
+        (``int8-gemm``), int8-dynamic Linears run every call in it (see the module docstring)."""
         _define_modules()
         if options["scheme"] not in ("int4", "mixed"):
             model = self._swap_torchao(model, options, device)
@@ -1361,11 +1398,15 @@ class Quantize(Compressor):
             for module in model.modules():
                 if isinstance(module, QuantLinear):
                     module.compute_dtype = torch.bfloat16
+        if device == "cpu" and probe is not None and "int8-gemm" in probe.capabilities:
+            for module in model.modules():
+                if isinstance(module, QuantLinear) and module.dynamic:
+                    module.int_mm = True
         if device == "cpu" and fused_kernels_available():
             decoder = bool(getattr(model, "can_generate", lambda: False)())
             for module in model.modules():
                 if isinstance(module, QuantLinear) and module.bits == 8:
-                    module.fused_rows = FUSED_MAX_ROWS
+                    module.use_int8_kernel()
                 elif isinstance(module, QuantLinear) and decoder:
                     # decoding is a long run of one-row calls, where the fused kernel reads 4-bit
                     # weights in place of dequantizing them; encoders' large batches keep the GEMM

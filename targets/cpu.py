@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import edgepack
 from edgepack.interfaces import DeviceInfo, MemoryMeter, Option, Probe, Size, Target
 from edgepack.memory import process_status_bytes
+
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
 
 
 def _meminfo() -> tuple[int, int]:
@@ -112,6 +113,8 @@ class CpuTarget(Target):
         for cap, needs in native.items():
             if flags & needs:
                 capabilities.add(cap)
+        if int8_gemm_fast():
+            capabilities.add("int8-gemm")
         detail["flags_seen"] = sorted(flags & set().union(*native.values()))
         device = DeviceInfo(0, detail["processor"] or "cpu", total, available)
         return Probe(self.name, True, (device,), frozenset(capabilities), detail)
@@ -154,6 +157,43 @@ def _computes(dtype_name: str) -> bool:
         return bool(torch.allclose(ref, got, atol=0.1, rtol=0.05))
     except (RuntimeError, TypeError):
         return False
+
+
+@functools.cache
+def int8_gemm_fast() -> bool:
+    """Whether torch's int8 x int8 matmul (``torch._int_mm``, int32 results) is correct here and
+    takes under 0.8x the time of an fp32 matmul of the same shape (256 x 512 x 512, best of 5
+    interleaved runs each, once per process).
+
+    Measured, not read from the CPU flags: oneDNN runs it in VNNI or AMX instructions where
+    they exist (about 4x faster than fp32 on an avx512_vnni Xeon), and on CPUs without them it
+    was 10-30x slower than fp32 (an avx2 EPYC); ``python examples/benchmark_speed.py --kernels``
+    times it per shape."""
+    import torch
+
+    if not hasattr(torch, "_int_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (256, 512), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (512, 512), dtype=torch.int8, generator=gen)
+    a_float, b_float = a.float(), b.float()
+    try:
+        # exact in fp32: |sums| stay below 2**24
+        if not torch.equal(torch._int_mm(a, b), (a_float @ b_float).to(torch.int32)):
+            return False
+    except RuntimeError:
+        return False
+    best_int = best_float = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a_float @ b_float
+        best_float = min(best_float, time.perf_counter() - start)
+        start = time.perf_counter()
+        torch._int_mm(a, b)
+        best_int = min(best_int, time.perf_counter() - start)
+        if best_int > 4 * best_float:  # a plain loop: no need to wait for the rest of it
+            return False
+    return best_int < 0.8 * best_float
 
 
 @edgepack.hookimpl

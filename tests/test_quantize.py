@@ -4,6 +4,7 @@ this module), the quantization arithmetic on random tensors, and the plans it re
 from __future__ import annotations
 
 import importlib
+import unittest.mock
 
 import pytest
 
@@ -456,6 +457,36 @@ def test_int8_decoding_steps_run_in_the_fused_kernel():
     assert calls == [(1, 1, 64), (1, FUSED_MAX_ROWS, 64)]  # not the larger input
 
 
+def test_the_fused_int8_kernel_gets_only_rows_and_operands_it_reads_correctly():
+    """torch 2.13's ``_weight_int8pack_mm`` on AVX-512 crashes or returns wrong values for
+    rows whose width is not a multiple of 16 and for operands that do not start 64-byte aligned
+    (a weight memory-mapped from a safetensors file, a bf16 input that is a view). Such weights
+    stay on the dequantizing path or are copied once, aligned; such inputs are copied per call.
+    Before the fix this test crashed the interpreter on an avx512_vnni Xeon."""
+    from edgepack.plugins.quantize import FUSED_MAX_ROWS, quantize_int8_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for width in (200, 64):
+        weight = torch.randn(48, width, generator=gen)
+        q, scale = quantize_int8_rows(weight)
+        backing = torch.empty(q.numel() + 64, dtype=torch.int8)
+        start = next(i for i in range(1, 64) if (backing.data_ptr() + i) % 64)
+        misaligned = backing[start:start + q.numel()].view(q.shape)
+        misaligned.copy_(q)
+        layer = QuantLinear(width, 48, 8, misaligned, scale)
+        assert layer.use_int8_kernel() == (width % 16 == 0)
+        assert layer.fused_rows == (FUSED_MAX_ROWS if width % 16 == 0 else 0)
+        if layer.fused_rows:
+            assert layer.qdata.data_ptr() % 64 == 0 and torch.equal(layer.qdata, q)
+        reference = dequantize(q, scale, None, 8, torch.float32)
+        for rows in (1, 14):
+            x = torch.randn(rows * width + 3, generator=gen).bfloat16()[3:].view(rows, width)  # a view off alignment
+            with torch.inference_mode():
+                got = layer(x).float()
+            want = x.float() @ reference.T
+            assert (got - want).abs().max() < 0.02 * want.abs().max(), (width, rows)
+
+
 def _torchao_dynamic_linear(gen, reduce_range=False):
     """A Linear quantized by torchao's Int8DynamicActivationInt8WeightConfig, with its fp32 source."""
     import copy
@@ -512,6 +543,80 @@ def test_int8_dynamic_linears_compute_torchaos_products_without_int_mm():
     _, on_gpu = _torchao_dynamic_linear(torch.Generator().manual_seed(0))
     Quantize().prepare(on_gpu, {"scheme": "int8-dynamic"}, "cuda", probe)
     assert isinstance(on_gpu[0], torch.nn.Linear)  # torchao's int8 x int8 kernels are fast on GPUs
+
+
+def test_int8_dynamic_linears_run_int_mm_where_the_probe_measured_it_fast():
+    """With the probe's ``int8-gemm`` (torch._int_mm measured fast here: VNNI or AMX), every
+    int8-dynamic call runs in torch._int_mm: torchao's own products and scaling, so fp32 results
+    equal torchao's bit for bit at every row count (decoding steps included, which otherwise go
+    through the fused kernel's bf16 output). The same weights prepared without the capability (a
+    CPU without the fast path: nothing of it is stored) give torchao's results within the fused
+    kernel's bf16 rounding. _int_mm is correct on any CPU, only slow on some, so this runs
+    everywhere."""
+    gen = torch.Generator().manual_seed(0)
+    _, reference = _torchao_dynamic_linear(gen)
+    fast = Probe("cpu", True, (DeviceInfo(0, "cpu", 1, 1),), frozenset({"fp32", "int8", "int8-gemm"}))
+    plain = Probe("cpu", True, (DeviceInfo(0, "cpu", 1, 1),), frozenset({"fp32", "int8"}))
+    _, with_int_mm = _torchao_dynamic_linear(torch.Generator().manual_seed(0))
+    _, without = _torchao_dynamic_linear(torch.Generator().manual_seed(0))
+    Quantize().prepare(with_int_mm, {"scheme": "int8-dynamic"}, "cpu", fast)
+    Quantize().prepare(without, {"scheme": "int8-dynamic"}, "cpu", plain)
+    assert with_int_mm[0].int_mm and "kernel=int_mm" in repr(with_int_mm[0])
+    assert not without[0].int_mm and "kernel=int_mm" not in repr(without[0])
+    calls = []
+    real_int_mm = torch._int_mm
+
+    def counting(a, b):
+        calls.append(tuple(a.shape))
+        return real_int_mm(a, b)
+
+    for rows in (1, 3, 200):
+        x = torch.randn(2, rows, 64, generator=gen) * 3
+        with torch.inference_mode():
+            want = reference(x)
+            with unittest.mock.patch.object(torch, "_int_mm", counting):
+                got = with_int_mm(x)
+            other = without(x)
+        assert torch.equal(got, want), rows
+        assert (other - want).abs().max() < 0.01 * want.abs().max(), rows
+        half = (x.bfloat16(), reference(x.bfloat16()))
+        with torch.inference_mode():
+            got_half = with_int_mm(half[0])
+        assert got_half.dtype == torch.bfloat16
+        assert (got_half.float() - half[1].float()).abs().max() <= 0.01 * half[1].float().abs().max()
+    assert calls == [(2, 64), (6, 64), (400, 64)]
+    _, on_gpu = _torchao_dynamic_linear(torch.Generator().manual_seed(0))
+    Quantize().prepare(on_gpu, {"scheme": "int8-dynamic"}, "cuda", fast)
+    assert isinstance(on_gpu[0], torch.nn.Linear)  # a CPU capability says nothing of a GPU
+
+
+def test_the_cpu_probe_reports_int8_gemm_only_when_int_mm_is_measured_fast_and_correct(monkeypatch):
+    """``int8-gemm`` is a measurement: an _int_mm several times slower than fp32 (a plain loop,
+    as on CPUs without VNNI) or one with wrong results is not reported, whatever the flags."""
+    import time as time_module
+
+    from edgepack.targets import cpu
+
+    real_int_mm = torch._int_mm
+
+    def slow(a, b):
+        time_module.sleep(0.05)
+        return real_int_mm(a, b)
+
+    def wrong(a, b):
+        return real_int_mm(a, b) + 1
+
+    try:
+        for replacement in (slow, wrong):
+            cpu.int8_gemm_fast.cache_clear()
+            monkeypatch.setattr(torch, "_int_mm", replacement)
+            assert not cpu.int8_gemm_fast(), replacement.__name__
+            assert "int8-gemm" not in cpu.CpuTarget({}).probe().capabilities
+        monkeypatch.setattr(torch, "_int_mm", real_int_mm)
+        cpu.int8_gemm_fast.cache_clear()
+        assert ("int8-gemm" in cpu.CpuTarget({}).probe().capabilities) == cpu.int8_gemm_fast()
+    finally:
+        cpu.int8_gemm_fast.cache_clear()
 
 
 needs_int4_kernel = pytest.mark.skipif(
