@@ -82,7 +82,7 @@ FUSED_MAX_ROWS = 32
 CHUNKS = ScratchChunks(rows=256, min_elements=1 << 21, max_input_rows=256)
 
 #: torch's fused int8 CPU kernel is correct only for rows of a multiple of this many elements
-#: (:meth:`QuantLinear.use_int8_kernel`); other int8 Linears dequantize.
+#: and 16-byte aligned weights (:meth:`QuantLinear.use_int8_kernel`); other int8 Linears dequantize.
 INT8_KERNEL_WIDTH = 16
 
 #: Group sizes torch's CPU int4 kernel accepts; int4 bundles at other group sizes dequantize.
@@ -670,14 +670,16 @@ def _define_modules() -> None:
 
         def use_int8_kernel(self) -> bool:
             """Let decoding-sized inputs of this int8 Linear run in torch's fused kernel; False (and
-            nothing changed) where the kernel would be wrong. On an AVX-512 CPU (measured on an
-            avx512_vnni Xeon, torch 2.13) ``_weight_int8pack_mm`` reads out of bounds, crashing
-            or returning wrong values, unless the row width is a multiple of 16 and its operands
-            start 64-byte aligned: weights loaded from a safetensors file need not, so a
-            misaligned one is copied once here."""
-            if self.bits != 8 or self.in_features % INT8_KERNEL_WIDTH:
+            nothing changed) where the kernel would read it wrongly. torch 2.13's AVX-512 kernel
+            loads the weight 16 bytes and the activations 32 bytes at a time with aligned loads,
+            16 columns per step: rows whose width is not a multiple of 16 give wrong values or
+            a crash, and so does a weight that does not start 16-byte aligned (measured on an
+            avx512_vnni Xeon), as a weight memory-mapped from a safetensors file may not. Such a
+            weight is not copied (that would hold it twice in memory); it dequantizes per call.
+            Activations are copied per call where they are not aligned (:func:`_aligned`)."""
+            if self.bits != 8 or self.in_features % INT8_KERNEL_WIDTH or self.qdata.data_ptr() % 16 \
+                    or not self.qdata.is_contiguous():
                 return False
-            self.qdata = _aligned(self.qdata)
             self.fused_rows = FUSED_MAX_ROWS
             return True
 
@@ -1130,7 +1132,12 @@ class Quantize(Compressor):
             kinds = tuple(k for k in kinds if k != "embedding")
         result = footprint.with_groups(kinds, bits, f"{options['scheme']} weights ({bits:.2f} bits)")
         act_bytes = footprint.activation_bits / 8
-        if options["scheme"] == "int8-dynamic":
+        if options["scheme"] == "int8-dynamic" and "int8-gemm" in target.capabilities:
+            # torch._int_mm reads the int8 weight as it is: what remains are the activations'
+            # codes and int32 results (fitted as above, on an avx512_vnni Xeon: MiniLM predicted
+            # 27.4 and 27.6 MB against 27.0 and 27.3 MB measured, fp32 and bf16)
+            scratch = 1.0 if act_bytes >= 4 else 2.0
+        elif options["scheme"] == "int8-dynamic":
             # QuantLinear._forward_dynamic: the int8 weight as fp32 (bf16 on CPUs with native
             # bf16) for one matmul; 16-bit activations also get fp32 codes and fp32 results
             # beside them (measured on MiniLM, fp32 and bf16, under the fixed-allocator probe)
@@ -1410,7 +1417,8 @@ class Quantize(Compressor):
             decoder = bool(getattr(model, "can_generate", lambda: False)())
             for module in model.modules():
                 if isinstance(module, QuantLinear) and module.bits == 8:
-                    module.use_int8_kernel()
+                    if not module.int_mm:  # int8-dynamic's int_mm path runs every call itself
+                        module.use_int8_kernel()
                 elif isinstance(module, QuantLinear) and decoder:
                     # decoding is a long run of one-row calls, where the fused kernel reads 4-bit
                     # weights in place of dequantizing them; encoders' large batches keep the GEMM

@@ -461,23 +461,22 @@ def test_the_fused_int8_kernel_gets_only_rows_and_operands_it_reads_correctly():
     """torch 2.13's ``_weight_int8pack_mm`` on AVX-512 crashes or returns wrong values for
     rows whose width is not a multiple of 16 and for operands that do not start 64-byte aligned
     (a weight memory-mapped from a safetensors file, a bf16 input that is a view). Such weights
-    stay on the dequantizing path or are copied once, aligned; such inputs are copied per call.
-    Before the fix this test crashed the interpreter on an avx512_vnni Xeon."""
+    stay on the dequantizing path (a copy would hold them twice); such inputs are copied per
+    call. Before the fix this test failed (or crashed the interpreter) on an avx512_vnni Xeon."""
     from edgepack.plugins.quantize import FUSED_MAX_ROWS, quantize_int8_rows
 
     gen = torch.Generator().manual_seed(0)
-    for width in (200, 64):
+    for width, offset in ((200, 0), (64, 4), (64, 0)):
         weight = torch.randn(48, width, generator=gen)
         q, scale = quantize_int8_rows(weight)
         backing = torch.empty(q.numel() + 64, dtype=torch.int8)
-        start = next(i for i in range(1, 64) if (backing.data_ptr() + i) % 64)
-        misaligned = backing[start:start + q.numel()].view(q.shape)
-        misaligned.copy_(q)
-        layer = QuantLinear(width, 48, 8, misaligned, scale)
-        assert layer.use_int8_kernel() == (width % 16 == 0)
-        assert layer.fused_rows == (FUSED_MAX_ROWS if width % 16 == 0 else 0)
-        if layer.fused_rows:
-            assert layer.qdata.data_ptr() % 64 == 0 and torch.equal(layer.qdata, q)
+        start = next(i for i in range(64) if (backing.data_ptr() + i) % 64 == offset)
+        stored = backing[start:start + q.numel()].view(q.shape)
+        stored.copy_(q)
+        layer = QuantLinear(width, 48, 8, stored, scale)
+        fits = width % 16 == 0 and offset == 0
+        assert layer.use_int8_kernel() == fits
+        assert layer.fused_rows == (FUSED_MAX_ROWS if fits else 0) and layer.qdata is stored
         reference = dequantize(q, scale, None, 8, torch.float32)
         for rows in (1, 14):
             x = torch.randn(rows * width + 3, generator=gen).bfloat16()[3:].view(rows, width)  # a view off alignment
