@@ -77,6 +77,37 @@ def test_safetensors_metadata_is_written_in_one_order(tmp_path):
         assert handle.metadata() == metadata
 
 
+def test_safetensors_files_are_laid_out_with_aligned_tensor_data(tmp_path):
+    """normalize_safetensors puts every tensor whose size is a multiple of 64 bytes at a 64-byte
+    aligned place in the file (so a memory-mapped int8 weight suits the CPU kernels' aligned
+    loads), the others after them; the tensors and metadata read back unchanged, and a second
+    pass changes nothing."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from edgepack.model import SAFETENSORS_ALIGNMENT, normalize_safetensors, safetensors_layout
+
+    tensors = {"bias": torch.rand(3), "weight": torch.randint(-128, 128, (48, 64), dtype=torch.int8),
+               "half": torch.rand(5).bfloat16(), "odd": torch.randint(-9, 9, (7,), dtype=torch.int8),
+               "wide": torch.rand(4, 16)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, path, metadata={"z": "1", "a": "2"})
+    header, start = safetensors_layout(path)
+    assert (start + header["weight"]["data_offsets"][0]) % SAFETENSORS_ALIGNMENT  # safetensors' own layout
+    assert normalize_safetensors(path) and not normalize_safetensors(path)
+    header, start = safetensors_layout(path)
+    for name, tensor in tensors.items():
+        if tensor.numel() * tensor.element_size() % SAFETENSORS_ALIGNMENT == 0:
+            assert (start + header[name]["data_offsets"][0]) % SAFETENSORS_ALIGNMENT == 0, name
+    back = load_file(path)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    with safe_open(path, "pt") as handle:
+        assert list(handle.metadata()) == ["a", "z"]
+        assert handle.get_tensor("weight").data_ptr() % SAFETENSORS_ALIGNMENT == 0
+    assert not list(tmp_path.glob("*.edgepack-layout"))
+
+
 def test_two_saves_of_a_stock_int8_model_are_byte_identical(tmp_path):
     """Stock transformers writes one metadata entry per torchao tensor, in a random order: the
     pipeline normalises every weight file it writes, so two packs of one int8 plan agree."""

@@ -18,8 +18,8 @@ from edgepack.smoke import CALIBRATION_SAMPLES, DEFAULT_SAMPLES, HELD_OUT_SAMPLE
 torch = pytest.importorskip("torch")
 
 from edgepack.plugins.quantize import (  # noqa: E402
-    INT4_FILE, QuantEmbedding, QuantLinear, Quantize, dequantize, gptq_int4, input_hessians, layerwise_hessians,
-    quantize_int4_groups, quantize_int8_rows, unpack_int4,
+    INT4_FILE, QuantEmbedding, QuantLinear, Quantize, dequantize, fused_kernels_available, gptq_int4, input_hessians,
+    layerwise_hessians, quantize_int4_groups, quantize_int8_rows, unpack_int4,
 )
 
 #: Sentences for fidelity: neither smoke nor calibration samples.
@@ -114,6 +114,8 @@ def test_int8_fidelity_on_held_out_sentences(int8, original):
     # edgepack.load swaps in its own int8 modules over the same data: the same outputs
     loaded = edgepack.load(int8.bundle)
     assert any(isinstance(m, QuantLinear) and m.bits == 8 for m in loaded.modules())
+    if fused_kernels_available():  # the bundle's int8 weights are stored aligned for the fused kernel
+        assert all(m.fused_rows for m in loaded.modules() if isinstance(m, QuantLinear))
     via_edgepack = embed(loaded, tokenizer, HELD_OUT)
     assert (via_edgepack * got).sum(-1).min().item() >= 0.9999
 
