@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,9 +254,12 @@ def normalize_safetensors(path: Path) -> bool:
       order, so saving the same tensors and metadata twice gives different bytes whenever there
       are two keys or more (stock transformers' files and plugins' own formats alike), and a
       bundle's hashes would change between identical packs.
-    * Tensor data starting :data:`SAFETENSORS_ALIGNMENT`-byte aligned in the file for every
-      tensor whose size is a multiple of it: those tensors first, each group in the writer's
-      order, and the header padded with spaces (as safetensors pads it) to the alignment.
+    * Tensor data aligned in the file: each tensor starts at a multiple of the largest power of
+      two, up to :data:`SAFETENSORS_ALIGNMENT`, that divides its size (tensors in decreasing
+      order of that, each group in the writer's order, after a header padded with spaces, as
+      safetensors pads it, to the alignment). So an int8 weight whose rows are a multiple of 16
+      wide starts at least 16-byte aligned, and one whose size is a multiple of 64 bytes
+      64-byte aligned.
       safetensors aligns only to 8 bytes, and it puts int8 weights after every wider tensor,
       at whatever offset the wider ones leave.
 
@@ -265,7 +269,11 @@ def normalize_safetensors(path: Path) -> bool:
     header, start = safetensors_layout(path)
     meta = header.get("__metadata__")
     spans = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
-    order = sorted(spans, key=lambda k: ((spans[k][1] - spans[k][0]) % SAFETENSORS_ALIGNMENT != 0, spans[k][0]))
+    def alignment(name: str) -> int:  # the largest power of two up to the alignment dividing its size
+        size = spans[name][1] - spans[name][0]
+        return min(SAFETENSORS_ALIGNMENT, size & -size) if size else SAFETENSORS_ALIGNMENT
+
+    order = sorted(spans, key=lambda k: (-alignment(k), spans[k][0]))
     ordered: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))} if isinstance(meta, dict) else {}
     position = 0
     for name in order:
@@ -285,9 +293,10 @@ def normalize_safetensors(path: Path) -> bool:
             handle.write(text)
         return True
     text = text.ljust(-(-(8 + len(text)) // SAFETENSORS_ALIGNMENT) * SAFETENSORS_ALIGNMENT - 8, b" ")
-    temporary = path.with_name(path.name + ".edgepack-layout")
+    handle, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".edgepack-layout", dir=path.parent)
+    temporary = Path(name)
     try:
-        with open(path, "rb") as source, open(temporary, "wb") as target:
+        with open(path, "rb") as source, os.fdopen(handle, "wb") as target:
             target.write(len(text).to_bytes(8, "little") + text)
             for name in order:
                 begin, end = spans[name]

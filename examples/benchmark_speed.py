@@ -75,6 +75,7 @@ def kernels() -> None:
     from edgepack.plugins.quantize import (
         QuantLinear, dequantize, dequantized_matmul, pack_int4_for_cpu, quantize_int4_groups, quantize_int8_rows,
     )
+    from edgepack.targets.cpu import int8_gemm_fast
 
     print(f"{'weight':>12} {'rows':>4} {'fp32':>8} {'int8 deq+mm':>12} {'int8 chunked':>12} {'int8 fused':>11} "
           f"{'int8x8 int_mm':>13} {'int4 deq+mm':>12} {'int4 chunked':>12} {'int4 fused':>11}  (ms, median)")
@@ -86,6 +87,8 @@ def kernels() -> None:
         q4, s4, o4 = quantize_int4_groups(source, 32)
         packed4, scale_zero = pack_int4_for_cpu(q4, s4, o4)
         # int8-dynamic's torch._int_mm path, activations quantized per row and results scaled
+        # (only where the cpu probe would choose it: elsewhere _int_mm is a plain loop that
+        # would take minutes at these shapes)
         dynamic = QuantLinear(in_f, out_f, 8, q, scale)
         dynamic.dynamic = dynamic.int_mm = True
         for rows in (1, 4, 8, 16, 64, 128, 1024):
@@ -95,7 +98,7 @@ def kernels() -> None:
                 deq = time_ms(lambda: x @ dequantize(q, scale, None, 8, torch.float32).T)
                 chunk = time_ms(lambda: dequantized_matmul(x, q, scale, None, 8))
                 fused = time_ms(lambda: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, flat).float())
-                int_mm = time_ms(lambda: dynamic(x))
+                int_mm = time_ms(lambda: dynamic(x)) if int8_gemm_fast() else float("nan")
                 deq4 = time_ms(lambda: x @ dequantize(q4, s4, o4, 4, torch.float32).T)
                 chunk4 = time_ms(lambda: dequantized_matmul(x, q4, s4, o4, 4))
                 fused4 = time_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -38,14 +38,15 @@ runs in is chosen when the bundle is loaded, by the machine and the shape of the
 stored nowhere in the bundle (the stored layout is portable):
 
 * int8 on an x86 CPU with AVX2 or AVX-512: inputs of at most :data:`FUSED_MAX_ROWS` rows (decoding
-  steps) run in torch's fused weight-only kernel ``_weight_int8pack_mm`` with bf16 activations;
+  steps) run in torch's fused weight-only kernel ``_weight_int8pack_mm`` with bf16 activations
+  (for rows of a multiple of 16 and a 16-byte aligned weight: :meth:`QuantLinear.use_int8_kernel`);
   larger inputs dequantize the weight once per call and run one GEMM, a slice of rows at a time
   for large weights and inputs of at most a few hundred rows (:data:`CHUNKS`, :func:`dequantized_matmul`).
   int8-dynamic does the same with the activations' int8 codes (exact in bf16) in place of the
   activations, and scales the result per row (its weight whole), except on CPUs where torch's
   int8 x int8 matmul ``torch._int_mm`` was measured fast (the probe's ``int8-gemm``: VNNI or
-  AMX): there every int8-dynamic call runs in it, torchao's own products, about 4x faster than
-  an fp32 matmul.
+  AMX): there every int8-dynamic call runs in it, torchao's own products (its exact results for
+  fp32 activations), about 4x faster than an fp32 matmul.
 * int4 in a decoder on such a CPU: every call runs in torch's fused ``_weight_int4pack_mm_for_cpu``
   (bf16 activations), after the nibbles are repacked at load time into the layout that kernel
   wants on this CPU (:func:`pack_int4_for_cpu`; the layout differs between AVX2 and AVX-512, so
@@ -1133,8 +1134,9 @@ class Quantize(Compressor):
         result = footprint.with_groups(kinds, bits, f"{options['scheme']} weights ({bits:.2f} bits)")
         act_bytes = footprint.activation_bits / 8
         if options["scheme"] == "int8-dynamic" and "int8-gemm" in target.capabilities:
-            # torch._int_mm reads the int8 weight as it is: what remains are the activations'
-            # codes and int32 results (fitted as above, on an avx512_vnni Xeon: MiniLM predicted
+            # torch._int_mm needs no dequantized weight: what remains are the activations'
+            # codes, the int32 results and oneDNN's own buffers (fitted as above, on an
+            # avx512_vnni Xeon at MiniLM's default workload only: MiniLM predicted
             # 27.4 and 27.6 MB against 27.0 and 27.3 MB measured, fp32 and bf16)
             scratch = 1.0 if act_bytes >= 4 else 2.0
         elif options["scheme"] == "int8-dynamic":

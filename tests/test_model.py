@@ -77,11 +77,11 @@ def test_safetensors_metadata_is_written_in_one_order(tmp_path):
         assert handle.metadata() == metadata
 
 
-def test_safetensors_files_are_laid_out_with_aligned_tensor_data(tmp_path):
-    """normalize_safetensors puts every tensor whose size is a multiple of 64 bytes at a 64-byte
-    aligned place in the file (so a memory-mapped int8 weight suits the CPU kernels' aligned
-    loads), the others after them; the tensors and metadata read back unchanged, and a second
-    pass changes nothing."""
+def test_safetensors_files_are_laid_out_with_aligned_tensor_data(tmp_path, monkeypatch):
+    """normalize_safetensors starts every tensor at a multiple of the largest power of two (up
+    to 64) dividing its size (so a memory-mapped int8 weight suits the CPU kernels' aligned
+    loads); the tensors and metadata read back unchanged, a second pass changes nothing, and a
+    rewrite that fails leaves the file as it was and no temporary file."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -90,20 +90,32 @@ def test_safetensors_files_are_laid_out_with_aligned_tensor_data(tmp_path):
 
     tensors = {"bias": torch.rand(3), "weight": torch.randint(-128, 128, (48, 64), dtype=torch.int8),
                "half": torch.rand(5).bfloat16(), "odd": torch.randint(-9, 9, (7,), dtype=torch.int8),
-               "wide": torch.rand(4, 16)}
+               "wide": torch.rand(4, 16), "narrow": torch.randint(-9, 9, (3, 16), dtype=torch.int8)}
     path = tmp_path / "w.safetensors"
     save_file(tensors, path, metadata={"z": "1", "a": "2"})
     header, start = safetensors_layout(path)
     assert (start + header["weight"]["data_offsets"][0]) % SAFETENSORS_ALIGNMENT  # safetensors' own layout
+    before = path.read_bytes()
+
+    def no_room(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.replace", no_room)
+    with pytest.raises(OSError):
+        normalize_safetensors(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    monkeypatch.undo()
     assert normalize_safetensors(path) and not normalize_safetensors(path)
     header, start = safetensors_layout(path)
     for name, tensor in tensors.items():
-        if tensor.numel() * tensor.element_size() % SAFETENSORS_ALIGNMENT == 0:
-            assert (start + header[name]["data_offsets"][0]) % SAFETENSORS_ALIGNMENT == 0, name
+        size = tensor.numel() * tensor.element_size()
+        assert (start + header[name]["data_offsets"][0]) % min(SAFETENSORS_ALIGNMENT, size & -size) == 0, name
+    assert (start + header["narrow"]["data_offsets"][0]) % 16 == 0  # 48 bytes: an int8 weight 16 wide
     back = load_file(path)
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    assert list(header["__metadata__"]) == ["a", "z"]
     with safe_open(path, "pt") as handle:
-        assert list(handle.metadata()) == ["a", "z"]
+        assert handle.metadata() == {"a": "2", "z": "1"}
         assert handle.get_tensor("weight").data_ptr() % SAFETENSORS_ALIGNMENT == 0
     assert not list(tmp_path.glob("*.edgepack-layout"))
 
