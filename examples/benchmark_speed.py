@@ -159,6 +159,7 @@ def decoders(args: argparse.Namespace) -> None:
                 "int8": packed(["quantize:scheme=int8"]),
                 "int8 + head": packed(["quantize:scheme=int8,head=true"]),
                 "int8-dynamic": packed(["quantize:scheme=int8-dynamic"]),
+                "int8-dynamic + head": packed(["quantize:scheme=int8-dynamic,head=true"]),
                 "int4 g32": packed(["quantize:scheme=int4,group_size=32"]),
                 "int4 g128": packed(["quantize:scheme=int4,group_size=128"]),
                 "bf16 + int8 + head": packed(["precision:dtype=bf16", "quantize:scheme=int8,head=true"]),
