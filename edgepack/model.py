@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +309,7 @@ def normalize_safetensors(path: Path) -> bool:
                         raise UsageError(f"{path} ends inside tensor {name!r}")
                     target.write(chunk)
                     remaining -= len(chunk)
+        shutil.copymode(path, temporary)  # mkstemp makes it 0600: the file keeps its own mode
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

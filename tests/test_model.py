@@ -80,8 +80,8 @@ def test_safetensors_metadata_is_written_in_one_order(tmp_path):
 def test_safetensors_files_are_laid_out_with_aligned_tensor_data(tmp_path, monkeypatch):
     """normalize_safetensors starts every tensor at a multiple of the largest power of two (up
     to 64) dividing its size (so a memory-mapped int8 weight suits the CPU kernels' aligned
-    loads); the tensors and metadata read back unchanged, a second pass changes nothing, and a
-    rewrite that fails leaves the file as it was and no temporary file."""
+    loads); the tensors, metadata and file mode stay as they were, a second pass changes nothing,
+    and a rewrite that fails leaves the file as it was and no temporary file."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -105,7 +105,9 @@ def test_safetensors_files_are_laid_out_with_aligned_tensor_data(tmp_path, monke
         normalize_safetensors(path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
     monkeypatch.undo()
+    path.chmod(0o644)
     assert normalize_safetensors(path) and not normalize_safetensors(path)
+    assert path.stat().st_mode & 0o777 == 0o644  # rewritten through a temporary file, the mode kept
     header, start = safetensors_layout(path)
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
