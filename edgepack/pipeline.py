@@ -116,6 +116,9 @@ class SourceSession:
     #: where a decoder's smoke logits come from (edgepack.smoke.LOGITS_FROM): the first step of
     #: generation, or, rebuilding a bundle packed before smoke.logits_from existed, a forward
     logits_from: str = LOGITS_GENERATE
+    #: whether smoke runs after the first batch are trimmed of padding (edgepack.smoke.smoke_batches;
+    #: the manifest's smoke.trimmed); rebuilding a bundle packed before the key, every batch is padded
+    trimmed: bool = True
     #: how long each phase of packing took, in order: {phase, [bundle, target, candidate,] seconds}
     phases: list[dict[str, Any]] = field(default_factory=list)
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -168,14 +171,17 @@ class SourceSession:
     @property
     def expected(self) -> dict[str, Any]:
         """Golden outputs of the original model on the smoke inputs."""
-        from edgepack.smoke import golden_batch, run_outputs
+        from edgepack.smoke import DEFAULT_NEW_TOKENS, golden_batch, run_outputs, trimmed_tokens
 
         def make() -> dict[str, Any]:
-            inputs, original = self.inputs, self.original
+            inputs, original, task = self.inputs, self.original, self.facts.task
+            rows = golden_batch(self.batch_size, self.seq_len)
+            # the same batches as the measured bundle's first, then trimmed ones of up to the golden batch's tokens
+            batching = dict(batch_size=self.batch_size, max_tokens=trimmed_tokens(
+                rows, self.seq_len, DEFAULT_NEW_TOKENS, task)) if self.trimmed else dict(batch_size=rows)
             with self.timed("golden outputs"):
                 self.progress(f"computing golden outputs of the original model on {len(self.samples)} smoke inputs")
-                return run_outputs(original, inputs, self.facts.task, golden_batch(self.batch_size, self.seq_len),
-                                   logits_from=self.logits_from)
+                return run_outputs(original, inputs, task, logits_from=self.logits_from, **batching)
         return self._get("expected", make)
 
     @contextlib.contextmanager
@@ -489,6 +495,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     # An absent target (a CUDA bundle built on a CPU box) is measured for fidelity on this
     # machine's CPU; its memory is measured by verify on the target itself.
     probe_target = target if probe.present else "cpu"
+    source.hash_in_background()  # for the manifest, in time the measuring leaves idle
     signature: dict[str, Any] = {}  # filled by the signer when --sign is given
     with BundleWriter(request.out, bundle_name, overwrite=request.force) as writer:  # an existing bundle: refused now
         staging = writer.staging
@@ -567,7 +574,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             measure = dict(task=facts.task, steps=candidate.plan, loader=loader,
                            target=target if program is not None else probe_target,
                            batch_size=session.batch_size, target_options=dict(tgt.settings),
-                           logits_from=session.logits_from)
+                           logits_from=session.logits_from, trimmed=session.trimmed)
             if program is not None:
                 measure["program"] = program
             if source.code:
@@ -644,6 +651,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             measured_peak=measured_peak, scope=scope, fidelity=chosen_fidelity, floor=floor,
             loader=chosen_loader, samples=len(session.samples), details=details,
             max_shard_bytes=request.max_shard_bytes, program=chosen_program, logits_from=session.logits_from,
+            trimmed=session.trimmed,
         )
         sharding = sharded_as(chosen.steps)
         if sharding is not None:
@@ -759,7 +767,8 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
               budget: Budget, candidates: list[Candidate], chosen: Candidate, measured_peak: int | list[int] | None, scope: str,
               fidelity: Any, floor: float, loader: str | None, samples: int,
               details: Sequence[dict[str, Any] | None] = (), max_shard_bytes: int = DEFAULT_SHARD_SIZE,
-              program: dict[str, Any] | None = None, logits_from: str = LOGITS_GENERATE) -> dict[str, Any]:
+              program: dict[str, Any] | None = None, logits_from: str = LOGITS_GENERATE,
+              trimmed: bool = True) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -831,6 +840,8 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
             "count": samples,
             # absent: a forward's logits, as in bundles packed before the key existed
             **({"logits_from": logits_from} if logits_from != LOGITS_FORWARD else {}),
+            # absent: every smoke batch padded to the declared length, as in bundles packed before the key
+            **({"trimmed": True} if trimmed else {}),
         },
     }
 
@@ -913,6 +924,7 @@ def rebuild(bundle: str | Path, model: str | Path, *, samples: str | Path | None
     session = open_source(model, samples=samples, batch_size=workload["batch_size"], seq_len=workload["seq_len"],
                           cache_len=workload.get("cache_len"), progress=progress, allow_code=allow_code)
     session.logits_from = manifest["smoke"].get("logits_from", LOGITS_FORWARD)
+    session.trimmed = bool(manifest["smoke"].get("trimmed", False))
     actual = session.source.weights_sha256()
     if actual != manifest["source"]["sha256"]:
         raise VerificationError(

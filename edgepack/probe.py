@@ -104,7 +104,7 @@ def main(spec_path: str) -> None:
     from edgepack.interfaces import PlanStep
     from edgepack.model import allow_code_of, code_kwargs
     from edgepack.runtime import load_model_dir
-    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, run_outputs
+    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, run_outputs, trimmed_tokens
 
     spec = json.loads(Path(spec_path).read_text())
     threads = fix_threads(spec.get("threads") or 1)
@@ -130,17 +130,25 @@ def main(spec_path: str) -> None:
                 spec["batch_size"], 2, device=target.device_type)
     del first
     trim_heap()
+    trim = None
+    if spec.get("trimmed"):  # the peak is that of the first batch; the rest run trimmed, after it
+        trim = trimmed_tokens(spec["batch_size"], next(iter(inputs.values())).shape[1], spec["new_tokens"], spec["task"])
+        if spec["outputs"] is None:  # a repeat measures the peak alone
+            inputs = {k: v[: spec["batch_size"]] for k, v in inputs.items()}
     meter = target.memory_meter()
+    peaks: list[int] = []
     started = time.perf_counter()
     meter.start()
     model, _ = load_model_dir(bundle_dir / "model", **load)
     touch_weights(model)
     outputs = run_outputs(model, inputs, spec["task"], spec["batch_size"], spec["new_tokens"],
-                          device=target.device_type, logits_from=spec.get("logits_from", LOGITS_GENERATE))
-    peak = meter.peak_bytes()
+                          device=target.device_type, logits_from=spec.get("logits_from", LOGITS_GENERATE),
+                          max_tokens=trim, after_first=(lambda: peaks.append(meter.peak_bytes())) if trim else None)
+    peak = peaks[0] if peaks else meter.peak_bytes()
     seconds = time.perf_counter() - started
-    save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
-    scope = f"{meter.scope}; {threads} intra-op thread{'s' if threads != 1 else ''}"
+    if spec["outputs"] is not None:
+        save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
+    scope = f"{meter.scope}{TRIMMED_SCOPE if trim else ''}; {threads} intra-op thread{'s' if threads != 1 else ''}"
     print(json.dumps({"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}))
 
 
@@ -175,7 +183,7 @@ def rank_main(spec_path: str) -> None:
     from edgepack.host import load_registry
     from edgepack.launch import FAULT_ENV
     from edgepack.plugins.parallel import init_distributed, load_rank, smoke_outputs
-    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, batches
+    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, batches, trimmed_tokens
 
     threads = fix_threads(spec.get("threads") or 1)
     bundle_dir = Path(spec["bundle_dir"])
@@ -213,13 +221,17 @@ def rank_main(spec_path: str) -> None:
     model = load_rank(model_dir, rank, world, device)
     touch_weights(model.module)
     stage("running the smoke inputs")
+    trim = trimmed_tokens(batch_size, next(iter(inputs.values())).shape[1], int(spec["new_tokens"]), task) \
+        if spec.get("trimmed") else None
+    peaks: list[int] = []
     outputs = smoke_outputs(model, inputs, task, batch_size, int(spec["new_tokens"]),
-                            spec.get("logits_from", LOGITS_GENERATE))
-    peak = meter.peak_bytes()
+                            spec.get("logits_from", LOGITS_GENERATE), max_tokens=trim,
+                            after_first=(lambda: peaks.append(meter.peak_bytes())) if trim else None)
+    peak = peaks[0] if peaks else meter.peak_bytes()
     seconds = time.perf_counter() - started
     if rank == 0:
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
-    scope = f"{meter.scope}; each of {world} ranks measured in its own process; {threads} intra-op thread{'s' if threads != 1 else ''} per rank"
+    scope = f"{meter.scope}{TRIMMED_SCOPE if trim else ''}; each of {world} ranks measured in its own process; {threads} intra-op thread{'s' if threads != 1 else ''} per rank"
     report = {"rank": rank, "peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads,
               "device": str(device), "world_size": world, "torch": torch.__version__}
     (reports / f"rank-{rank}.json").write_text(json.dumps(report))

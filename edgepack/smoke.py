@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from edgepack.errors import UsageError
 
@@ -113,6 +113,54 @@ def batches(inputs: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]
         yield {k: v[start : start + batch_size] for k, v in inputs.items()}
 
 
+#: What a measuring process adds to its meter's scope when the smoke runs are trimmed.
+TRIMMED_SCOPE = ("; the peak is read once the first batch of smoke inputs (the declared batch and length) has run; "
+                 "the other inputs then run trimmed of their padding, in batches of no more tokens")
+
+
+def trimmed_tokens(batch_size: int, seq_len: int, new_tokens: int, task: str) -> int:
+    """The most tokens a trimmed smoke batch holds (see :func:`smoke_batches`): as many as
+    ``batch_size`` rows of the declared length, generated tokens included, so that no later
+    batch needs more activation or KV-cache memory than the measured first one."""
+    return int(batch_size) * (int(seq_len) + (int(new_tokens) if task == "text-generation" else 0))
+
+
+def smoke_batches(inputs: dict[str, Any], batch_size: int, *, max_tokens: int | None = None,
+                  new_tokens: int = 0) -> Iterator[dict[str, Any]]:
+    """The batches a smoke run computes, in order of the rows.
+
+    Without ``max_tokens``: consecutive batches of ``batch_size`` rows as stored, every one
+    padded to the declared length (bundles packed before the manifest's ``smoke.trimmed``).
+    With it: the first ``batch_size`` rows as stored, the declared workload's shape, whose
+    run the memory meter counts; then the other rows in consecutive groups, each trimmed of
+    the padding columns all its rows share (an attention mask of 0 on every row) and holding
+    as many rows as fit in ``max_tokens`` tokens, ``new_tokens`` generated tokens per row
+    included (always one at least). The smoke samples are short and padded to the declared
+    length, so this computes a small part of the padded run's tokens; masked padding does not
+    change a row's outputs (the golden outputs run the same batches)."""
+    rows = next(iter(inputs.values())).shape[0]
+    if max_tokens is None:
+        yield from batches(inputs, batch_size)
+        return
+    head = min(int(batch_size), rows)
+    yield {k: v[:head] for k, v in inputs.items()}
+    mask = inputs["attention_mask"] != 0
+    width = mask.shape[1]
+    columns = [row.nonzero().flatten().tolist() for row in mask]
+    spans = [(c[0], c[-1]) if c else (width - 1, width - 1) for c in columns]  # an all-padding row: one column
+    start = head
+    while start < rows:
+        lo, hi = spans[start]
+        end = start + 1
+        while end < rows:
+            wider = (min(lo, spans[end][0]), max(hi, spans[end][1]))
+            if (end + 1 - start) * (wider[1] - wider[0] + 1 + int(new_tokens)) > max_tokens:
+                break
+            (lo, hi), end = wider, end + 1
+        yield {k: v[start:end, lo : hi + 1] for k, v in inputs.items()}
+        start = end
+
+
 def mean_pool(hidden: Any, attention_mask: Any) -> Any:
     """Mean of token states over the attention mask, L2-normalised (sentence-transformers style)."""
     import torch
@@ -124,8 +172,13 @@ def mean_pool(hidden: Any, attention_mask: Any) -> Any:
 
 def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
                 new_tokens: int = DEFAULT_NEW_TOKENS, device: str = "cpu",
-                logits_from: str = LOGITS_GENERATE) -> dict[str, Any]:
+                logits_from: str = LOGITS_GENERATE, max_tokens: int | None = None,
+                after_first: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run the model over the smoke inputs in batches and return its outputs (fp32, on CPU).
+
+    The batches are :func:`smoke_batches`'s (``max_tokens``: trimmed after the first);
+    ``after_first`` is called once the first batch has run (the measuring process reads its
+    memory meter there).
 
     For decoders, ``tokens`` always has exactly ``new_tokens`` columns: generation ends a batch
     early once every row has emitted an end-of-sequence token, and a row that ended holds the
@@ -138,7 +191,7 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
     check_logits_from(logits_from)
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
-        for batch in batches(inputs, batch_size):
+        for batch in smoke_batches(inputs, batch_size, max_tokens=max_tokens, new_tokens=new_tokens):
             batch = {k: v.to(device) for k, v in batch.items()}
             if task == "text-generation":
                 parts = _generate(model, batch, new_tokens, logits_from)
@@ -147,6 +200,9 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
                 parts = {"embeddings": mean_pool(out.last_hidden_state, batch["attention_mask"]).cpu()}
             for key, value in parts.items():
                 collected.setdefault(key, []).append(value)
+            if after_first is not None:
+                after_first()
+                after_first = None
     return {k: torch.cat(v) for k, v in collected.items()}
 
 
@@ -557,7 +613,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                              target_options: dict[str, Any] | None = None,
                              device: str = "cpu", allow_code: bool = False,
                              program: dict[str, Any] | None = None,
-                             logits_from: str = LOGITS_GENERATE) -> ProbeResult:
+                             logits_from: str = LOGITS_GENERATE, trimmed: bool = False) -> ProbeResult:
     """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
     ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
 
@@ -571,6 +627,10 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
         ``--allow-code``); without it, that code is never run.
     :param program: the manifest's ``model.program``: the target's runtime runs that program.
     :param logits_from: where a decoder's logits come from (the manifest's ``smoke.logits_from``).
+    :param trimmed: the manifest's ``smoke.trimmed``: the peak is read once the first batch,
+        at the declared batch and length, has run; the other rows then run trimmed of their
+        padding (:func:`smoke_batches`), and only the first measuring process runs them (the
+        repeats measure the peak alone).
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -588,7 +648,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
         threads = max(1, probe_threads() // ranks) if threads is None else max(1, int(threads))
         return _measure_ranks(bundle_dir, task=task, steps=steps, target=target, batch_size=batch_size,
                               new_tokens=new_tokens, timeout=limit, repeats=repeats, threads=threads, ranks=ranks,
-                              target_options=target_options or {}, device=device, logits_from=logits_from)
+                              target_options=target_options or {}, device=device, logits_from=logits_from,
+                              trimmed=trimmed)
     threads = probe_threads() if threads is None else max(1, int(threads))
     env = probe_env(threads)
     reports: list[dict[str, Any]] = []
@@ -605,8 +666,10 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "batch_size": batch_size,
                 "new_tokens": new_tokens,
                 "logits_from": logits_from,
+                "trimmed": bool(trimmed),
                 "threads": threads,
-                "outputs": str(Path(tmp) / f"outputs-{attempt}.safetensors"),
+                # a repeat of a trimmed run measures the peak alone: its outputs would not be read
+                "outputs": None if attempt and trimmed else str(Path(tmp) / f"outputs-{attempt}.safetensors"),
                 "allow_code": bool(allow_code),
                 "program": program,
             }
@@ -633,7 +696,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
 
 def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str, batch_size: int, new_tokens: int,
                    timeout: float, repeats: int, threads: int, ranks: int, target_options: dict[str, Any],
-                   device: str, logits_from: str) -> ProbeResult:
+                   device: str, logits_from: str, trimmed: bool) -> ProbeResult:
     """:func:`measure_in_fresh_process` for a sharded bundle: every rank through torchrun."""
     import tempfile
 
@@ -651,7 +714,7 @@ def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str
                 "bundle_dir": str(Path(bundle_dir).resolve()), "task": task, "steps": [s.to_json() for s in steps],
                 "target": target, "target_options": target_options, "device": device,
                 "batch_size": batch_size, "new_tokens": new_tokens, "logits_from": logits_from,
-                "outputs": str(Path(tmp) / "outputs.safetensors"),
+                "trimmed": bool(trimmed), "outputs": str(Path(tmp) / "outputs.safetensors"),
             }
             result = launch_ranks(spec, ranks, timeout=timeout, threads=threads, workdir=Path(tmp))
             this = [int(r["peak_bytes"]) for r in sorted(result.reports, key=lambda r: r["rank"])]

@@ -28,12 +28,15 @@ import os
 import sys
 from pathlib import Path
 
-#: (hidden, layers, intermediate, heads) of the built models (key vocabulary of 30522 tokens;
-#: a quarter as many key/value heads); parameters 0.15 B, 0.41 B, 0.94 B
-SIZES = {
+#: (hidden, layers, intermediate, heads[, other config settings]) of the built models (the
+#: MiniLM tokenizer's vocabulary of 30522 tokens; a quarter as many key/value heads; the small
+#: test config's head width of 16 unless set); parameters 0.15 B, 0.41 B, 0.94 B, and 1.09 B for
+#: TinyLlama-1.1B's shapes (head width 64, 4 key/value heads; its vocabulary is 32000)
+SIZES: dict[str, tuple] = {
     "0.15b": (768, 16, 2048, 12),
     "0.4b": (1536, 16, 4096, 12),
     "0.9b": (2048, 22, 5632, 32),
+    "1.1b": (2048, 22, 5632, 32, {"head_dim": 64, "num_key_value_heads": 4}),
 }
 
 
@@ -43,11 +46,11 @@ def build(size: str, work: Path) -> Path:
         return out
     from edgepack.testing import build_decoder
 
-    hidden, layers, inter, heads = SIZES[size]
+    hidden, layers, inter, heads, *more = SIZES[size]
+    settings = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, num_attention_heads=heads,
+                    num_key_value_heads=heads // 4 if heads >= 8 else heads, max_position_embeddings=2048)
     print(f"building a {size} Llama under {out}", file=sys.stderr)
-    return build_decoder("llama", out, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
-                         num_attention_heads=heads, num_key_value_heads=heads // 4 if heads >= 8 else heads,
-                         max_position_embeddings=2048)
+    return build_decoder("llama", out, **{**settings, **(more[0] if more else {})})
 
 
 def _evict(directory: Path) -> None:

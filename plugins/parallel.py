@@ -83,7 +83,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import edgepack
 from edgepack.errors import UsageError
@@ -1324,19 +1324,21 @@ def save_sharded(model: Any, world_size: int, mode: str, model_dir: str | os.Pat
 
 
 def smoke_outputs(model: "RankModel", inputs: Mapping[str, Any], task: str, batch_size: int,
-                  new_tokens: int, logits_from: str = LOGITS_GENERATE) -> dict[str, Any]:
+                  new_tokens: int, logits_from: str = LOGITS_GENERATE, max_tokens: int | None = None,
+                  after_first: Callable[[], Any] | None = None) -> dict[str, Any]:
     """What :func:`edgepack.smoke.run_outputs` returns for a single-device model, computed by
     all ranks together (collective; every rank gets the result): mean-pooled, normalised
     embeddings for encoders; next-token logits (taken as ``logits_from`` says) and
-    ``new_tokens`` greedy tokens for decoders."""
+    ``new_tokens`` greedy tokens for decoders. The batches, ``max_tokens`` and ``after_first``
+    are :func:`edgepack.smoke.run_outputs`'s."""
     import torch
 
-    from edgepack.smoke import batches, check_logits_from, eos_ids, finish_tokens, mean_pool, pad_id
+    from edgepack.smoke import check_logits_from, eos_ids, finish_tokens, mean_pool, pad_id, smoke_batches
 
     check_logits_from(logits_from)
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
-        for batch in batches(dict(inputs), batch_size):
+        for batch in smoke_batches(dict(inputs), batch_size, max_tokens=max_tokens, new_tokens=new_tokens):
             if task == "text-generation":
                 if logits_from == LOGITS_GENERATE:
                     tokens, logits = model.generate(batch, new_tokens, first_logits=True)
@@ -1351,6 +1353,9 @@ def smoke_outputs(model: "RankModel", inputs: Mapping[str, Any], task: str, batc
                 parts = {"embeddings": mean_pool(hidden, batch["attention_mask"].to(hidden.device)).cpu()}
             for key, value in parts.items():
                 collected.setdefault(key, []).append(value)
+            if after_first is not None:
+                after_first()
+                after_first = None
     return {k: torch.cat(v) for k, v in collected.items()}
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 from edgepack.errors import UsageError
@@ -214,3 +217,23 @@ def test_a_well_formed_header_passes(tmp_path):
 
     header, start = safetensors_layout(_raw_safetensors(tmp_path / "w.safetensors", GOOD, bytes(12)))
     assert set(header) == {"a", "b"} and start == (tmp_path / "w.safetensors").stat().st_size - 12
+
+
+def test_background_work_runs_at_the_lowest_priority_and_hands_back_its_value_or_error(tmp_path):
+    """The source's weights are hashed on such a thread while a pack computes (its manifest
+    needs the hashes only at the end): the same hashes, and a failure reaches the caller."""
+    import threading
+
+    from edgepack.model import Background, ModelSource, sha256_file
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    if sys.platform.startswith("linux"):
+        assert Background(niceness).result() == 19
+    with pytest.raises(ZeroDivisionError):
+        Background(lambda: 1 / 0).result()
+    (tmp_path / "a.safetensors").write_bytes(b"weights")
+    source = ModelSource(tmp_path, None, None, weight_files=[tmp_path / "a.safetensors"])
+    source.hash_in_background()
+    assert source.weights_sha256() == {"a.safetensors": sha256_file(tmp_path / "a.safetensors")}

@@ -412,3 +412,66 @@ def test_decoder_logits_are_the_first_generation_steps_or_a_padded_forwards():
     finally:
         model.generation_config.num_beams = 1
     assert beams["logits"].shape == first["logits"].shape and torch.allclose(beams["logits"], alone, atol=1e-5)
+
+
+def test_smoke_batches_trim_the_padding_after_a_first_batch_as_stored():
+    """After the first batch (the declared batch and length, which the meter counts), rows run
+    in consecutive groups trimmed of the padding columns all their rows share, left (decoders)
+    or right (encoders), each holding no more tokens than allowed, generated ones included."""
+    import torch
+
+    from edgepack.smoke import batches, smoke_batches, trimmed_tokens
+
+    lengths = [3, 9, 2, 4, 4, 1, 7]
+    width = 12
+    left = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        left[row, width - n:] = 1
+    ids = torch.arange(len(lengths) * width).reshape(len(lengths), width)
+    assert trimmed_tokens(2, width, 3, "text-generation") == 30 and trimmed_tokens(2, width, 3, "feature-extraction") == 24
+    for mask in (left, left.flip(1)):  # left padding, then right padding
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        out = list(smoke_batches(inputs, 2, max_tokens=30, new_tokens=3))
+        assert torch.equal(out[0]["input_ids"], ids[:2]) and out[0]["input_ids"].shape == (2, width)
+        rows = [b["input_ids"].shape[0] for b in out[1:]]
+        spans = [b["input_ids"].shape[1] for b in out[1:]]
+        assert rows == [4, 1] and spans == [4, 7]  # lengths 2, 4, 4, 1: 4 x (4 + 3) = 28; with the 7: 5 x 10
+        for batch in out[1:]:
+            assert batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] + 3) <= 30
+            assert batch["attention_mask"].sum() == inputs["attention_mask"][
+                [int(r) // width for r in batch["input_ids"][:, 0]]].sum()  # no real token was cut
+            assert set(batch) == set(inputs)
+        start = 2
+        for batch in out[1:]:  # the rows in order, each trimmed to its batch's span of real tokens
+            n = batch["input_ids"].shape[0]
+            assert torch.equal(batch["input_ids"] // width, (ids[start:start + n] // width)[:, :batch["input_ids"].shape[1]])
+            start += n
+        assert start == len(lengths)
+        one = list(smoke_batches(inputs, 1, max_tokens=1, new_tokens=3))  # a budget too small still runs one row each
+        assert [b["input_ids"].shape[0] for b in one] == [1] * len(lengths)
+    plain = list(smoke_batches({"input_ids": ids, "attention_mask": left}, 3))
+    assert [b["input_ids"].shape for b in plain] == [b["input_ids"].shape for b in batches({"input_ids": ids}, 3)]
+
+
+def test_run_outputs_calls_after_first_once_the_first_batch_has_run(tiny_decoder):
+    """The measuring process reads its meter there: after the first batch's generation, before
+    any other batch's."""
+    import torch
+
+    from edgepack.smoke import run_outputs
+
+    model, inputs, _, _ = tiny_decoder
+    rows = torch.cat([inputs["input_ids"]] * 2)
+    doubled = {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
+    calls: list[int] = []
+    seen: list[int] = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = run_outputs(model, doubled, "text-generation", 1, new_tokens=4, max_tokens=4 * (16 + 4),
+                          after_first=lambda: seen.append(len(calls)))
+        alone = run_outputs(model, {k: v[:1] for k, v in doubled.items()}, "text-generation", 1, new_tokens=4)
+    finally:
+        handle.remove()
+    assert seen == [4]  # the first batch's four generation steps, nothing after them
+    assert len(calls) == 4 + 4 + 4  # then the three others in one batch, and the lone run
+    assert torch.equal(out["tokens"][:1], alone["tokens"]) and out["tokens"].shape == (4, 4)

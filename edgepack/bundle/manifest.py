@@ -581,6 +581,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "smoke.tolerances": _smoke_file,
     "smoke.new_tokens": _positive_int,
     "smoke.logits_from": _one_of(*LOGITS_FROM),
+    "smoke.trimmed": lambda value: None if value is True else f"must be true when present, got {_show(value)}",
     "model.task": _one_of(*TASKS),
     "model.loader": _loader,
     "model.code": _code_files,

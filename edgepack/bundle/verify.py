@@ -282,7 +282,7 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
             loader=manifest["model"]["loader"], target=target_name,
             batch_size=manifest["workload"]["batch_size"],
             new_tokens=smoke.get("new_tokens", DEFAULT_NEW_TOKENS), allow_code=bool(code),
-            logits_from=smoke.get("logits_from", LOGITS_FORWARD), **measure,
+            logits_from=smoke.get("logits_from", LOGITS_FORWARD), trimmed=bool(smoke.get("trimmed", False)), **measure,
         )
     except VerificationError as exc:
         report.failures.append(Failure("load", "model/", str(exc)))
