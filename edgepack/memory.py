@@ -230,3 +230,20 @@ def process_status_bytes(key: str, pid: int | str = "self") -> int | None:
     except OSError:
         return None
     return None
+
+
+def main_memory() -> tuple[int, int]:
+    """(total, available) bytes of main memory (Linux /proc/meminfo; elsewhere the physical
+    memory, for both)."""
+    import os
+
+    try:
+        fields = {}
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                key, value = line.split(":", 1)
+                fields[key] = int(value.split()[0]) * 1024
+        return fields["MemTotal"], fields.get("MemAvailable", fields["MemFree"])
+    except (OSError, KeyError, ValueError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages, pages

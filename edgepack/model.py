@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,38 +48,69 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class Background:
-    """``fn()`` computed on a daemon thread at the lowest scheduling priority (Linux: a
-    thread's own nice value), so that it takes only CPU time the rest of the process and its
-    children leave idle; :meth:`result` waits for it and returns its value or raises its error.
-    A daemon thread does not keep a failing command alive."""
+class FileHashes:
+    """sha256 of files, computed a chunk at a time by whoever holds the work: a background
+    thread of the lowest scheduling priority (:meth:`start`; on Linux a thread's own nice
+    value), which takes only CPU time the rest of the process and its children leave idle, and
+    then :meth:`result`, which stops that thread after its current chunk and finishes what is
+    left at the caller's priority. So an idle machine hashes while a pack computes, and a busy
+    one never makes the caller wait on a starved thread. A daemon thread does not keep a
+    failing command alive; an error in it is met again, and raised, by :meth:`result`."""
 
-    def __init__(self, fn: Any) -> None:
+    CHUNK = 1 << 20
+
+    def __init__(self, files: list[Path]) -> None:
+        self._files = list(files)
+        self._digests: dict[str, str] = {}
+        self._current: tuple[int, Any, int] | None = None  # (descriptor, digest, offset) of the file in hand
+        self._thread: Any = None
+        self._stop: Any = None
+
+    def _step(self) -> bool:
+        """Hash one chunk (or finish one file); False once every file is done."""
+        if len(self._digests) == len(self._files) and self._current is None:
+            return False
+        if self._current is None:
+            path = self._files[len(self._digests)]
+            self._current = (os.open(path, os.O_RDONLY), hashlib.sha256(), 0)
+        fd, digest, offset = self._current
+        block = os.pread(fd, self.CHUNK, offset)
+        if block:
+            digest.update(block)
+            self._current = (fd, digest, offset + len(block))
+            return True
+        os.close(fd)
+        self._digests[self._files[len(self._digests)].name] = digest.hexdigest()
+        self._current = None
+        return True
+
+    def start(self) -> None:
+        """Hash on a background thread until done or :meth:`result` takes over (once)."""
         import threading
 
-        self._fn = fn
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="edgepack-background", daemon=True)
+        if self._thread is not None:
+            return
+        self._stop = threading.Event()
+
+        def run() -> None:
+            if sys.platform.startswith("linux"):
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread alone
+            with contextlib.suppress(Exception):  # result() meets the same error and raises it
+                while not self._stop.is_set() and self._step():
+                    pass
+
+        self._thread = threading.Thread(target=run, name="edgepack-hash", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        import threading
-
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread alone, on Linux
-        except (AttributeError, OSError):
+    def result(self) -> dict[str, str]:
+        """Every file's sha256 by file name, finished here."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        while self._step():
             pass
-        try:
-            self._value = self._fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
-            self._error = exc
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
+        return dict(self._digests)
 
 
 def _resolve(model: str | os.PathLike) -> Path:
@@ -478,7 +511,7 @@ class ModelSource:
     weight_files: list[Path] = field(default_factory=list)
     #: sha256 of the directory's Python files by name, when its code was allowed and asked for.
     code: dict[str, str] = field(default_factory=dict)
-    _hashing: Background | None = field(default=None, repr=False, compare=False)
+    _hashes: FileHashes | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, model: str | os.PathLike, *, allow_code: bool = False) -> "ModelSource":
@@ -553,20 +586,21 @@ class ModelSource:
         return clean or "model"
 
     def weights_sha256(self) -> dict[str, str]:
-        """sha256 of every weight file, by file name (computed once)."""
-        self.hash_in_background()
-        assert self._hashing is not None
-        return dict(self._hashing.result())
+        """sha256 of every weight file, by file name (finishing what :meth:`hash_in_background`
+        started)."""
+        if self._hashes is None:
+            self._hashes = FileHashes(self.weight_files)
+        return self._hashes.result()
 
     def hash_in_background(self) -> None:
         """Start hashing the weight files on a background thread of the lowest priority
-        (:class:`Background`), so that :meth:`weights_sha256` is ready when a pack writes its
-        manifest: sha256 reads about 0.2 GB/s on one core without SHA extensions (16 s for a
-        0.94 B model's fp32 weights), time a pack otherwise spends waiting once its measuring
-        process has ended. Starting it twice does nothing."""
-        if self._hashing is None:
-            files = list(self.weight_files)
-            self._hashing = Background(lambda: {p.name: sha256_file(p) for p in files})
+        (:class:`FileHashes`), so that :meth:`weights_sha256` is ready, or nearly, when a pack
+        writes its manifest: sha256 reads about 0.2 GB/s on one core without SHA extensions
+        (16 s for a 0.94 B model's fp32 weights), time a pack otherwise spends once its
+        measuring process has ended. Starting it twice does nothing."""
+        if self._hashes is None:
+            self._hashes = FileHashes(self.weight_files)
+        self._hashes.start()
 
     def load(self) -> Any:
         """Load the model in float32 on the CPU, in eval mode, without touching the network."""

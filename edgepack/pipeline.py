@@ -17,8 +17,8 @@ import edgepack
 from edgepack.errors import EdgepackError, NoPlanFits, UsageError, VerificationError
 from edgepack.interfaces import ApplyContext, Compressor, Workload, format_option_value
 from edgepack.card import step_effects, write_card
-from edgepack.memory import format_size, parse_size
-from edgepack.smoke import LOGITS_FORWARD, LOGITS_GENERATE
+from edgepack.memory import format_size, main_memory, parse_size
+from edgepack.smoke import BATCHING_PADDED, BATCHING_TRIMMED, LOGITS_FORWARD, LOGITS_GENERATE
 from edgepack.planner import (
     DEFAULT_FLOOR, DEFAULT_SHARD_SIZE, Budget, Candidate, build_candidate, choose_parallel_mode, fixed_plan, negotiate,
     packable, search, smallest,
@@ -116,9 +116,9 @@ class SourceSession:
     #: where a decoder's smoke logits come from (edgepack.smoke.LOGITS_FROM): the first step of
     #: generation, or, rebuilding a bundle packed before smoke.logits_from existed, a forward
     logits_from: str = LOGITS_GENERATE
-    #: whether smoke runs after the first batch are trimmed of padding (edgepack.smoke.smoke_batches;
-    #: the manifest's smoke.trimmed); rebuilding a bundle packed before the key, every batch is padded
-    trimmed: bool = True
+    #: how smoke runs batch their inputs (edgepack.smoke.BATCHINGS, the manifest's smoke.batching):
+    #: trimmed after the first batch, or, rebuilding a bundle packed before the key, all padded
+    batching: str = BATCHING_TRIMMED
     #: how long each phase of packing took, in order: {phase, [bundle, target, candidate,] seconds}
     phases: list[dict[str, Any]] = field(default_factory=list)
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -171,17 +171,16 @@ class SourceSession:
     @property
     def expected(self) -> dict[str, Any]:
         """Golden outputs of the original model on the smoke inputs."""
-        from edgepack.smoke import DEFAULT_NEW_TOKENS, golden_batch, run_outputs, trimmed_tokens
+        from edgepack.smoke import golden_batch, run_outputs
 
         def make() -> dict[str, Any]:
-            inputs, original, task = self.inputs, self.original, self.facts.task
-            rows = golden_batch(self.batch_size, self.seq_len)
-            # the same batches as the measured bundle's first, then trimmed ones of up to the golden batch's tokens
-            batching = dict(batch_size=self.batch_size, max_tokens=trimmed_tokens(
-                rows, self.seq_len, DEFAULT_NEW_TOKENS, task)) if self.trimmed else dict(batch_size=rows)
+            inputs, original = self.inputs, self.original
+            # trimmed: the very batches the bundle runs; padded: more rows at once, which changes no row's outputs
+            rows = self.batch_size if self.batching == BATCHING_TRIMMED else golden_batch(self.batch_size, self.seq_len)
             with self.timed("golden outputs"):
                 self.progress(f"computing golden outputs of the original model on {len(self.samples)} smoke inputs")
-                return run_outputs(original, inputs, task, logits_from=self.logits_from, **batching)
+                return run_outputs(original, inputs, self.facts.task, rows, logits_from=self.logits_from,
+                                   batching=self.batching)
         return self._get("expected", make)
 
     @contextlib.contextmanager
@@ -495,11 +494,14 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     # An absent target (a CUDA bundle built on a CPU box) is measured for fidelity on this
     # machine's CPU; its memory is measured by verify on the target itself.
     probe_target = target if probe.present else "cpu"
-    source.hash_in_background()  # for the manifest, in time the measuring leaves idle
     signature: dict[str, Any] = {}  # filled by the signer when --sign is given
     with BundleWriter(request.out, bundle_name, overwrite=request.force) as writer:  # an existing bundle: refused now
         staging = writer.staging
         assert staging is not None
+        if request.work_memory is None and 2 * sum(p.stat().st_size for p in source.weight_files) <= main_memory()[1]:
+            # the manifest's source hashes, in CPU time the pack leaves idle; not where reading the
+            # source again would push pages out that the golden outputs or the measuring need
+            source.hash_in_background()
         tokenizer, inputs, expected = session.tokenizer, session.inputs, session.expected  # golden outputs: seconds
         calibration = session.calibration
         from safetensors.torch import save_file
@@ -574,7 +576,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             measure = dict(task=facts.task, steps=candidate.plan, loader=loader,
                            target=target if program is not None else probe_target,
                            batch_size=session.batch_size, target_options=dict(tgt.settings),
-                           logits_from=session.logits_from, trimmed=session.trimmed)
+                           logits_from=session.logits_from, batching=session.batching)
             if program is not None:
                 measure["program"] = program
             if source.code:
@@ -588,7 +590,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                         progress(f"  measured peak {format_size(measured_result.peak_bytes)} is close to the budget: "
                                  f"measuring {PACK_REPEATS - 1} more times")
                         measured_result = measured_result.with_more(measure_in_fresh_process(
-                            staging, repeats=PACK_REPEATS - 1, **measure))
+                            staging, repeats=PACK_REPEATS - 1, peak_only=True, **measure))
             except VerificationError as exc:
                 candidate.rejected_because = str(exc)
                 continue
@@ -651,7 +653,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             measured_peak=measured_peak, scope=scope, fidelity=chosen_fidelity, floor=floor,
             loader=chosen_loader, samples=len(session.samples), details=details,
             max_shard_bytes=request.max_shard_bytes, program=chosen_program, logits_from=session.logits_from,
-            trimmed=session.trimmed,
+            batching=session.batching,
         )
         sharding = sharded_as(chosen.steps)
         if sharding is not None:
@@ -768,7 +770,7 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
               fidelity: Any, floor: float, loader: str | None, samples: int,
               details: Sequence[dict[str, Any] | None] = (), max_shard_bytes: int = DEFAULT_SHARD_SIZE,
               program: dict[str, Any] | None = None, logits_from: str = LOGITS_GENERATE,
-              trimmed: bool = True) -> dict[str, Any]:
+              batching: str = BATCHING_TRIMMED) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -841,7 +843,7 @@ def _manifest(*, registry: Any, bundle_name: str, version: str, source: Any, tar
             # absent: a forward's logits, as in bundles packed before the key existed
             **({"logits_from": logits_from} if logits_from != LOGITS_FORWARD else {}),
             # absent: every smoke batch padded to the declared length, as in bundles packed before the key
-            **({"trimmed": True} if trimmed else {}),
+            **({"batching": batching} if batching != BATCHING_PADDED else {}),
         },
     }
 
@@ -924,7 +926,7 @@ def rebuild(bundle: str | Path, model: str | Path, *, samples: str | Path | None
     session = open_source(model, samples=samples, batch_size=workload["batch_size"], seq_len=workload["seq_len"],
                           cache_len=workload.get("cache_len"), progress=progress, allow_code=allow_code)
     session.logits_from = manifest["smoke"].get("logits_from", LOGITS_FORWARD)
-    session.trimmed = bool(manifest["smoke"].get("trimmed", False))
+    session.batching = manifest["smoke"].get("batching", BATCHING_PADDED)
     actual = session.source.weights_sha256()
     if actual != manifest["source"]["sha256"]:
         raise VerificationError(

@@ -4,7 +4,8 @@ The parent starts a fresh, isolated interpreter (``python -I`` in an empty worki
 so nothing next to the bundle or the caller can shadow a library) that imports this module
 and calls :func:`main` with the path of a JSON spec. The child warms the runtime up, loads and
 runs the bundle once more under the target's memory meter, writes the smoke outputs where the
-spec says and prints one JSON line: ``{"peak_bytes", "scope", "seconds", "threads"}``.
+spec says (a spec without an ``outputs`` path wants the peak alone) and prints one JSON line:
+``{"peak_bytes", "scope", "seconds", "threads"}``.
 
 Kept apart from :mod:`edgepack.smoke` because it imports :mod:`edgepack.runtime`, which
 imports :mod:`edgepack.smoke` (no import cycle).
@@ -104,7 +105,7 @@ def main(spec_path: str) -> None:
     from edgepack.interfaces import PlanStep
     from edgepack.model import allow_code_of, code_kwargs
     from edgepack.runtime import load_model_dir
-    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, run_outputs, trimmed_tokens
+    from edgepack.smoke import BATCHING_PADDED, BATCHING_TRIMMED, INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, run_outputs
 
     spec = json.loads(Path(spec_path).read_text())
     threads = fix_threads(spec.get("threads") or 1)
@@ -130,11 +131,10 @@ def main(spec_path: str) -> None:
                 spec["batch_size"], 2, device=target.device_type)
     del first
     trim_heap()
-    trim = None
-    if spec.get("trimmed"):  # the peak is that of the first batch; the rest run trimmed, after it
-        trim = trimmed_tokens(spec["batch_size"], next(iter(inputs.values())).shape[1], spec["new_tokens"], spec["task"])
-        if spec["outputs"] is None:  # a repeat measures the peak alone
-            inputs = {k: v[: spec["batch_size"]] for k, v in inputs.items()}
+    batching = spec.get("batching", BATCHING_PADDED)
+    trimmed = batching == BATCHING_TRIMMED  # the peak is the first batch's; the others run after it
+    if trimmed and spec["outputs"] is None:  # the peak alone is wanted: the first batch
+        inputs = {k: v[: spec["batch_size"]] for k, v in inputs.items()}
     meter = target.memory_meter()
     peaks: list[int] = []
     started = time.perf_counter()
@@ -143,12 +143,12 @@ def main(spec_path: str) -> None:
     touch_weights(model)
     outputs = run_outputs(model, inputs, spec["task"], spec["batch_size"], spec["new_tokens"],
                           device=target.device_type, logits_from=spec.get("logits_from", LOGITS_GENERATE),
-                          max_tokens=trim, after_first=(lambda: peaks.append(meter.peak_bytes())) if trim else None)
+                          batching=batching, after_first=(lambda: peaks.append(meter.peak_bytes())) if trimmed else None)
     peak = peaks[0] if peaks else meter.peak_bytes()
     seconds = time.perf_counter() - started
     if spec["outputs"] is not None:
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
-    scope = f"{meter.scope}{TRIMMED_SCOPE if trim else ''}; {threads} intra-op thread{'s' if threads != 1 else ''}"
+    scope = f"{meter.scope}{TRIMMED_SCOPE if trimmed else ''}; {threads} intra-op thread{'s' if threads != 1 else ''}"
     print(json.dumps({"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}))
 
 
@@ -183,7 +183,7 @@ def rank_main(spec_path: str) -> None:
     from edgepack.host import load_registry
     from edgepack.launch import FAULT_ENV
     from edgepack.plugins.parallel import init_distributed, load_rank, smoke_outputs
-    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, batches, trimmed_tokens
+    from edgepack.smoke import BATCHING_PADDED, BATCHING_TRIMMED, INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, batches
 
     threads = fix_threads(spec.get("threads") or 1)
     bundle_dir = Path(spec["bundle_dir"])
@@ -221,17 +221,19 @@ def rank_main(spec_path: str) -> None:
     model = load_rank(model_dir, rank, world, device)
     touch_weights(model.module)
     stage("running the smoke inputs")
-    trim = trimmed_tokens(batch_size, next(iter(inputs.values())).shape[1], int(spec["new_tokens"]), task) \
-        if spec.get("trimmed") else None
+    batching = spec.get("batching", BATCHING_PADDED)
+    trimmed = batching == BATCHING_TRIMMED  # the peak is the first batch's; the others run after it
+    if trimmed and spec["outputs"] is None:  # the peak alone is wanted: the first batch
+        inputs = {k: v[:batch_size] for k, v in inputs.items()}
     peaks: list[int] = []
     outputs = smoke_outputs(model, inputs, task, batch_size, int(spec["new_tokens"]),
-                            spec.get("logits_from", LOGITS_GENERATE), max_tokens=trim,
-                            after_first=(lambda: peaks.append(meter.peak_bytes())) if trim else None)
+                            spec.get("logits_from", LOGITS_GENERATE), batching=batching,
+                            after_first=(lambda: peaks.append(meter.peak_bytes())) if trimmed else None)
     peak = peaks[0] if peaks else meter.peak_bytes()
     seconds = time.perf_counter() - started
-    if rank == 0:
+    if rank == 0 and spec["outputs"] is not None:
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
-    scope = f"{meter.scope}{TRIMMED_SCOPE if trim else ''}; each of {world} ranks measured in its own process; {threads} intra-op thread{'s' if threads != 1 else ''} per rank"
+    scope = f"{meter.scope}{TRIMMED_SCOPE if trimmed else ''}; each of {world} ranks measured in its own process; {threads} intra-op thread{'s' if threads != 1 else ''} per rank"
     report = {"rank": rank, "peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads,
               "device": str(device), "world_size": world, "torch": torch.__version__}
     (reports / f"rank-{rank}.json").write_text(json.dumps(report))

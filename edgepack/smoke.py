@@ -113,51 +113,72 @@ def batches(inputs: dict[str, Any], batch_size: int) -> Iterator[dict[str, Any]]
         yield {k: v[start : start + batch_size] for k, v in inputs.items()}
 
 
-#: What a measuring process adds to its meter's scope when the smoke runs are trimmed.
+#: How a smoke run batches its inputs (the manifest's ``smoke.batching``): every batch of the
+#: declared batch size, padded to the declared length, as bundles were packed before the key
+#: existed (its absence means this) ...
+BATCHING_PADDED = "padded"
+#: ... or the first batch so, then the other rows trimmed of their padding (see
+#: :func:`smoke_batches`). The stored golden outputs depend on exactly how rows are grouped, so
+#: a change to the grouping (or to :data:`GOLDEN_BATCH_TOKENS`) is a new value, and the old
+#: one stays for the bundles that name it.
+BATCHING_TRIMMED = "trimmed-1"
+BATCHINGS = (BATCHING_PADDED, BATCHING_TRIMMED)
+
+#: What a measuring process adds to its meter's scope under :data:`BATCHING_TRIMMED`.
 TRIMMED_SCOPE = ("; the peak is read once the first batch of smoke inputs (the declared batch and length) has run; "
-                 "the other inputs then run trimmed of their padding, in batches of no more tokens")
+                 "the other inputs then run trimmed of their padding, in batches of no more tokens than the first")
 
 
-def trimmed_tokens(batch_size: int, seq_len: int, new_tokens: int, task: str) -> int:
-    """The most tokens a trimmed smoke batch holds (see :func:`smoke_batches`): as many as
-    ``batch_size`` rows of the declared length, generated tokens included, so that no later
-    batch needs more activation or KV-cache memory than the measured first one."""
-    return int(batch_size) * (int(seq_len) + (int(new_tokens) if task == "text-generation" else 0))
+def check_batching(value: str) -> None:
+    """ValueError unless ``value`` is one of :data:`BATCHINGS`."""
+    if value not in BATCHINGS:
+        raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, not {value!r}")
 
 
-def smoke_batches(inputs: dict[str, Any], batch_size: int, *, max_tokens: int | None = None,
+def smoke_batches(inputs: dict[str, Any], batch_size: int, *, batching: str = BATCHING_PADDED,
                   new_tokens: int = 0) -> Iterator[dict[str, Any]]:
-    """The batches a smoke run computes, in order of the rows.
+    """The batches a smoke run computes, in order of the rows (``new_tokens``: the tokens a
+    decoder generates per row; 0 for encoders).
 
-    Without ``max_tokens``: consecutive batches of ``batch_size`` rows as stored, every one
-    padded to the declared length (bundles packed before the manifest's ``smoke.trimmed``).
-    With it: the first ``batch_size`` rows as stored, the declared workload's shape, whose
-    run the memory meter counts; then the other rows in consecutive groups, each trimmed of
-    the padding columns all its rows share (an attention mask of 0 on every row) and holding
-    as many rows as fit in ``max_tokens`` tokens, ``new_tokens`` generated tokens per row
-    included (always one at least). The smoke samples are short and padded to the declared
-    length, so this computes a small part of the padded run's tokens; masked padding does not
-    change a row's outputs (the golden outputs run the same batches)."""
-    rows = next(iter(inputs.values())).shape[0]
-    if max_tokens is None:
+    :data:`BATCHING_PADDED`: consecutive batches of ``batch_size`` rows as stored, every one
+    padded to the declared length. :data:`BATCHING_TRIMMED`: the first ``batch_size`` rows as
+    stored, the declared workload's shape, whose run the memory meter counts; then the other
+    rows in consecutive groups, each trimmed of the padding columns all its rows share (an
+    attention mask of 0 on every row; without a mask every column is kept), each holding as
+    many rows as fit in the first batch's tokens (generated ones included), and no more than
+    :func:`golden_batch` rows (always one at least). So no later batch needs more activation or
+    KV-cache memory than the measured first one; what grows per row alone, a decoding step's
+    logits over the vocabulary, is a golden batch's at most. The smoke samples are short, so
+    this computes a small part of the padded run's tokens. The golden outputs run the same
+    batches as the bundle, so a row trimmed of positions it was padded with (left padding and
+    absolute positions) is compared with the same computation on both sides."""
+    check_batching(batching)
+    rows = next(iter(inputs.values())).shape[0] if inputs else 0
+    if batching == BATCHING_PADDED:
         yield from batches(inputs, batch_size)
+        return
+    if rows == 0:
         return
     head = min(int(batch_size), rows)
     yield {k: v[:head] for k, v in inputs.items()}
-    mask = inputs["attention_mask"] != 0
-    width = mask.shape[1]
-    columns = [row.nonzero().flatten().tolist() for row in mask]
-    spans = [(c[0], c[-1]) if c else (width - 1, width - 1) for c in columns]  # an all-padding row: one column
+    width = max(v.shape[1] for v in inputs.values() if v.dim() >= 2)
+    max_tokens = int(batch_size) * (width + int(new_tokens))
+    max_rows = golden_batch(int(batch_size), width)
+    mask = inputs.get("attention_mask")
+    spans = [(0, width - 1)] * rows
+    if mask is not None:
+        columns = [row.nonzero().flatten().tolist() for row in mask != 0]
+        spans = [(c[0], c[-1]) if c else (width - 1, width - 1) for c in columns]  # an all-padding row: one column
     start = head
     while start < rows:
         lo, hi = spans[start]
         end = start + 1
-        while end < rows:
+        while end < rows and end - start < max_rows:
             wider = (min(lo, spans[end][0]), max(hi, spans[end][1]))
             if (end + 1 - start) * (wider[1] - wider[0] + 1 + int(new_tokens)) > max_tokens:
                 break
             (lo, hi), end = wider, end + 1
-        yield {k: v[start:end, lo : hi + 1] for k, v in inputs.items()}
+        yield {k: v[start:end, lo : hi + 1] if v.dim() >= 2 else v[start:end] for k, v in inputs.items()}
         start = end
 
 
@@ -172,13 +193,12 @@ def mean_pool(hidden: Any, attention_mask: Any) -> Any:
 
 def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
                 new_tokens: int = DEFAULT_NEW_TOKENS, device: str = "cpu",
-                logits_from: str = LOGITS_GENERATE, max_tokens: int | None = None,
+                logits_from: str = LOGITS_GENERATE, batching: str = BATCHING_PADDED,
                 after_first: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run the model over the smoke inputs in batches and return its outputs (fp32, on CPU).
 
-    The batches are :func:`smoke_batches`'s (``max_tokens``: trimmed after the first);
-    ``after_first`` is called once the first batch has run (the measuring process reads its
-    memory meter there).
+    The batches are :func:`smoke_batches`'s, as ``batching`` says; ``after_first`` is called
+    once the first batch has run (the measuring process reads its memory meter there).
 
     For decoders, ``tokens`` always has exactly ``new_tokens`` columns: generation ends a batch
     early once every row has emitted an end-of-sequence token, and a row that ended holds the
@@ -191,7 +211,8 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
     check_logits_from(logits_from)
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
-        for batch in smoke_batches(inputs, batch_size, max_tokens=max_tokens, new_tokens=new_tokens):
+        generated = new_tokens if task == "text-generation" else 0
+        for batch in smoke_batches(inputs, batch_size, batching=batching, new_tokens=generated):
             batch = {k: v.to(device) for k, v in batch.items()}
             if task == "text-generation":
                 parts = _generate(model, batch, new_tokens, logits_from)
@@ -613,7 +634,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                              target_options: dict[str, Any] | None = None,
                              device: str = "cpu", allow_code: bool = False,
                              program: dict[str, Any] | None = None,
-                             logits_from: str = LOGITS_GENERATE, trimmed: bool = False) -> ProbeResult:
+                             logits_from: str = LOGITS_GENERATE, batching: str = BATCHING_PADDED,
+                             peak_only: bool = False) -> ProbeResult:
     """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
     ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
 
@@ -627,10 +649,11 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
         ``--allow-code``); without it, that code is never run.
     :param program: the manifest's ``model.program``: the target's runtime runs that program.
     :param logits_from: where a decoder's logits come from (the manifest's ``smoke.logits_from``).
-    :param trimmed: the manifest's ``smoke.trimmed``: the peak is read once the first batch,
-        at the declared batch and length, has run; the other rows then run trimmed of their
-        padding (:func:`smoke_batches`), and only the first measuring process runs them (the
-        repeats measure the peak alone).
+    :param batching: how the smoke inputs are batched (the manifest's ``smoke.batching``,
+        :func:`smoke_batches`); under :data:`BATCHING_TRIMMED` the peak is read once the first
+        batch has run, and a process whose outputs are not wanted runs that batch alone.
+    :param peak_only: the outputs are not wanted (``ProbeResult.outputs`` is empty): more
+        measurements of a close call. Only the first of ``repeats`` gives outputs in any case.
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -649,7 +672,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
         return _measure_ranks(bundle_dir, task=task, steps=steps, target=target, batch_size=batch_size,
                               new_tokens=new_tokens, timeout=limit, repeats=repeats, threads=threads, ranks=ranks,
                               target_options=target_options or {}, device=device, logits_from=logits_from,
-                              trimmed=trimmed)
+                              batching=batching, peak_only=peak_only)
     threads = probe_threads() if threads is None else max(1, int(threads))
     env = probe_env(threads)
     reports: list[dict[str, Any]] = []
@@ -666,10 +689,9 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "batch_size": batch_size,
                 "new_tokens": new_tokens,
                 "logits_from": logits_from,
-                "trimmed": bool(trimmed),
+                "batching": batching,
                 "threads": threads,
-                # a repeat of a trimmed run measures the peak alone: its outputs would not be read
-                "outputs": None if attempt and trimmed else str(Path(tmp) / f"outputs-{attempt}.safetensors"),
+                "outputs": None if attempt or peak_only else str(Path(tmp) / f"outputs-{attempt}.safetensors"),
                 "allow_code": bool(allow_code),
                 "program": program,
             }
@@ -687,7 +709,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                     "the bundle could not be loaded and run in a fresh process: the measuring process "
                     "printed no report"
                 ) from None
-            if attempt == 0:
+            if spec["outputs"] is not None:
                 outputs = load_file(spec["outputs"])
     peaks = [int(r["peak_bytes"]) for r in reports]
     return ProbeResult(max(peaks), reports[0]["scope"], outputs, reports[0]["seconds"],
@@ -696,7 +718,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
 
 def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str, batch_size: int, new_tokens: int,
                    timeout: float, repeats: int, threads: int, ranks: int, target_options: dict[str, Any],
-                   device: str, logits_from: str, trimmed: bool) -> ProbeResult:
+                   device: str, logits_from: str, batching: str, peak_only: bool) -> ProbeResult:
     """:func:`measure_in_fresh_process` for a sharded bundle: every rank through torchrun."""
     import tempfile
 
@@ -714,15 +736,17 @@ def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str
                 "bundle_dir": str(Path(bundle_dir).resolve()), "task": task, "steps": [s.to_json() for s in steps],
                 "target": target, "target_options": target_options, "device": device,
                 "batch_size": batch_size, "new_tokens": new_tokens, "logits_from": logits_from,
-                "trimmed": bool(trimmed), "outputs": str(Path(tmp) / "outputs.safetensors"),
+                "batching": batching,
+                "outputs": None if attempt or peak_only else str(Path(tmp) / "outputs.safetensors"),
             }
             result = launch_ranks(spec, ranks, timeout=timeout, threads=threads, workdir=Path(tmp))
             this = [int(r["peak_bytes"]) for r in sorted(result.reports, key=lambda r: r["rank"])]
             rank_peaks = this if rank_peaks is None else [max(a, b) for a, b in zip(rank_peaks, this)]
             peaks.append(max(this))
             if attempt == 0:
-                outputs = load_file(spec["outputs"])
                 first = result.reports[0]
+            if spec["outputs"] is not None:
+                outputs = load_file(spec["outputs"])
     return ProbeResult(max(peaks), first["scope"], outputs, first["seconds"], peaks=peaks,
                        threads=first.get("threads", threads), rank_peaks=rank_peaks)
 

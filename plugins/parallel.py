@@ -88,7 +88,7 @@ from typing import Any, Callable, Mapping, Sequence
 import edgepack
 from edgepack.errors import UsageError
 from edgepack.interfaces import Compressor, Option
-from edgepack.smoke import LOGITS_GENERATE
+from edgepack.smoke import BATCHING_PADDED, LOGITS_GENERATE
 
 FORMAT = "edgepack.parallel/1"
 SHARD_FILE = "model.safetensors"
@@ -1324,12 +1324,12 @@ def save_sharded(model: Any, world_size: int, mode: str, model_dir: str | os.Pat
 
 
 def smoke_outputs(model: "RankModel", inputs: Mapping[str, Any], task: str, batch_size: int,
-                  new_tokens: int, logits_from: str = LOGITS_GENERATE, max_tokens: int | None = None,
+                  new_tokens: int, logits_from: str = LOGITS_GENERATE, batching: str = BATCHING_PADDED,
                   after_first: Callable[[], Any] | None = None) -> dict[str, Any]:
     """What :func:`edgepack.smoke.run_outputs` returns for a single-device model, computed by
     all ranks together (collective; every rank gets the result): mean-pooled, normalised
     embeddings for encoders; next-token logits (taken as ``logits_from`` says) and
-    ``new_tokens`` greedy tokens for decoders. The batches, ``max_tokens`` and ``after_first``
+    ``new_tokens`` greedy tokens for decoders. The batches, ``batching`` and ``after_first``
     are :func:`edgepack.smoke.run_outputs`'s."""
     import torch
 
@@ -1338,7 +1338,8 @@ def smoke_outputs(model: "RankModel", inputs: Mapping[str, Any], task: str, batc
     check_logits_from(logits_from)
     collected: dict[str, list[Any]] = {}
     with torch.inference_mode():
-        for batch in smoke_batches(dict(inputs), batch_size, max_tokens=max_tokens, new_tokens=new_tokens):
+        generated = new_tokens if task == "text-generation" else 0
+        for batch in smoke_batches(dict(inputs), batch_size, batching=batching, new_tokens=generated):
             if task == "text-generation":
                 if logits_from == LOGITS_GENERATE:
                     tokens, logits = model.generate(batch, new_tokens, first_logits=True)

@@ -12,22 +12,9 @@ from pathlib import Path
 
 import edgepack
 from edgepack.interfaces import DeviceInfo, MemoryMeter, Option, Probe, Size, Target
-from edgepack.memory import process_status_bytes
+from edgepack.memory import main_memory, process_status_bytes
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _meminfo() -> tuple[int, int]:
-    """(total, available) bytes of main memory."""
-    try:
-        fields = {}
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, value = line.split(":", 1)
-            fields[key] = int(value.split()[0]) * 1024
-        return fields["MemTotal"], fields.get("MemAvailable", fields["MemFree"])
-    except (OSError, KeyError, ValueError):
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return pages, pages
 
 
 def _cpu_flags() -> set[str]:
@@ -93,7 +80,7 @@ class CpuTarget(Target):
 
     def probe(self) -> Probe:
         """Memory total and available, core count, and which dtypes compute correctly here."""
-        total, available = _meminfo()
+        total, available = main_memory()
         flags = _cpu_flags()
         capabilities = {"fp32", "int8"}
         detail: dict[str, object] = {

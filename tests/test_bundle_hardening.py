@@ -113,7 +113,7 @@ def fake_probe(monkeypatch):
     calls = []
 
     def fake(bundle_dir, *, task, steps, loader, target, batch_size, new_tokens=8, target_options=None,
-             allow_code=False, logits_from="generate", trimmed=False):
+             allow_code=False, logits_from="generate", batching="padded", peak_only=False):
         calls.append(dict(task=task, loader=loader, target=target, batch_size=batch_size, new_tokens=new_tokens))
         outputs = load_file(Path(bundle_dir) / "smoke/expected.safetensors")
         return edgepack.smoke.ProbeResult(10, "test scope", outputs, 0.0)
@@ -215,8 +215,8 @@ SCHEMA_CASES = [
     ("smoke.expected", MANIFEST),
     ("smoke.new_tokens", "8"),
     ("smoke.new_tokens", 0),
-    ("smoke.trimmed", False),  # absent, not false, in a bundle whose smoke batches are all padded
-    ("smoke.trimmed", "yes"),
+    ("smoke.batching", "trimmed"),  # a grouping of rows this edgepack does not know
+    ("smoke.batching", True),
     ("bundle.name", 1),
     ("bundle.version", ["0", "1"]),
     ("bundle.created", 1700000000),

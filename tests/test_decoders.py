@@ -133,7 +133,7 @@ def test_verify_passes(packed, kind):
 @pytest.mark.slow
 def test_a_bundle_without_smoke_logits_from_is_verified_with_a_forwards_logits(decoders, tmp_path):
     """Bundles packed before ``smoke.logits_from`` existed hold a forward's logits of the padded
-    prompts (GPT-2: positions 0.. over the padding), every batch padded (no ``smoke.trimmed``);
+    prompts (GPT-2: positions 0.. over the padding), every batch padded (no ``smoke.batching``);
     verify compares them with the same."""
     import hashlib
     import shutil
@@ -142,15 +142,15 @@ def test_a_bundle_without_smoke_logits_from_is_verified_with_a_forwards_logits(d
     from safetensors.torch import load_file, save_file
 
     from edgepack.bundle.manifest import MANIFEST, canonical_json, content_digest
-    from edgepack.smoke import EXPECTED_FILE, INPUTS_FILE, LOGITS_FORWARD, LOGITS_GENERATE, run_outputs
+    from edgepack.smoke import BATCHING_PADDED, EXPECTED_FILE, INPUTS_FILE, LOGITS_FORWARD, LOGITS_GENERATE, run_outputs
 
     from edgepack.pipeline import PackRequest, open_source, pack_target
 
     session = open_source(decoders["gpt2"], seq_len=32)
-    session.trimmed = False  # every smoke batch padded, as bundles were packed before smoke.trimmed
+    session.batching = BATCHING_PADDED  # every smoke batch padded, as bundles were packed before smoke.batching
     result = pack_target(session, PackRequest.from_settings(dict(
         target="cpu", budget="500MB", apply=["precision:dtype=bf16"], out=str(tmp_path / "dist"))))
-    assert result.manifest["smoke"]["logits_from"] == LOGITS_GENERATE and "trimmed" not in result.manifest["smoke"]
+    assert result.manifest["smoke"]["logits_from"] == LOGITS_GENERATE and "batching" not in result.manifest["smoke"]
     now = edgepack.verify(result.bundle)
     assert now.ok, now.failures
 

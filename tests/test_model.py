@@ -219,21 +219,49 @@ def test_a_well_formed_header_passes(tmp_path):
     assert set(header) == {"a", "b"} and start == (tmp_path / "w.safetensors").stat().st_size - 12
 
 
-def test_background_work_runs_at_the_lowest_priority_and_hands_back_its_value_or_error(tmp_path):
-    """The source's weights are hashed on such a thread while a pack computes (its manifest
-    needs the hashes only at the end): the same hashes, and a failure reaches the caller."""
+def test_weights_are_hashed_in_the_background_at_the_lowest_priority_and_finished_by_the_caller(tmp_path, monkeypatch):
+    """A pack hashes the source's weights on such a thread while it computes (its manifest
+    needs them only at the end); asking for them stops the thread and finishes at the caller's
+    priority, with the same hashes, and an error in the thread reaches the caller."""
     import threading
 
-    from edgepack.model import Background, ModelSource, sha256_file
+    import edgepack.model as model_module
+    from edgepack.model import FileHashes, ModelSource, sha256_file
 
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    files = []
+    for name, size in (("a.safetensors", 3 * FileHashes.CHUNK + 5), ("b.safetensors", 0), ("c.safetensors", 7)):
+        (tmp_path / name).write_bytes(os.urandom(size))
+        files.append(tmp_path / name)
+    expected = {f.name: sha256_file(f) for f in files}
+    source = ModelSource(tmp_path, None, None, weight_files=files)
+    assert source.weights_sha256() == expected  # never started: hashed here
 
-    if sys.platform.startswith("linux"):
-        assert Background(niceness).result() == 19
-    with pytest.raises(ZeroDivisionError):
-        Background(lambda: 1 / 0).result()
-    (tmp_path / "a.safetensors").write_bytes(b"weights")
-    source = ModelSource(tmp_path, None, None, weight_files=[tmp_path / "a.safetensors"])
+    niceness = []
+    real_step = FileHashes._step
+    gate = threading.Event()
+
+    def step(self):  # the thread hashes one chunk, notes its priority, then waits to be stopped
+        if threading.current_thread() is not threading.main_thread():
+            niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            if len(niceness) > 1:
+                gate.wait(5)
+                return True
+        return real_step(self)
+
+    monkeypatch.setattr(FileHashes, "_step", step)
+    source = ModelSource(tmp_path, None, None, weight_files=files)
     source.hash_in_background()
-    assert source.weights_sha256() == {"a.safetensors": sha256_file(tmp_path / "a.safetensors")}
+    source.hash_in_background()  # once only
+    while len(niceness) < 2:
+        threading.Event().wait(0.01)
+    gate.set()
+    assert source.weights_sha256() == expected  # the caller took over after the thread's first chunk
+    if sys.platform.startswith("linux"):
+        assert niceness[0] == 19
+
+    monkeypatch.setattr(FileHashes, "_step", real_step)
+    monkeypatch.setattr(model_module.os, "pread", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    broken = FileHashes(files)
+    broken.start()
+    with pytest.raises(OSError, match="I/O error"):
+        broken.result()

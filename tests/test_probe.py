@@ -338,9 +338,11 @@ def test_repeated_measurements_report_the_largest(packed, monkeypatch):
     fake_child = textwrap.dedent("""
         import json, struct, sys
         spec = json.load(open(sys.argv[1]))
-        n = int(spec["outputs"].rsplit("-", 1)[1].split(".")[0])
+        n = int(sys.argv[1].rsplit("-", 1)[1].split(".")[0])
+        assert (spec["outputs"] is None) == (n > 0)  # only the first process's outputs are read
         header = b"{}      "
-        open(spec["outputs"], "wb").write(struct.pack("<Q", len(header)) + header)
+        if spec["outputs"]:
+            open(spec["outputs"], "wb").write(struct.pack("<Q", len(header)) + header)
         print(json.dumps({"peak_bytes": [100, 300, 200][n], "scope": "fake", "seconds": 0.1,
                           "threads": spec["threads"]}))
     """)
@@ -417,10 +419,11 @@ def test_decoder_logits_are_the_first_generation_steps_or_a_padded_forwards():
 def test_smoke_batches_trim_the_padding_after_a_first_batch_as_stored():
     """After the first batch (the declared batch and length, which the meter counts), rows run
     in consecutive groups trimmed of the padding columns all their rows share, left (decoders)
-    or right (encoders), each holding no more tokens than allowed, generated ones included."""
+    or right (encoders), each holding no more tokens than the first batch, generated ones
+    included, and no more rows than a golden batch."""
     import torch
 
-    from edgepack.smoke import batches, smoke_batches, trimmed_tokens
+    from edgepack.smoke import BATCHING_PADDED, BATCHING_TRIMMED, batches, golden_batch, smoke_batches
 
     lengths = [3, 9, 2, 4, 4, 1, 7]
     width = 12
@@ -428,29 +431,37 @@ def test_smoke_batches_trim_the_padding_after_a_first_batch_as_stored():
     for row, n in enumerate(lengths):
         left[row, width - n:] = 1
     ids = torch.arange(len(lengths) * width).reshape(len(lengths), width)
-    assert trimmed_tokens(2, width, 3, "text-generation") == 30 and trimmed_tokens(2, width, 3, "feature-extraction") == 24
     for mask in (left, left.flip(1)):  # left padding, then right padding
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        out = list(smoke_batches(inputs, 2, max_tokens=30, new_tokens=3))
+        out = list(smoke_batches(inputs, 2, batching=BATCHING_TRIMMED, new_tokens=3))
         assert torch.equal(out[0]["input_ids"], ids[:2]) and out[0]["input_ids"].shape == (2, width)
         rows = [b["input_ids"].shape[0] for b in out[1:]]
         spans = [b["input_ids"].shape[1] for b in out[1:]]
-        assert rows == [4, 1] and spans == [4, 7]  # lengths 2, 4, 4, 1: 4 x (4 + 3) = 28; with the 7: 5 x 10
-        for batch in out[1:]:
-            assert batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] + 3) <= 30
-            assert batch["attention_mask"].sum() == inputs["attention_mask"][
-                [int(r) // width for r in batch["input_ids"][:, 0]]].sum()  # no real token was cut
-            assert set(batch) == set(inputs)
+        assert rows == [4, 1] and spans == [4, 7]  # 2 x (12 + 3) = 30 tokens: lengths 2, 4, 4, 1 take 4 x (4 + 3)
         start = 2
         for batch in out[1:]:  # the rows in order, each trimmed to its batch's span of real tokens
-            n = batch["input_ids"].shape[0]
-            assert torch.equal(batch["input_ids"] // width, (ids[start:start + n] // width)[:, :batch["input_ids"].shape[1]])
+            n, span = batch["input_ids"].shape
+            assert n * (span + 3) <= 2 * (width + 3) and set(batch) == set(inputs)
+            assert batch["attention_mask"].sum() == mask[start:start + n].sum()  # no real token was cut
+            assert torch.equal(batch["input_ids"] // width, (ids[start:start + n] // width)[:, :span])
             start += n
         assert start == len(lengths)
-        one = list(smoke_batches(inputs, 1, max_tokens=1, new_tokens=3))  # a budget too small still runs one row each
-        assert [b["input_ids"].shape[0] for b in one] == [1] * len(lengths)
-    plain = list(smoke_batches({"input_ids": ids, "attention_mask": left}, 3))
-    assert [b["input_ids"].shape for b in plain] == [b["input_ids"].shape for b in batches({"input_ids": ids}, 3)]
+    # the golden batch bounds the rows: 10 short rows of a 256-token workload, 4 at a time
+    many = torch.zeros(11, 256, dtype=torch.long)
+    many[:, -2:] = 1
+    shapes = [tuple(b["input_ids"].shape) for b in smoke_batches(
+        {"input_ids": many, "attention_mask": many}, 1, batching=BATCHING_TRIMMED)]
+    assert golden_batch(1, 256) == 4 and shapes == [(1, 256), (4, 2), (4, 2), (2, 2)]
+    # no attention mask: nothing is known to be padding; a 1-D entry is split by rows only
+    plain = {"input_ids": ids, "row_id": torch.arange(len(lengths))}
+    shapes = [(tuple(b["input_ids"].shape), b["row_id"].tolist()) for b in smoke_batches(plain, 1, batching=BATCHING_TRIMMED)]
+    assert shapes == [((1, 12), [0]), ((1, 12), [1]), ((1, 12), [2]), ((1, 12), [3]), ((1, 12), [4]), ((1, 12), [5]),
+                      ((1, 12), [6])]
+    assert list(smoke_batches({"input_ids": ids[:0], "attention_mask": left[:0]}, 2, batching=BATCHING_TRIMMED)) == []
+    padded = list(smoke_batches({"input_ids": ids, "attention_mask": left}, 3, batching=BATCHING_PADDED))
+    assert [b["input_ids"].shape for b in padded] == [b["input_ids"].shape for b in batches({"input_ids": ids}, 3)]
+    with pytest.raises(ValueError, match="batching"):
+        list(smoke_batches({"input_ids": ids}, 3, batching="trimmed"))
 
 
 def test_run_outputs_calls_after_first_once_the_first_batch_has_run(tiny_decoder):
@@ -458,7 +469,7 @@ def test_run_outputs_calls_after_first_once_the_first_batch_has_run(tiny_decoder
     any other batch's."""
     import torch
 
-    from edgepack.smoke import run_outputs
+    from edgepack.smoke import BATCHING_TRIMMED, run_outputs
 
     model, inputs, _, _ = tiny_decoder
     rows = torch.cat([inputs["input_ids"]] * 2)
@@ -467,11 +478,11 @@ def test_run_outputs_calls_after_first_once_the_first_batch_has_run(tiny_decoder
     seen: list[int] = []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     try:
-        out = run_outputs(model, doubled, "text-generation", 1, new_tokens=4, max_tokens=4 * (16 + 4),
+        out = run_outputs(model, doubled, "text-generation", 1, new_tokens=4, batching=BATCHING_TRIMMED,
                           after_first=lambda: seen.append(len(calls)))
         alone = run_outputs(model, {k: v[:1] for k, v in doubled.items()}, "text-generation", 1, new_tokens=4)
     finally:
         handle.remove()
     assert seen == [4]  # the first batch's four generation steps, nothing after them
-    assert len(calls) == 4 + 4 + 4  # then the three others in one batch, and the lone run
+    assert len(calls) == 4 * 4 + 4  # then the three others (unpadded: one at a time), and the lone run
     assert torch.equal(out["tokens"][:1], alone["tokens"]) and out["tokens"].shape == (4, 4)

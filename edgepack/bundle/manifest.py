@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack.errors import UsageError
-from edgepack.smoke import LOGITS_FROM
+from edgepack.smoke import BATCHINGS, LOGITS_FROM
 
 FORMAT = "edgepack.bundle"
 FORMAT_VERSION = "1.1"
@@ -581,7 +581,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "smoke.tolerances": _smoke_file,
     "smoke.new_tokens": _positive_int,
     "smoke.logits_from": _one_of(*LOGITS_FROM),
-    "smoke.trimmed": lambda value: None if value is True else f"must be true when present, got {_show(value)}",
+    "smoke.batching": _one_of(*BATCHINGS),
     "model.task": _one_of(*TASKS),
     "model.loader": _loader,
     "model.code": _code_files,

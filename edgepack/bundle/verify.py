@@ -165,7 +165,9 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
     """
     from edgepack.host import load_registry
     from edgepack.runtime import plan_steps, requirement_problems
-    from edgepack.smoke import DEFAULT_NEW_TOKENS, LOGITS_FORWARD, check, compare, measure_in_fresh_process
+    from edgepack.smoke import (
+        BATCHING_PADDED, DEFAULT_NEW_TOKENS, LOGITS_FORWARD, check, compare, measure_in_fresh_process,
+    )
 
     minimum = _parse_min_version(min_version)
     if digest is not None and not (isinstance(digest, str) and CONTENT_DIGEST.fullmatch(digest)):
@@ -282,7 +284,8 @@ def verify(bundle: str | Path, *, progress: Callable[[str], None] = lambda messa
             loader=manifest["model"]["loader"], target=target_name,
             batch_size=manifest["workload"]["batch_size"],
             new_tokens=smoke.get("new_tokens", DEFAULT_NEW_TOKENS), allow_code=bool(code),
-            logits_from=smoke.get("logits_from", LOGITS_FORWARD), trimmed=bool(smoke.get("trimmed", False)), **measure,
+            logits_from=smoke.get("logits_from", LOGITS_FORWARD), batching=smoke.get("batching", BATCHING_PADDED),
+            **measure,
         )
     except VerificationError as exc:
         report.failures.append(Failure("load", "model/", str(exc)))
