@@ -62,26 +62,33 @@ class FileHashes:
     def __init__(self, files: list[Path]) -> None:
         self._files = list(files)
         self._digests: dict[str, str] = {}
+        self._next = 0  # the index of the file in hand, or of the next one
         self._current: tuple[int, Any, int] | None = None  # (descriptor, digest, offset) of the file in hand
         self._thread: Any = None
         self._stop: Any = None
 
     def _step(self) -> bool:
-        """Hash one chunk (or finish one file); False once every file is done."""
-        if len(self._digests) == len(self._files) and self._current is None:
+        """Hash one chunk (or finish one file); False once every file is done. A failed read
+        closes the file and starts it again next time."""
+        if self._next == len(self._files):
             return False
         if self._current is None:
-            path = self._files[len(self._digests)]
-            self._current = (os.open(path, os.O_RDONLY), hashlib.sha256(), 0)
+            self._current = (os.open(self._files[self._next], os.O_RDONLY), hashlib.sha256(), 0)
         fd, digest, offset = self._current
-        block = os.pread(fd, self.CHUNK, offset)
+        try:
+            block = os.pread(fd, self.CHUNK, offset)
+        except BaseException:
+            os.close(fd)
+            self._current = None
+            raise
         if block:
             digest.update(block)
             self._current = (fd, digest, offset + len(block))
             return True
         os.close(fd)
-        self._digests[self._files[len(self._digests)].name] = digest.hexdigest()
+        self._digests[self._files[self._next].name] = digest.hexdigest()
         self._current = None
+        self._next += 1
         return True
 
     def start(self) -> None:
@@ -103,11 +110,15 @@ class FileHashes:
         self._thread = threading.Thread(target=run, name="edgepack-hash", daemon=True)
         self._thread.start()
 
-    def result(self) -> dict[str, str]:
-        """Every file's sha256 by file name, finished here."""
+    def stop(self) -> None:
+        """Stop the background thread after its current chunk (what is done stays done)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
+
+    def result(self) -> dict[str, str]:
+        """Every file's sha256 by file name, finished here."""
+        self.stop()
         while self._step():
             pass
         return dict(self._digests)
@@ -601,6 +612,11 @@ class ModelSource:
         if self._hashes is None:
             self._hashes = FileHashes(self.weight_files)
         self._hashes.start()
+
+    def stop_hashing(self) -> None:
+        """Stop the background hashing (a pack that failed); :meth:`weights_sha256` still works."""
+        if self._hashes is not None:
+            self._hashes.stop()
 
     def load(self) -> Any:
         """Load the model in float32 on the CPU, in eval mode, without touching the network."""

@@ -181,7 +181,7 @@ class SourceSession:
                 self.progress(f"computing golden outputs of the original model on {len(self.samples)} smoke inputs")
                 return run_outputs(original, inputs, self.facts.task, rows, logits_from=self.logits_from,
                                    batching=self.batching)
-        return self._get("expected", make)
+        return self._get(f"expected, {self.batching}, {self.logits_from}", make)
 
     @contextlib.contextmanager
     def timed(self, phase: str, **about: Any) -> Iterator[None]:
@@ -495,13 +495,10 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     # machine's CPU; its memory is measured by verify on the target itself.
     probe_target = target if probe.present else "cpu"
     signature: dict[str, Any] = {}  # filled by the signer when --sign is given
-    with BundleWriter(request.out, bundle_name, overwrite=request.force) as writer:  # an existing bundle: refused now
+    # an existing bundle: refused now; then the source's hashes begin
+    with BundleWriter(request.out, bundle_name, overwrite=request.force) as writer, _hashing(source, request):
         staging = writer.staging
         assert staging is not None
-        if request.work_memory is None and 2 * sum(p.stat().st_size for p in source.weight_files) <= main_memory()[1]:
-            # the manifest's source hashes, in CPU time the pack leaves idle; not where reading the
-            # source again would push pages out that the golden outputs or the measuring need
-            source.hash_in_background()
         tokenizer, inputs, expected = session.tokenizer, session.inputs, session.expected  # golden outputs: seconds
         calibration = session.calibration
         from safetensors.torch import save_file
@@ -675,6 +672,21 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             raise UsageError(f"bundle {final} was written, but its archive {final.name}.tar.gz could not be: "
                              f"{exc.strerror or exc}") from None
     return result
+
+
+@contextlib.contextmanager
+def _hashing(source: Any, request: PackRequest) -> Iterator[None]:
+    """Hash the source's weights for the manifest in the background while the pack computes
+    (:meth:`ModelSource.hash_in_background`), stopped if the pack fails. Not under
+    ``--work-memory``, nor when the weights do not fit twice in available memory: reading them
+    again could push out pages the golden outputs or the measuring still need."""
+    if request.work_memory is None and 2 * sum(p.stat().st_size for p in source.weight_files) <= main_memory()[1]:
+        source.hash_in_background()
+    try:
+        yield
+    except BaseException:
+        source.stop_hashing()
+        raise
 
 
 def _signer(key_file: str | Path | None, signature: dict[str, Any],

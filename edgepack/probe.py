@@ -89,6 +89,20 @@ def fix_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def smoke_plan(spec: dict[str, Any], inputs: dict[str, Any], batch_size: int) -> tuple[str, bool, dict[str, Any]]:
+    """(batching, whether the peak is read after the first batch, the inputs to run) for a
+    measuring spec: under :data:`edgepack.smoke.BATCHING_TRIMMED` the peak is the first batch's
+    and the others run after it; a spec without an ``outputs`` path wants the peak alone, and
+    then that batch is all there is to run."""
+    from edgepack.smoke import BATCHING_PADDED, BATCHING_TRIMMED
+
+    batching = spec.get("batching", BATCHING_PADDED)
+    trimmed = batching == BATCHING_TRIMMED
+    if trimmed and not spec.get("outputs"):
+        inputs = {k: v[:batch_size] for k, v in inputs.items()}
+    return batching, trimmed, inputs
+
+
 def main(spec_path: str) -> None:
     """Measure the bundle the spec names; prints one JSON line on standard output."""
     import time
@@ -105,7 +119,7 @@ def main(spec_path: str) -> None:
     from edgepack.interfaces import PlanStep
     from edgepack.model import allow_code_of, code_kwargs
     from edgepack.runtime import load_model_dir
-    from edgepack.smoke import BATCHING_PADDED, BATCHING_TRIMMED, INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, run_outputs
+    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, run_outputs
 
     spec = json.loads(Path(spec_path).read_text())
     threads = fix_threads(spec.get("threads") or 1)
@@ -131,10 +145,7 @@ def main(spec_path: str) -> None:
                 spec["batch_size"], 2, device=target.device_type)
     del first
     trim_heap()
-    batching = spec.get("batching", BATCHING_PADDED)
-    trimmed = batching == BATCHING_TRIMMED  # the peak is the first batch's; the others run after it
-    if trimmed and spec["outputs"] is None:  # the peak alone is wanted: the first batch
-        inputs = {k: v[: spec["batch_size"]] for k, v in inputs.items()}
+    batching, trimmed, inputs = smoke_plan(spec, inputs, spec["batch_size"])
     meter = target.memory_meter()
     peaks: list[int] = []
     started = time.perf_counter()
@@ -146,7 +157,7 @@ def main(spec_path: str) -> None:
                           batching=batching, after_first=(lambda: peaks.append(meter.peak_bytes())) if trimmed else None)
     peak = peaks[0] if peaks else meter.peak_bytes()
     seconds = time.perf_counter() - started
-    if spec["outputs"] is not None:
+    if spec.get("outputs"):
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
     scope = f"{meter.scope}{TRIMMED_SCOPE if trimmed else ''}; {threads} intra-op thread{'s' if threads != 1 else ''}"
     print(json.dumps({"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}))
@@ -183,7 +194,7 @@ def rank_main(spec_path: str) -> None:
     from edgepack.host import load_registry
     from edgepack.launch import FAULT_ENV
     from edgepack.plugins.parallel import init_distributed, load_rank, smoke_outputs
-    from edgepack.smoke import BATCHING_PADDED, BATCHING_TRIMMED, INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, batches
+    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, batches
 
     threads = fix_threads(spec.get("threads") or 1)
     bundle_dir = Path(spec["bundle_dir"])
@@ -221,17 +232,14 @@ def rank_main(spec_path: str) -> None:
     model = load_rank(model_dir, rank, world, device)
     touch_weights(model.module)
     stage("running the smoke inputs")
-    batching = spec.get("batching", BATCHING_PADDED)
-    trimmed = batching == BATCHING_TRIMMED  # the peak is the first batch's; the others run after it
-    if trimmed and spec["outputs"] is None:  # the peak alone is wanted: the first batch
-        inputs = {k: v[:batch_size] for k, v in inputs.items()}
+    batching, trimmed, inputs = smoke_plan(spec, inputs, batch_size)
     peaks: list[int] = []
     outputs = smoke_outputs(model, inputs, task, batch_size, int(spec["new_tokens"]),
                             spec.get("logits_from", LOGITS_GENERATE), batching=batching,
                             after_first=(lambda: peaks.append(meter.peak_bytes())) if trimmed else None)
     peak = peaks[0] if peaks else meter.peak_bytes()
     seconds = time.perf_counter() - started
-    if rank == 0 and spec["outputs"] is not None:
+    if rank == 0 and spec.get("outputs"):
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
     scope = f"{meter.scope}{TRIMMED_SCOPE if trimmed else ''}; each of {world} ranks measured in its own process; {threads} intra-op thread{'s' if threads != 1 else ''} per rank"
     report = {"rank": rank, "peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads,

@@ -52,7 +52,7 @@ def check_logits_from(value: str) -> None:
     if value not in LOGITS_FROM:
         raise ValueError(f"logits_from must be one of {', '.join(LOGITS_FROM)}, not {value!r}")
 
-#: The golden outputs run about this many tokens at once (see :func:`golden_batch`).
+#: A golden batch holds about this many tokens at the declared length (see :func:`golden_batch`).
 GOLDEN_BATCH_TOKENS = 1024
 
 INPUTS_FILE = "smoke/inputs.safetensors"
@@ -98,11 +98,13 @@ def tokenize(tokenizer: Any, samples: list[str], seq_len: int, task: str) -> dic
 
 
 def golden_batch(batch_size: int, seq_len: int) -> int:
-    """Rows per batch of the original model's golden outputs: about :data:`GOLDEN_BATCH_TOKENS`
-    tokens, never fewer than the declared batch. Every smoke input is padded to the declared
-    length, so a row's outputs do not depend on the batch it runs in; a decoder's generation
-    steps, which read every weight once per step whatever the batch, then run a few times
-    instead of once per sample. (The bundle itself is measured at the declared batch.)"""
+    """About :data:`GOLDEN_BATCH_TOKENS` tokens' worth of rows at the declared length, never
+    fewer than the declared batch: under :data:`BATCHING_TRIMMED`, the most rows a trimmed smoke
+    batch holds (golden outputs and bundle alike); under :data:`BATCHING_PADDED`, the rows per
+    batch of the original model's golden outputs (every input padded to the declared length,
+    so a row's outputs do not depend on the batch it runs in, and a decoder's generation steps,
+    which read every weight once per step whatever the batch, run a few times instead of once
+    per sample; the bundle itself runs at the declared batch)."""
     return max(batch_size, GOLDEN_BATCH_TOKENS // max(1, seq_len))
 
 
@@ -154,14 +156,18 @@ def smoke_batches(inputs: dict[str, Any], batch_size: int, *, batching: str = BA
     absolute positions) is compared with the same computation on both sides."""
     check_batching(batching)
     rows = next(iter(inputs.values())).shape[0] if inputs else 0
+    if rows == 0:
+        return
     if batching == BATCHING_PADDED:
         yield from batches(inputs, batch_size)
         return
-    if rows == 0:
+    widths = [v.shape[1] for v in inputs.values() if v.dim() >= 2]
+    if not widths:  # nothing has columns to trim
+        yield from batches(inputs, batch_size)
         return
     head = min(int(batch_size), rows)
     yield {k: v[:head] for k, v in inputs.items()}
-    width = max(v.shape[1] for v in inputs.values() if v.dim() >= 2)
+    width = max(widths)
     max_tokens = int(batch_size) * (width + int(new_tokens))
     max_rows = golden_batch(int(batch_size), width)
     mask = inputs.get("attention_mask")
@@ -554,6 +560,10 @@ _DIE_WITH_PARENT = (
     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"  # PR_SET_PDEATHSIG
     "if os.getppid() != int(sys.argv[1]):\n"
     "    os._exit(137)\n"  # the parent died before the line above took effect
+    # a process group of its own, in the caller's session: with autogroup scheduling a new
+    # session would be a scheduling group of its own, beside which a low-priority thread of
+    # the caller's (the background hash) would get as much CPU as the whole measurement
+    "os.setpgid(0, 0)\n"
     "os.execv(sys.argv[2], sys.argv[2:])\n"
 )
 
@@ -571,18 +581,21 @@ def _dying_with_parent(command: list[str]) -> list[str]:
 def run_isolated(command: list[str], *, timeout: float, env: dict[str, str] | None = None) -> Any:
     """Run ``command`` in its own process group with an empty temporary working directory and
     no standard input, capturing its output; a subprocess.CompletedProcess. On Linux the
-    command dies with this process (a SIGKILLed pack leaves no measuring process behind).
+    command dies with this process (a SIGKILLed pack leaves no measuring process behind) and
+    stays in this session (see :data:`_DIE_WITH_PARENT`); elsewhere it gets a session of its own.
 
     Raises VerificationError when it runs longer than ``timeout`` seconds, after killing its
     whole process group (the child and anything it started)."""
     import subprocess
+    import sys
     import tempfile
 
     from edgepack.errors import VerificationError
 
     with tempfile.TemporaryDirectory(prefix="edgepack-probe-cwd-") as empty:
         proc = subprocess.Popen(_dying_with_parent(command), cwd=empty, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=not sys.platform.startswith("linux"))
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

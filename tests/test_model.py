@@ -260,8 +260,39 @@ def test_weights_are_hashed_in_the_background_at_the_lowest_priority_and_finishe
         assert niceness[0] == 19
 
     monkeypatch.setattr(FileHashes, "_step", real_step)
+    real_pread = model_module.os.pread
     monkeypatch.setattr(model_module.os, "pread", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    opened = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     broken = FileHashes(files)
     broken.start()
     with pytest.raises(OSError, match="I/O error"):
         broken.result()
+    if opened is not None:
+        assert len(os.listdir("/proc/self/fd")) == opened  # the failed file was closed
+    monkeypatch.setattr(model_module.os, "pread", real_pread)
+    assert broken.result() == expected  # and is read again
+
+    (tmp_path / "other").mkdir()  # two files of one name: each hashed once, in order, the last one kept
+    (tmp_path / "other" / "c.safetensors").write_bytes(b"other")
+    twice = FileHashes([files[2], tmp_path / "other" / "c.safetensors"])
+    assert twice.result() == {"c.safetensors": sha256_file(tmp_path / "other" / "c.safetensors")}
+
+
+def test_a_failed_pack_stops_hashing_its_source(tmp_path, monkeypatch):
+    import edgepack.pipeline as pipeline
+    from edgepack.model import ModelSource
+    from edgepack.pipeline import PackRequest
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    source = ModelSource(tmp_path, None, None, weight_files=[tmp_path / "model.safetensors"])
+    stopped = []
+    monkeypatch.setattr(source, "stop_hashing", lambda: stopped.append(True))
+    request = PackRequest.from_settings(dict(target="cpu", out=str(tmp_path / "out")))
+    with pytest.raises(RuntimeError):
+        with pipeline._hashing(source, request):
+            assert source._hashes is not None  # started: the weights fit in memory, no --work-memory
+            raise RuntimeError("a plan failed")
+    assert stopped == [True]
+    capped = ModelSource(tmp_path, None, None, weight_files=[tmp_path / "model.safetensors"])
+    with pipeline._hashing(capped, PackRequest.from_settings(dict(target="cpu", out=str(tmp_path), work_memory="1GB"))):
+        assert capped._hashes is None  # under --work-memory the hashes are computed at the end

@@ -458,6 +458,8 @@ def test_smoke_batches_trim_the_padding_after_a_first_batch_as_stored():
     assert shapes == [((1, 12), [0]), ((1, 12), [1]), ((1, 12), [2]), ((1, 12), [3]), ((1, 12), [4]), ((1, 12), [5]),
                       ((1, 12), [6])]
     assert list(smoke_batches({"input_ids": ids[:0], "attention_mask": left[:0]}, 2, batching=BATCHING_TRIMMED)) == []
+    flat = [b["row_id"].tolist() for b in smoke_batches({"row_id": torch.arange(5)}, 2, batching=BATCHING_TRIMMED)]
+    assert flat == [[0, 1], [2, 3], [4]]  # nothing with columns: plain batches
     padded = list(smoke_batches({"input_ids": ids, "attention_mask": left}, 3, batching=BATCHING_PADDED))
     assert [b["input_ids"].shape for b in padded] == [b["input_ids"].shape for b in batches({"input_ids": ids}, 3)]
     with pytest.raises(ValueError, match="batching"):
@@ -486,3 +488,14 @@ def test_run_outputs_calls_after_first_once_the_first_batch_has_run(tiny_decoder
     assert seen == [4]  # the first batch's four generation steps, nothing after them
     assert len(calls) == 4 * 4 + 4  # then the three others (unpadded: one at a time), and the lone run
     assert torch.equal(out["tokens"][:1], alone["tokens"]) and out["tokens"].shape == (4, 4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process groups and sessions")
+def test_the_measuring_process_leads_its_own_process_group_in_this_session():
+    """Its own group, so a timeout kills all it started; this session, so that under autogroup
+    scheduling a low-priority thread of the pack (the background hash) yields to it."""
+    from edgepack.smoke import run_isolated
+
+    proc = run_isolated([sys.executable, "-c", "import os; print(os.getpid(), os.getpgid(0), os.getsid(0))"], timeout=60)
+    pid, group, session = (int(n) for n in proc.stdout.split())
+    assert group == pid and session == os.getsid(0)
