@@ -567,9 +567,10 @@ class Compressor(abc.ABC):
         return False
 
     def writes_own_file(self, options: Mapping[str, Any]) -> bool:
-        """Whether :meth:`save` writes the weights itself for these options (as one file, which
-        pack's memory estimate counts whole) rather than leaving them to stock saving's shards.
-        The default answers for any plugin that overrides :meth:`save`: yes."""
+        """Whether :meth:`save` writes the weights itself as one whole file for these options
+        (which pack's memory estimate counts whole) rather than in shards of ``--shard-size``
+        (stock saving, or ``edgepack.model.save_safetensors(..., sharded=True)``). The default
+        answers for any plugin that overrides :meth:`save`: yes."""
         return type(self).save is not Compressor.save
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edgepack.errors import UsageError
 from edgepack.interfaces import ModelFacts
@@ -394,14 +396,153 @@ def normalize_safetensors(path: Path) -> bool:
     return True
 
 
-def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+#: The largest file :func:`save_safetensors` writes with ``sharded=True`` (pack's ``--shard-size``,
+#: set around a plugin's ``save`` by :func:`shard_limit`); None: one file, however large.
+_SHARD_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("edgepack_shard_limit", default=None)
+
+#: Index of a safetensors file written in shards (Hugging Face's convention, as
+#: ``model.safetensors.index.json`` for ``model.safetensors``): ``<name>.index.json``
+SHARD_INDEX_SUFFIX = ".index.json"
+
+
+@contextlib.contextmanager
+def shard_limit(max_bytes: int | None) -> Iterator[None]:
+    """Within the block, :func:`save_safetensors` with ``sharded=True`` writes files larger than
+    ``max_bytes`` as shards with an index."""
+    token = _SHARD_LIMIT.set(max_bytes)
+    try:
+        yield
+    finally:
+        _SHARD_LIMIT.reset(token)
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None, *,
+                     sharded: bool = False) -> None:
     """``safetensors.torch.save_file``, then edgepack's layout (:func:`normalize_safetensors`):
     the same tensors and metadata give the same bytes, with tensor data aligned. Plugins with a
-    weight format of their own save through this."""
+    weight format of their own save through this.
+
+    With ``sharded=True``, weights larger than the pack's ``--shard-size`` (:func:`shard_limit`)
+    are written as shards, ``model.int4-00001-of-00003.safetensors`` ... for ``path`` =
+    ``model.int4.safetensors``, each with the same ``metadata``, and an index
+    ``model.int4.safetensors.index.json`` naming each tensor's shard, as stock saving does for
+    ``model.safetensors``: safetensors serialises a file in memory, so saving holds one shard's
+    bytes at a time. :func:`load_safetensors`, :func:`read_format_metadata` and
+    :func:`shard_files` read either form."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
-    normalize_safetensors(Path(path))
+    path = Path(path)
+    limit = _SHARD_LIMIT.get() if sharded else None
+    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+    if limit is None or sum(sizes.values()) <= limit:
+        save_file(tensors, str(path), metadata=metadata)
+        normalize_safetensors(path)
+        return
+    groups: list[list[str]] = [[]]
+    held = 0
+    for name, size in sizes.items():  # in the given order; a tensor over the limit alone in its shard
+        if groups[-1] and held + size > limit:
+            groups.append([])
+            held = 0
+        groups[-1].append(name)
+        held += size
+    stem = _shard_stem(path)
+    weight_map = {}
+    for number, names in enumerate(groups, 1):
+        shard = path.with_name(f"{stem}-{number:05d}-of-{len(groups):05d}.safetensors")
+        save_file({name: tensors[name] for name in names}, str(shard), metadata=metadata)
+        normalize_safetensors(shard)
+        weight_map.update(dict.fromkeys(names, shard.name))
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    path.with_name(path.name + SHARD_INDEX_SUFFIX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _shard_stem(path: Path) -> str:
+    """``model.int4`` for ``model.int4.safetensors``: what its shards' names begin with."""
+    return path.name[:-len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+
+
+def shard_map(path: Path) -> dict[str, Path]:
+    """For a safetensors file written by :func:`save_safetensors`: ``{tensor: file holding it}``,
+    from its index where it was written in shards, else ``{}`` for the single file ``path``.
+
+    The index comes from a bundle, so it is checked as untrusted input: a JSON object whose
+    ``weight_map`` names, for each tensor, a shard of ``path``'s own name in its own directory
+    (``<stem>-NNNNN-of-NNNNN.safetensors``; nothing elsewhere) that exists. UsageError, naming the
+    file, otherwise, and when neither ``path`` nor its index exists, or both do."""
+    path = Path(path)
+    index = path.with_name(path.name + SHARD_INDEX_SUFFIX)
+    if not index.is_file():
+        if not path.is_file():
+            raise UsageError(f"{path} is missing (and there is no {index.name} of shards)")
+        return {}
+    if path.exists():
+        raise UsageError(f"{path.parent} holds both {path.name} and {index.name}: one of them does not belong")
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UsageError(f"{index} cannot be read as JSON: {getattr(exc, 'strerror', None) or exc}") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UsageError(f"{index} has no weight_map of tensor names to shard files")
+    stem = _shard_stem(path)
+    pattern = re.compile(re.escape(stem) + r"-(\d{5})-of-(\d{5})\.safetensors")
+    files: dict[str, Path] = {}
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not pattern.fullmatch(name):
+            raise UsageError(f"{index}: tensor {tensor!r} is mapped to {name!r}, not a shard "
+                             f"{stem}-NNNNN-of-NNNNN.safetensors beside it")
+        if name not in files:
+            files[name] = path.with_name(name)
+            if not files[name].is_file() or files[name].is_symlink():
+                raise UsageError(f"{index} names the shard {name}, which is not a file in {path.parent}")
+    return {tensor: files[name] for tensor, name in weight_map.items()}
+
+
+def safetensors_saved(path: Path) -> bool:
+    """Whether the safetensors file ``path`` was written, whole or in shards with an index."""
+    path = Path(path)
+    return path.is_file() or path.with_name(path.name + SHARD_INDEX_SUFFIX).is_file()
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The files that hold the safetensors file ``path``: ``[path]``, or its shards in order
+    (:func:`shard_map`)."""
+    return sorted(set(shard_map(path).values())) or [Path(path)]
+
+
+def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:
+    """Every tensor of the safetensors file ``path``, written whole or in shards by
+    :func:`save_safetensors` (``safetensors.torch.load_file`` per file, memory-mapped on CPU).
+    UsageError, naming the file, for one that cannot be read or shards that do not hold the
+    tensors their index says."""
+    from safetensors.torch import load_file
+
+    where = shard_map(path)
+    tensors: dict[str, Any] = {}
+    for file in sorted(set(where.values())) or [Path(path)]:
+        try:
+            loaded = load_file(file, device=device)
+        except Exception as exc:  # safetensors raises its own error types
+            raise UsageError(f"{file} cannot be read as safetensors: {exc}") from None
+        stray = [name for name in loaded if where and where.get(name) != file]
+        if stray:
+            raise UsageError(f"{file} holds {stray[0]!r}, which its index does not place there")
+        tensors.update(loaded)
+    missing = [name for name in where if name not in tensors]
+    if missing:
+        raise UsageError(f"{where[missing[0]]} lacks {missing[0]!r}, which its index places there")
+    return tensors
+
+
+def stored_layout(path: Path) -> dict[str, Any]:
+    """The headers of the safetensors file ``path`` (whole or in shards), merged: name →
+    {dtype, shape, data_offsets within its own file}."""
+    header: dict[str, Any] = {}
+    for file in shard_files(path):
+        header.update(safetensors_layout(file)[0])
+    header.pop("__metadata__", None)
+    return header
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -676,17 +817,22 @@ class ModelSource:
 
 
 def read_format_metadata(file: Path, expected_format: str) -> dict[str, str]:
-    """The JSON-string metadata of a plugin's safetensors file, after checking its format tag."""
+    """The JSON-string metadata of a plugin's safetensors file (whole or in shards, which all
+    carry the same), after checking its format tag."""
     from safetensors import safe_open
 
-    try:
-        with safe_open(file, "pt") as handle:
-            meta = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types, OSError when missing
-        raise UsageError(f"{file} cannot be read as safetensors: {exc}") from None
-    if meta.get("format") != expected_format:
-        raise UsageError(f"{file} is not in format {expected_format}")
-    return meta
+    metas = []
+    for part in shard_files(file):
+        try:
+            with safe_open(part, "pt") as handle:
+                metas.append(handle.metadata() or {})
+        except Exception as exc:  # safetensors raises its own error types, OSError when missing
+            raise UsageError(f"{part} cannot be read as safetensors: {exc}") from None
+        if metas[-1].get("format") != expected_format:
+            raise UsageError(f"{part} is not in format {expected_format}")
+        if metas[-1] != metas[0]:
+            raise UsageError(f"{part} has metadata other than its first shard's")
+    return metas[0]
 
 
 def empty_model(model_dir: Path, dtype: Any) -> Any:

@@ -79,16 +79,18 @@ def _save_model(model: Any, steps: Sequence[tuple[Compressor, dict[str, Any]]], 
     """Write the model's weights and config; return the plugin that owns loading, if any.
     Stock saving writes shards of at most ``max_shard_bytes`` (0: DEFAULT_SHARD_SIZE) with a
     ``model.safetensors.index.json`` when there is more than one (Hugging Face's convention):
-    saving holds one shard's bytes at a time, and loading streams shard by shard. Every
+    saving holds one shard's bytes at a time, and loading streams shard by shard; plugins that
+    save a format of their own shard it the same way (``save_safetensors(sharded=True)``). Every
     safetensors file's metadata is put in a fixed order (safetensors writes it in a random
     one), so the same plan gives the same bytes."""
-    from edgepack.model import normalize_safetensors
+    from edgepack.model import normalize_safetensors, shard_limit
 
     loader = None
     for compressor, options in reversed(steps):
-        if compressor.save(model, model_dir, options):
-            loader = compressor.name
-            break
+        with shard_limit(max_shard_bytes or DEFAULT_SHARD_SIZE):  # for save_safetensors(sharded=True)
+            if compressor.save(model, model_dir, options):
+                loader = compressor.name
+                break
     else:
         model.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_bytes or DEFAULT_SHARD_SIZE)
     for path in sorted(model_dir.rglob("*.safetensors")):

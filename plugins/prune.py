@@ -577,8 +577,9 @@ class Prune(Compressor):
         return model
 
     def writes_own_file(self, options: Mapping[str, Any]) -> bool:
-        """Only head pruning writes ``model.pruned.safetensors`` (BERT; other models save stock)."""
-        return float(options.get("heads") or 0) > 0
+        """No: head pruning writes ``model.pruned.safetensors`` (BERT; other models save stock) in
+        shards of ``--shard-size``, as stock saving does."""
+        return False
 
     def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
         """BERT with pruned heads: ``config.json`` + ``model.pruned.safetensors`` whose metadata
@@ -608,7 +609,7 @@ class Prune(Compressor):
             "linear_shapes": json.dumps(shapes, sort_keys=True),
             "dtype": float_dtype_name(model),
         }
-        save_safetensors(tensors, model_dir / PRUNED_FILE, metadata=metadata)
+        save_safetensors(tensors, model_dir / PRUNED_FILE, metadata=metadata, sharded=True)
         return True
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
@@ -616,9 +617,8 @@ class Prune(Compressor):
         Linear layers and head counts from the metadata, then the saved tensors."""
         import torch
         from accelerate import init_empty_weights
-        from safetensors.torch import load_file
 
-        from edgepack.model import assign_weights, empty_model, read_format_metadata
+        from edgepack.model import assign_weights, empty_model, load_safetensors, read_format_metadata
 
         file = model_dir / PRUNED_FILE
         meta = read_format_metadata(file, PRUNED_FORMAT)
@@ -635,7 +635,7 @@ class Prune(Compressor):
             if layer.name in heads and layer.layout == "bert":
                 layer.attention.num_attention_heads = heads[layer.name]
                 layer.attention.all_head_size = heads[layer.name] * layer.attention.attention_head_size
-        model = assign_weights(model, load_file(file, device=device), file)
+        model = assign_weights(model, load_safetensors(file, device=device), file)
         model._edgepack_pruned_heads = heads
         return model
 

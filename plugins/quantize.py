@@ -18,7 +18,8 @@ Schemes:
     weight-only, asymmetric, group-wise (``group_size`` columns share a scale and an offset),
     with the clipping range searched per group to minimise the squared error. torchao 0.18
     has no int4 CPU kernel that saves memory, so edgepack stores the packed nibbles itself in
-    ``model.int4.safetensors`` and rebuilds the model with :meth:`Quantize.restore`; the
+    ``model.int4.safetensors`` (in shards with an index beyond pack's ``--shard-size``) and
+    rebuilds the model with :meth:`Quantize.restore`; the
     manifest names this plugin as the loader.
 
 ``mixed``
@@ -1299,10 +1300,10 @@ class Quantize(Compressor):
     def allocation(model_dir: Path) -> dict[str, dict[str, Any]]:
         """A mixed bundle's per-module formats: ``{module: {"bits", "sensitivity"}}`` (empty
         for other schemes)."""
-        from edgepack.model import read_format_metadata
+        from edgepack.model import read_format_metadata, safetensors_saved
 
         file = Path(model_dir) / INT4_FILE
-        if not file.is_file():
+        if not safetensors_saved(file):
             return {}
         quantized = json.loads(read_format_metadata(file, INT4_FORMAT)["quantized"])
         return {name: {"bits": info.get("bits", 4), "sensitivity": info.get("sensitivity")}
@@ -1312,11 +1313,11 @@ class Quantize(Compressor):
         """scheme=mixed: the allocation, one entry per quantized module: its format (``int4``
         or ``int8``), the bytes it is stored in (codes, scales and offsets, read from the
         file's header) and its measured sensitivity."""
-        if options["scheme"] != "mixed" or not (Path(model_dir) / INT4_FILE).is_file():
-            return None  # (a sharded bundle's weights are in its rank directories)
-        from edgepack.model import safetensors_layout
+        from edgepack.model import safetensors_saved, stored_layout
 
-        header, _ = safetensors_layout(Path(model_dir) / INT4_FILE)
+        if options["scheme"] != "mixed" or not safetensors_saved(Path(model_dir) / INT4_FILE):
+            return None  # (a bundle split across devices has its weights in its rank directories)
+        header = stored_layout(Path(model_dir) / INT4_FILE)
 
         def stored(name: str) -> int:
             spans = [header[f"{name}.{part}"]["data_offsets"] for part in ("qdata", "scale", "offset")
@@ -1330,13 +1331,15 @@ class Quantize(Compressor):
                 "modules": modules}
 
     def writes_own_file(self, options: Mapping[str, Any]) -> bool:
-        """int4 and mixed write ``model.int4.safetensors``; the int8 schemes save stock shards."""
-        return options["scheme"] in ("int4", "mixed")
+        """No: int4 and mixed write ``model.int4.safetensors`` in shards of ``--shard-size``, as
+        stock saving (which the int8 schemes use) does."""
+        return False
 
     def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
         """int4 and mixed: write config.json and ``model.int4.safetensors`` (packed nibbles and
         int8 rows, their scales and offsets, other tensors as they are; each module's bits, and
-        for mixed its sensitivity, in the metadata). int8 schemes: stock saving (returns False)."""
+        for mixed its sensitivity, in the metadata), in shards with an index when larger than
+        ``--shard-size``. int8 schemes: stock saving (returns False)."""
         _define_modules()
         if options["scheme"] not in ("int4", "mixed"):
             return False
@@ -1361,22 +1364,20 @@ class Quantize(Compressor):
             "quantized": json.dumps(quantized, sort_keys=True),
             "dtype": float_dtype_name(model),
         }
-        save_safetensors(tensors, model_dir / INT4_FILE, metadata=metadata)
+        save_safetensors(tensors, model_dir / INT4_FILE, metadata=metadata, sharded=True)
         return True
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild an int4 bundle's model: skeleton without weights, then packed tensors."""
         _define_modules()
-        from safetensors.torch import load_file
-
-        from edgepack.model import assign_weights, empty_model, read_format_metadata
+        from edgepack.model import assign_weights, empty_model, load_safetensors, read_format_metadata
 
         file = model_dir / INT4_FILE
         meta = read_format_metadata(file, INT4_FORMAT)
         quantized = json.loads(meta["quantized"])
         dtype = getattr(torch, meta.get("dtype", "float32"))
         model = empty_model(model_dir, dtype)
-        tensors = load_file(file, device=device)
+        tensors = load_safetensors(file, device=device)
         for name, info in quantized.items():
             p = f"{name}." if name else ""
             bits = info.get("bits", 4)

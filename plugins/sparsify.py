@@ -59,7 +59,7 @@ DEFAULT_SPARSITY = 0.5
 ALREADY_SPARSE = 0.05
 
 from edgepack.lazy import LazyModule
-from edgepack.model import float_dtype_name, replace_module, safetensors_layout, unique_tensors
+from edgepack.model import float_dtype_name, replace_module, safetensors_layout, shard_map, unique_tensors
 
 # Imported on first use: registering the plugin must not import torch (fast --help).
 torch = LazyModule("torch")
@@ -228,20 +228,25 @@ _SAFETENSORS_DTYPES = {"U8": "uint8", "F32": "float32", "F16": "float16", "BF16"
 
 
 def _read_tensors(file: Path, keys: Sequence[str]) -> dict[str, Any]:
-    """Tensors of a safetensors file read with plain reads into private memory, not through a
-    memory map: pages read this way do not stay in the process's resident set after the tensors
-    are freed (a map's touched pages do, as long as any tensor of the file is alive)."""
-    header, base = safetensors_layout(file)
-    with open(file, "rb") as handle:
-        out = {}
-        for key in keys:
-            info = header[key]
-            start, end = info["data_offsets"]
-            handle.seek(base + start)
-            data = bytearray(end - start)
-            handle.readinto(data)
-            dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
-            out[key] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
+    """Tensors of a safetensors file (whole or in shards) read with plain reads into private
+    memory, not through a memory map: pages read this way do not stay in the process's resident
+    set after the tensors are freed (a map's touched pages do, as long as any tensor of the file
+    is alive)."""
+    where = shard_map(file)
+    out = {}
+    for part in sorted({where.get(key, file) for key in keys}):
+        header, base = safetensors_layout(part)
+        with open(part, "rb") as handle:
+            for key in keys:
+                if where.get(key, file) != part:
+                    continue
+                info = header[key]
+                start, end = info["data_offsets"]
+                handle.seek(base + start)
+                data = bytearray(end - start)
+                handle.readinto(data)
+                dtype = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+                out[key] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
     return out
 
 
@@ -385,7 +390,8 @@ class Sparsify(Compressor):
     def save(self, model: Any, model_dir: Path, options: Mapping[str, Any]) -> bool:
         """Write config.json and ``model.sparse.safetensors``: for each sparsified Linear its
         ``bitmask`` (uint8 [out, ceil(in/8)]) and ``values`` (nonzeros, the weight's dtype),
-        every other tensor as it is. Always returns True (this plugin owns loading)."""
+        every other tensor as it is; in shards with an index when larger than ``--shard-size``.
+        Always returns True (this plugin owns loading)."""
         _define_modules()
         from edgepack.model import save_safetensors
 
@@ -416,23 +422,26 @@ class Sparsify(Compressor):
             "sparse": json.dumps(sparse, sort_keys=True),
             "dtype": float_dtype_name(model),
         }
-        save_safetensors(tensors, model_dir / SPARSE_FILE, metadata=metadata)
+        save_safetensors(tensors, model_dir / SPARSE_FILE, metadata=metadata, sharded=True)
         return True
+
+    def writes_own_file(self, options: Mapping[str, Any]) -> bool:
+        """No: ``model.sparse.safetensors`` is written in shards of ``--shard-size``, as stock
+        saving does."""
+        return False
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild the model: a skeleton without weights, :class:`SparseLinear` modules from the
         bitmasks (or dense Linears with ``runtime=dense``), the other tensors assigned."""
         _define_modules()
-        from safetensors.torch import load_file
-
-        from edgepack.model import assign_weights, empty_model, read_format_metadata
+        from edgepack.model import assign_weights, empty_model, load_safetensors, read_format_metadata
 
         file = model_dir / SPARSE_FILE
         meta = read_format_metadata(file, SPARSE_FORMAT)
         sparse = json.loads(meta["sparse"])
         dtype = getattr(torch, meta.get("dtype", "float32"))
         model = empty_model(model_dir, dtype)
-        tensors = load_file(file, device=device)  # memory-mapped: pages count once touched
+        tensors = load_safetensors(file, device=device)  # memory-mapped: pages count once touched
         dense = options.get("runtime") == "dense"
         if dense:  # expanded once: read the compressed form privately so that it can be freed
             keys = [f"{n}.{part}" if n else part for n in sparse for part in ("bitmask", "values")]

@@ -167,19 +167,19 @@ def test_bad_sizes_are_refused_by_name(big, tmp_path, flag, value):
         PackRequest(out=tmp_path, **{key: value}).check()
 
 
-def test_only_plugins_that_write_their_own_file_are_counted_as_one_whole_file():
-    """pack's memory estimate counts one stock shard for weights saved by transformers and the
-    whole file for a plugin's own format: int8 is saved in stock shards, int4 and mixed by
-    quantize, head pruning by prune; a third-party plugin that overrides save is assumed to."""
+def test_only_plugins_that_write_one_whole_file_are_counted_whole():
+    """pack's memory estimate counts one shard for weights saved in shards (stock saving, and
+    the built-in plugins' own formats through save_safetensors(sharded=True)) and the whole file
+    for a third-party plugin that overrides save and does not say otherwise."""
     from edgepack.interfaces import Compressor
     from edgepack.plugins.precision import Precision
     from edgepack.plugins.prune import Prune
     from edgepack.plugins.quantize import Quantize
+    from edgepack.plugins.sparsify import Sparsify
 
-    quantize, prune = Quantize(), Prune()
-    assert [quantize.writes_own_file({"scheme": s}) for s in ("int8", "int8-dynamic", "int4", "mixed")] == \
-        [False, False, True, True]
-    assert prune.writes_own_file({"heads": 0.25}) and not prune.writes_own_file({"ffn": 0.25})
+    quantize = Quantize()
+    assert not any(quantize.writes_own_file({"scheme": s}) for s in ("int8", "int8-dynamic", "int4", "mixed"))
+    assert not Prune().writes_own_file({"heads": 0.25}) and not Sparsify().writes_own_file({})
     assert not Precision().writes_own_file({"dtype": "bf16"})
 
     class OwnFormat(Precision):
@@ -187,6 +187,101 @@ def test_only_plugins_that_write_their_own_file_are_counted_as_one_whole_file():
             return True
 
     assert OwnFormat().writes_own_file({}) and type(OwnFormat()).writes_own_file is Compressor.writes_own_file
+
+
+def _own_format(tmp_path: Path, limit: int | None) -> tuple[Path, dict]:
+    import torch
+
+    from edgepack.model import save_safetensors, shard_limit
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"layer.{i}.values": torch.randn(100, 500, generator=gen).half() for i in range(5)}
+    tensors["norm.weight"] = torch.randn(1000, generator=gen)
+    path = tmp_path / "model.mine.safetensors"
+    with shard_limit(limit):
+        save_safetensors(tensors, path, metadata={"format": "mine/1", "modules": "[]"}, sharded=True)
+    return path, tensors
+
+
+def test_a_plugins_own_file_is_written_in_shards_and_read_back_whole(tmp_path):
+    import torch
+
+    from edgepack.model import load_safetensors, read_format_metadata, shard_files, stored_layout
+
+    path, tensors = _own_format(tmp_path, 250_000)  # 100 kB per tensor: two to a shard
+    assert not path.exists()
+    shards = sorted(tmp_path.glob("model.mine-*-of-*.safetensors"))
+    assert [p.name for p in shards] == [f"model.mine-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert all(p.stat().st_size <= 250_000 + 4096 for p in shards)  # the bound, and a header's slack
+    index = json.loads((tmp_path / "model.mine.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 100_000 + 4000
+    assert shard_files(path) == shards
+    loaded = load_safetensors(path)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert read_format_metadata(path, "mine/1")["modules"] == "[]"  # every shard carries it
+    assert set(stored_layout(path)) == set(tensors)
+    # sparsify's private reads (runtime=dense) find each tensor in its shard
+    from edgepack.plugins.sparsify import _read_tensors
+
+    read = _read_tensors(path, ["layer.4.values", "layer.0.values", "norm.weight"])
+    assert all(torch.equal(read[k], tensors[k]) for k in read) and len(read) == 3
+    # under the limit, or outside pack (no limit set): one file, as before
+    for limit in (10**9, None):
+        (tmp_path / str(limit)).mkdir()
+        whole, _ = _own_format(tmp_path / str(limit), limit)
+        assert whole.is_file() and shard_files(whole) == [whole]
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda d, index: index["weight_map"].update({"layer.0.values": "../model.mine-00001-of-00003.safetensors"}),
+     "not a shard model.mine-NNNNN-of-NNNNN.safetensors beside it"),
+    (lambda d, index: index["weight_map"].update({"layer.0.values": "other-00001-of-00003.safetensors"}),
+     "not a shard"),
+    (lambda d, index: (d / "model.mine-00002-of-00003.safetensors").unlink(), "which is not a file"),
+    (lambda d, index: index["weight_map"].update({"layer.0.values": "model.mine-00003-of-00003.safetensors"}),
+     "which its index does not place there"),
+    (lambda d, index: index.update({"weight_map": []}), "has no weight_map"),
+    (lambda d, index: (d / "model.mine.safetensors").write_bytes(b""), "holds both"),
+])
+def test_a_tampered_shard_index_is_refused_by_name(tmp_path, tamper, message):
+    """The index comes from a bundle: it may name only shards of its own file beside it, each
+    holding exactly the tensors it places there."""
+    from edgepack.model import load_safetensors
+
+    path, _ = _own_format(tmp_path, 250_000)
+    index_file = tmp_path / "model.mine.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    tamper(tmp_path, index)
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(UsageError, match=message):
+        load_safetensors(path)
+
+
+@pytest.mark.parametrize("spec", ["quantize:scheme=int4,method=rtn",
+                                  pytest.param("sparsify:sparsity=0.5", marks=pytest.mark.extended)])
+def test_a_bundle_in_a_plugins_own_format_is_sharded_and_verifies(tmp_path, spec):
+    """int4 (and sparsify's bitmasks) at the smallest --shard-size: the plugin's file is written
+    as shards with an index, listed and hashed in the manifest, and the bundle verifies (loaded
+    through the plugin's restore, its smoke outputs matched)."""
+    from edgepack.bundle.verify import verify
+    from edgepack.pipeline import pack
+
+    model = build_decoder("llama", tmp_path / "model", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                          num_attention_heads=4, num_key_value_heads=2)
+    result = pack(model, target="cpu", out=tmp_path / "out", apply=[spec], min_fidelity=0.0, shard_size="1MB",
+                  seq_len=16, progress=lambda message: None)
+    name = "model.int4" if spec.startswith("quantize") else "model.sparse"
+    shards = sorted((result.bundle / "model").glob(f"{name}-*-of-*.safetensors"))
+    assert len(shards) >= 2 and not (result.bundle / "model" / f"{name}.safetensors").exists()
+    from edgepack.model import safetensors_header
+
+    for shard in shards:  # at most the bound, or one tensor larger than it alone
+        tensors = [k for k in safetensors_header(shard) if k != "__metadata__"]
+        assert shard.stat().st_size <= MB + 64 * 1024 or len(tensors) == 1, (shard, tensors)
+    listed = {f["path"] for f in result.manifest["files"]}
+    assert {f"model/{p.name}" for p in shards} | {f"model/{name}.safetensors.index.json"} <= listed
+    report = verify(result.bundle)
+    assert report.ok, report.failures
 
 
 @pytest.mark.slow
