@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import glob
 import hashlib
 import json
 import os
@@ -432,6 +433,9 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
     from safetensors.torch import save_file
 
     path = Path(path)
+    index = path.with_name(path.name + SHARD_INDEX_SUFFIX)
+    for stale in [path, index, *path.parent.glob(f"{glob.escape(_shard_stem(path))}-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # an earlier save's, of either form: the new one replaces it
     limit = _SHARD_LIMIT.get() if sharded else None
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     if limit is None or sum(sizes.values()) <= limit:
@@ -453,8 +457,8 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
         save_file({name: tensors[name] for name in names}, str(shard), metadata=metadata)
         normalize_safetensors(shard)
         weight_map.update(dict.fromkeys(names, shard.name))
-    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-    path.with_name(path.name + SHARD_INDEX_SUFFIX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    listing = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    index.write_text(json.dumps(listing, indent=2, sort_keys=True) + "\n")
 
 
 def _shard_stem(path: Path) -> str:
@@ -472,6 +476,9 @@ def shard_map(path: Path) -> dict[str, Path]:
     file, otherwise, and when neither ``path`` nor its index exists, or both do."""
     path = Path(path)
     index = path.with_name(path.name + SHARD_INDEX_SUFFIX)
+    for link in (path, index):
+        if link.is_symlink():
+            raise UsageError(f"{link} is a symbolic link; weights are read only from plain files")
     if not index.is_file():
         if not path.is_file():
             raise UsageError(f"{path} is missing (and there is no {index.name} of shards)")
@@ -489,13 +496,17 @@ def shard_map(path: Path) -> dict[str, Path]:
     pattern = re.compile(re.escape(stem) + r"-(\d{5})-of-(\d{5})\.safetensors")
     files: dict[str, Path] = {}
     for tensor, name in weight_map.items():
-        if not isinstance(name, str) or not pattern.fullmatch(name):
+        match = pattern.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
             raise UsageError(f"{index}: tensor {tensor!r} is mapped to {name!r}, not a shard "
                              f"{stem}-NNNNN-of-NNNNN.safetensors beside it")
         if name not in files:
             files[name] = path.with_name(name)
             if not files[name].is_file() or files[name].is_symlink():
                 raise UsageError(f"{index} names the shard {name}, which is not a file in {path.parent}")
+    numbers = sorted((int(m[1]), int(m[2])) for m in map(pattern.fullmatch, files))
+    if numbers != [(i, len(numbers)) for i in range(1, len(numbers) + 1)]:
+        raise UsageError(f"{index} names shards {', '.join(sorted(files))}, not 1 to {len(numbers)} of {len(numbers)}")
     return {tensor: files[name] for tensor, name in weight_map.items()}
 
 
@@ -516,19 +527,23 @@ def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:
     :func:`save_safetensors` (``safetensors.torch.load_file`` per file, memory-mapped on CPU).
     UsageError, naming the file, for one that cannot be read or shards that do not hold the
     tensors their index says."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     where = shard_map(path)
     tensors: dict[str, Any] = {}
     for file in sorted(set(where.values())) or [Path(path)]:
         try:
-            loaded = load_file(file, device=device)
+            if where:  # names first: nothing is loaded from a shard that holds what its index does not say
+                with safe_open(file, "pt") as handle:
+                    stray = [name for name in handle.keys() if where.get(name) != file]
+                if stray:
+                    raise UsageError(f"{file} holds {stray[0]!r}, which its index does not place there")
+            tensors.update(load_file(file, device=device))
+        except UsageError:
+            raise
         except Exception as exc:  # safetensors raises its own error types
             raise UsageError(f"{file} cannot be read as safetensors: {exc}") from None
-        stray = [name for name in loaded if where and where.get(name) != file]
-        if stray:
-            raise UsageError(f"{file} holds {stray[0]!r}, which its index does not place there")
-        tensors.update(loaded)
     missing = [name for name in where if name not in tensors]
     if missing:
         raise UsageError(f"{where[missing[0]]} lacks {missing[0]!r}, which its index places there")
@@ -537,7 +552,8 @@ def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:
 
 def stored_layout(path: Path) -> dict[str, Any]:
     """The headers of the safetensors file ``path`` (whole or in shards), merged: name →
-    {dtype, shape, data_offsets within its own file}."""
+    {dtype, shape, data_offsets within its own file}. Not checked against the index: for
+    reading back what this process saved (a plan step's details at pack time)."""
     header: dict[str, Any] = {}
     for file in shard_files(path):
         header.update(safetensors_layout(file)[0])

@@ -21,8 +21,9 @@ are stored (``prune:sparsity=...,method=...`` before it chose them); weights tha
 (no unstructured prune step before) are made 50% sparse by magnitude (:data:`DEFAULT_SPARSITY`).
 
 Bundles: :meth:`Sparsify.save` writes config.json and ``model.sparse.safetensors`` (bitmasks,
-values, and every other tensor as it is; JSON metadata in the header), and the manifest names
-this plugin as the loader.
+values, and every other tensor as it is; JSON metadata in the header; in shards with an index
+beyond pack's ``--shard-size``), and the manifest names this plugin as the loader. Saving
+compresses every Linear before writing, so pack's memory estimate counts the whole file.
 
 At run time (``runtime=compressed``, the default) each Linear keeps the compressed form and
 expands its weight per call (:class:`SparseLinear`), so the weights take about their stored
@@ -424,11 +425,6 @@ class Sparsify(Compressor):
         }
         save_safetensors(tensors, model_dir / SPARSE_FILE, metadata=metadata, sharded=True)
         return True
-
-    def writes_own_file(self, options: Mapping[str, Any]) -> bool:
-        """No: ``model.sparse.safetensors`` is written in shards of ``--shard-size``, as stock
-        saving does."""
-        return False
 
     def restore(self, model_dir: Path, options: Mapping[str, Any], device: str) -> Any:
         """Rebuild the model: a skeleton without weights, :class:`SparseLinear` modules from the

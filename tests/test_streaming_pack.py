@@ -169,8 +169,9 @@ def test_bad_sizes_are_refused_by_name(big, tmp_path, flag, value):
 
 def test_only_plugins_that_write_one_whole_file_are_counted_whole():
     """pack's memory estimate counts one shard for weights saved in shards (stock saving, and
-    the built-in plugins' own formats through save_safetensors(sharded=True)) and the whole file
-    for a third-party plugin that overrides save and does not say otherwise."""
+    quantize's and head pruning's own formats through save_safetensors(sharded=True)) and the
+    whole file for sparsify (it compresses every Linear before it writes) and for a third-party
+    plugin that overrides save and does not say otherwise."""
     from edgepack.interfaces import Compressor
     from edgepack.plugins.precision import Precision
     from edgepack.plugins.prune import Prune
@@ -179,7 +180,7 @@ def test_only_plugins_that_write_one_whole_file_are_counted_whole():
 
     quantize = Quantize()
     assert not any(quantize.writes_own_file({"scheme": s}) for s in ("int8", "int8-dynamic", "int4", "mixed"))
-    assert not Prune().writes_own_file({"heads": 0.25}) and not Sparsify().writes_own_file({})
+    assert not Prune().writes_own_file({"heads": 0.25}) and Sparsify().writes_own_file({})
     assert not Precision().writes_own_file({"dtype": "bf16"})
 
     class OwnFormat(Precision):
@@ -242,6 +243,12 @@ def test_a_plugins_own_file_is_written_in_shards_and_read_back_whole(tmp_path):
      "which its index does not place there"),
     (lambda d, index: index.update({"weight_map": []}), "has no weight_map"),
     (lambda d, index: (d / "model.mine.safetensors").write_bytes(b""), "holds both"),
+    (lambda d, index: index["weight_map"].update({"extra.weight": "model.mine-00001-of-00003.safetensors"}),
+     "lacks 'extra.weight'"),
+    (lambda d, index: index["weight_map"].update({"norm.weight": "model.mine-00004-of-00004.safetensors"})
+     or (d / "model.mine-00004-of-00004.safetensors").write_bytes(b"x"), "not 1 to 4 of 4"),
+    (lambda d, index: (d / "model.mine-00002-of-00003.safetensors").rename(d / "elsewhere.safetensors")
+     or (d / "model.mine-00002-of-00003.safetensors").symlink_to(d / "elsewhere.safetensors"), "which is not a file"),
 ])
 def test_a_tampered_shard_index_is_refused_by_name(tmp_path, tamper, message):
     """The index comes from a bundle: it may name only shards of its own file beside it, each
