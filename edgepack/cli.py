@@ -265,7 +265,8 @@ def _load_recipe(path: str | None) -> dict[str, Any]:
               help="Sign the bundle with this private key (edgepack keygen) before it is published.")
 @click.option("--out", "-o", default=None, help="Directory to write the bundle into.  [required, or set in the recipe]")
 @click.option("--shard-size", default=None, metavar="SIZE",
-              help="Largest weights file: bigger weights are written as shards with a model.safetensors.index.json, "
+              help="Largest weights file: bigger weights are written as shards with an index "
+                   "(model.safetensors.index.json; model.int4.safetensors.index.json for int4's own format), "
                    "so saving and loading hold one shard at a time.  [default: 1GB]")
 @click.option("--work-memory", default=None, metavar="SIZE",
               help="Memory packing may use here: plans whose packing is estimated to need more are refused "
@@ -710,16 +711,25 @@ def report(bundles: tuple[str, ...], plot: str | None, as_json: bool) -> None:
         click.echo(f"chart: {plot}")
 
 
+_compile_opt = click.option(
+    "--compile", "compiled", is_flag=True,
+    help="Decoders: run the decoding steps compiled (torch.compile with a static KV cache). The first "
+         "generation compiles (tens of seconds on a CPU; needs a C++ compiler there), later ones of the same "
+         "shape run faster (see \"Speed\" in the README). Late greedy tokens "
+         "may differ from eager decoding where two logits nearly tie; verify always runs eager.")
+
+
 @cli.command()
 @click.argument("bundle", type=str)
 @click.argument("inputs", nargs=-1)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, help="Decoders: tokens to generate.")
 @click.option("--key", "keys", multiple=True, metavar="PUB",
               help="Run only a bundle signed by this trusted public key (repeat: any of them).")
+@_compile_opt
 @_code_opt
 @_json_opt
-def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[str, ...], allow_code: bool,
-        as_json: bool) -> None:
+def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[str, ...], compiled: bool,
+        allow_code: bool, as_json: bool) -> None:
     """Load BUNDLE and run it on INPUT texts (or lines of standard input).
 
     Encoders print sentence embeddings (mean-pooled, normalised); decoders print greedy
@@ -739,6 +749,14 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[s
     if not texts:
         raise UsageError("give at least one INPUT text (or pipe lines on standard input)")
     extra: dict[str, Any] = {}
+    if compiled:  # refused from the manifest, before anything loads
+        from edgepack.runtime import compile_refusal
+
+        manifest = _unverified_manifest(bundle)
+        refusal = compile_refusal(manifest) if manifest is not None else None
+        if refusal:
+            raise UsageError(f"--compile compiles a transformers decoder's decoding steps in this process: "
+                             f"{os.path.basename(os.path.normpath(bundle))} cannot, {refusal}")
     if _is_sharded(bundle):  # every rank through torchrun, the outputs from rank 0
         from edgepack.runtime import run_sharded
 
@@ -749,7 +767,8 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[s
     else:
         session = open_bundle(bundle, keys=keys, allow_code=allow_code)
         task = session.task
-        generated = session.generate(texts, max_new_tokens=max_new_tokens) if task == "text-generation" else None
+        generated = (session.generate(texts, max_new_tokens=max_new_tokens, compiled=compiled)
+                     if task == "text-generation" else None)
         vectors = session.embed(texts) if generated is None else None
     if as_json:
         if generated is not None:
@@ -777,16 +796,22 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[s
                    "(one-time runtime costs included): " + ", ".join(format_size(p) for p in extra["rank_peak_bytes"]))
 
 
-def _is_sharded(bundle: str) -> bool:
-    """Whether BUNDLE's manifest describes a sharded (multi-device) bundle (False when it cannot
-    be read: loading then reports why)."""
+def _unverified_manifest(bundle: str) -> dict[str, Any] | None:
+    """BUNDLE's manifest as read, before any check (None when it cannot be read: loading then
+    reports why); for choosing how to run it, never for trusting it."""
     from edgepack.bundle.reader import open_path, read_manifest
 
     try:
         manifest, _ = read_manifest(open_path(bundle))
     except EdgepackError:
-        return False
-    return isinstance(manifest, dict) and isinstance(manifest.get("parallel"), dict)
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _is_sharded(bundle: str) -> bool:
+    """Whether BUNDLE's manifest describes a sharded (multi-device) bundle."""
+    manifest = _unverified_manifest(bundle)
+    return manifest is not None and isinstance(manifest.get("parallel"), dict)
 
 
 @cli.command()
@@ -797,9 +822,11 @@ def _is_sharded(bundle: str) -> bool:
                    "example the cpu bundle beside an executorch one).  [default: the manifest's source path, "
                    "when it still holds the weights the bundle was packed from]")
 @click.option("--no-source", is_flag=True, help="Time the bundle alone.")
+@_compile_opt
 @_code_opt
 @_json_opt
-def bench(bundle: str, repeats: int, source: str | None, no_source: bool, allow_code: bool, as_json: bool) -> None:
+def bench(bundle: str, repeats: int, source: str | None, no_source: bool, compiled: bool, allow_code: bool,
+          as_json: bool) -> None:
     """Time BUNDLE on this machine at its declared workload (batch, sequence length): latency
     p50 and p95, throughput, load time and peak memory, beside the source model measured the
     same way in the same run (its timed runs interleaved with the bundle's); decoders also
@@ -817,7 +844,7 @@ def bench(bundle: str, repeats: int, source: str | None, no_source: bool, allow_
     if source is not None and no_source:
         raise UsageError("--source and --no-source contradict each other; give one")
     result = benchmark(bundle, repeats=repeats, source=source, allow_code=allow_code, compare_source=not no_source,
-                       progress=progress_printer(as_json))
+                       compiled=compiled, progress=progress_printer(as_json))
     if as_json:
         _emit_json(result)
         return
@@ -840,7 +867,9 @@ def bench(bundle: str, repeats: int, source: str | None, no_source: bool, allow_
         click.echo(f"  not compared: {result['source_skipped']}")
     if "prefill_ms" in result:
         for name, row in rows:
-            click.echo(f"  {name} batch 1: prefill {row['prefill_ms']:.2f} ms, decoding {row['tokens_per_s']:.1f} tokens/s")
+            compiled_note = f" compiled (compiling took {row['compile_s']:.1f} s)" if "compile_s" in row else ""
+            click.echo(f"  {name} batch 1: prefill {row['prefill_ms']:.2f} ms, decoding {row['tokens_per_s']:.1f} "
+                       f"tokens/s{compiled_note}")
         click.echo(f"  (decoding: median of runs generating {result['new_tokens']} tokens, less the prefill"
                    + (f"; the bundle decodes at {result['decode_speedup']:.2f}x)" if "decode_speedup" in result else ")"))
 

@@ -7,9 +7,10 @@ the plugin that saved the weights.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from edgepack.errors import UsageError, VerificationError
 from edgepack.interfaces import PlanStep
@@ -156,8 +157,9 @@ class Session:
             hidden = self.model(**encoded).last_hidden_state
         return mean_pool(hidden, encoded["attention_mask"]).cpu()
 
-    def generate(self, texts: list[str], max_new_tokens: int = 32) -> list[str]:
-        """Greedy continuations of ``texts`` (decoders)."""
+    def generate(self, texts: list[str], max_new_tokens: int = 32, compiled: bool = False) -> list[str]:
+        """Greedy continuations of ``texts`` (decoders); with ``compiled``, the decoding steps run
+        compiled (:func:`compiled_decoding`)."""
         import torch
 
         tok = self.tokenizer
@@ -166,10 +168,71 @@ class Session:
         tok.padding_side = "left"
         encoded = tok(texts, padding=True, return_tensors="pt")
         encoded = {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-        with torch.inference_mode():
+        extra = compiled_decoding(self.model) if compiled else {}
+        with torch.inference_mode(), _compiling(compiled):
             out = self.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)
+                                      pad_token_id=tok.pad_token_id, **extra)
+        if compiled and max_new_tokens > 1:
+            _check_compiled(self.model)
         return tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def compile_refusal(manifest: dict[str, Any]) -> str | None:
+    """Why ``--compile`` cannot run this bundle, read from its manifest before anything loads;
+    None when it can (a transformers decoder in this process)."""
+    if isinstance(manifest.get("parallel"), dict):
+        return "it is split across devices, one process per rank"
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    if model.get("program"):
+        return "its model is a compiled program already"
+    if model.get("task", "text-generation") != "text-generation":  # (no task: loading says what is wrong)
+        return "its model is an encoder"
+    return None
+
+
+def compiled_decoding(model: Any, what: str = "the bundle's model") -> dict[str, Any]:
+    """``generate`` arguments that run a decoder's decoding steps compiled: a static KV cache
+    (fixed shapes from step to step) and ``torch.compile`` (inductor) of the model's forward,
+    which transformers otherwise does only on accelerators. The prompt's forward pass stays
+    eager. The first ``generate`` of a batch and length compiles (tens of seconds on a CPU, a C++
+    compiler needed there); later ones reuse it. Float operations are fused and reordered, so
+    late greedy tokens can differ from eager decoding's where two logits are nearly tied.
+    Nothing of it is stored in a bundle: ``verify`` and the smoke tests run eager.
+    UsageError, naming ``what``, for a model that cannot decode so."""
+    if not getattr(model, "can_generate", lambda: False)():  # (an ExecuTorch program has no such method)
+        raise UsageError(f"--compile compiles a transformers decoder's decoding steps; {what} is not one "
+                         "(an encoder, or a compiled program already)")
+    import transformers
+
+    config = transformers.CompileConfig()
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def _check_compiled(model: Any, what: str = "the bundle's model") -> None:
+    """UsageError when transformers decoded eager after all: it skips compiling, with a logged
+    warning only, for models and caches it cannot compile."""
+    if getattr(model, "_compiled_call", None) is None:
+        raise UsageError(f"--compile: transformers did not compile the decoding of {what} (it runs eager; see its "
+                         "warning above)")
+
+
+@contextlib.contextmanager
+def _compiling(compiled: bool) -> Iterator[None]:
+    """Turn a failure of torch.compile itself (no C++ compiler, an operation dynamo or inductor
+    cannot take) into one UsageError that says so; other errors pass as they are."""
+    if not compiled:
+        yield
+        return
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler, LoweringException
+
+    try:
+        yield
+    except (TorchDynamoException, CppCompileError, InvalidCxxCompiler, LoweringException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UsageError(f"--compile: compiling the decoding steps failed ({type(exc).__name__}: {first[:300]}); "
+                         "without --compile the model runs eager") from exc
 
 
 def run_sharded(bundle: str | Path, texts: list[str] | None = None, *, tensors: dict[str, Any] | None = None,
@@ -289,7 +352,7 @@ def load(bundle: str | Path, *, keys: Sequence[Any] = (), allow_code: bool = Fal
 
 
 def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | None = None,
-              allow_code: bool = False, compare_source: bool = True,
+              allow_code: bool = False, compare_source: bool = True, compiled: bool = False,
               progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Speed and memory of the bundle at its declared workload, beside its source model.
 
@@ -299,7 +362,10 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     warm-up); then ``repeats`` timed runs over that batch give the latency's
     ``p50_ms`` and ``p95_ms`` and the ``throughput_per_s`` (sequences per second at the
     declared batch size).
-    Decoders also get batch-1 prefill latency and decode tokens/s.
+    Decoders also get batch-1 prefill latency and decode tokens/s; with ``compiled``, decoding
+    runs compiled (:func:`compiled_decoding`), the source's too, and ``compile_s`` says what
+    compiling cost each (the batch latencies stay eager; the prefill is eager too, into a
+    static cache, so ``prefill_ms`` differs from an eager run's).
 
     :param source: the source model directory. Without it, the manifest's source path is used
         when it still holds the weights the bundle was packed from (same sha256), unless
@@ -320,6 +386,10 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     from edgepack.probe import touch_weights
 
     path, manifest = read_verified(bundle)
+    refusal = compile_refusal(manifest) if compiled else None
+    if refusal:
+        raise UsageError(f"--compile compiles a transformers decoder's decoding steps in this process: {path.name} "
+                         f"cannot, {refusal}")
     if isinstance(manifest.get("parallel"), dict):
         if source is not None:
             raise UsageError("bench --source is not supported for sharded bundles yet")
@@ -386,8 +456,10 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     }
     decode = session.task == "text-generation"
     if decode:
-        progress("timing batch-1 prefill and decoding")
-    speeds = _decode_speeds(models, {k: v[:1] for k, v in batch.items()}, repeats, session.device) if decode else {}
+        progress("timing batch-1 prefill and decoding" + (", compiled (compiling first: tens of seconds per model)"
+                                                          if compiled else ""))
+    speeds = _decode_speeds(models, {k: v[:1] for k, v in batch.items()}, repeats, session.device,
+                            compiled) if decode else {}
     result.update(speeds.get("bundle", {}))
     if reference is not None:
         result["source"] = {"model": str(source), **summary(times["source"]), **source_figures, **speeds.get("source", {})}
@@ -466,11 +538,14 @@ def _timed(fn: Callable[[], Any], device: str) -> float:
 DECODE_TOKENS = 32
 
 
-def _decode_speeds(models: dict[str, Any], row: dict[str, Any], repeats: int, device: str) -> dict[str, dict[str, Any]]:
+def _decode_speeds(models: dict[str, Any], row: dict[str, Any], repeats: int, device: str,
+                   compiled: bool = False) -> dict[str, dict[str, Any]]:
     """Batch-1 greedy decoding from one smoke prompt, per model: decode tokens/s (the time of
     generating DECODE_TOKENS tokens less that of generating one, i.e. without the prefill; fewer
     when a compiled program's KV cache holds fewer after the prompt) and the prefill latency;
-    medians of ``max(3, repeats // 2)`` runs after a warm-up, the models' runs interleaved."""
+    medians of ``max(3, repeats // 2)`` runs after a warm-up, the models' runs interleaved.
+    With ``compiled``, every model decodes compiled (:func:`compiled_decoding`), and its warm-up,
+    which compiles, is timed (``compile_s``: the first generate less a later one's time)."""
     import statistics
 
     import torch
@@ -481,25 +556,34 @@ def _decode_speeds(models: dict[str, Any], row: dict[str, Any], repeats: int, de
     rooms = [m.cache_len - prompt for m in models.values() if isinstance(getattr(m, "cache_len", None), int)]
     tokens_run = max(2, min([DECODE_TOKENS] + rooms))
 
-    def run(model: Any, tokens: int) -> float:
+    what = {"bundle": "the bundle's model", "source": "the --source model"}
+    extra = {name: compiled_decoding(model, what.get(name, name)) if compiled else {} for name, model in models.items()}
+
+    def run(name: str, tokens: int) -> float:
+        model = models[name]
         return _timed(lambda: model.generate(**row, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                             pad_token_id=pad_id(model)), device)
+                                             pad_token_id=pad_id(model), **extra[name]), device)
 
     runs = max(3, repeats // 2)
     first: dict[str, list[float]] = {name: [] for name in models}
     full: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            run(model, 2)  # warm-up
+    warm: dict[str, float] = {}
+    with torch.inference_mode(), _compiling(compiled):
+        for name in models:  # warm-up; compiled, at the timed runs' length (the static cache's shape)
+            warm[name] = run(name, tokens_run if compiled else 2)
+            if compiled:
+                _check_compiled(models[name], what.get(name, name))
         for _ in range(runs):
-            for name, model in models.items():
-                first[name].append(run(model, 1))
-                full[name].append(run(model, tokens_run))
+            for name in models:
+                first[name].append(run(name, 1))
+                full[name].append(run(name, tokens_run))
     out = {}
     for name in models:
         one, whole = statistics.median(first[name]), statistics.median(full[name])
         out[name] = {"prefill_ms": one * 1000, "new_tokens": tokens_run,
                      "tokens_per_s": (tokens_run - 1) / max(whole - one, 1e-9)}
+        if compiled:
+            out[name]["compile_s"] = round(max(0.0, warm[name] - whole), 2)
     return out
 
 

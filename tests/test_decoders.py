@@ -202,6 +202,38 @@ def test_cli_run_json_for_a_decoder(packed, kind):
     assert all(o["output"].strip() for o in data["outputs"])
 
 
+def test_run_compiled_decodes_compiled_and_continues_as_eager(packed, monkeypatch):
+    """run --compile: the decoding steps run in a compiled graph (a static KV cache, then
+    torch.compile), and the continuation begins as eager decoding's (later tokens may differ
+    where logits nearly tie: fused float operations round differently). Traced only here:
+    inductor's C++ code generation, torch's own, would add half a minute."""
+    import torch._dynamo
+
+    from edgepack import runtime
+    from edgepack.runtime import open_bundle
+
+    compiled_decoding = runtime.compiled_decoding
+    graphs = []
+
+    def traced(graph_module, example_inputs):  # a backend that runs the traced graph as it is
+        graphs.append(len(graph_module.graph.nodes))
+        return graph_module.forward
+
+    def traced_only(model, what="the bundle's model"):
+        kwargs = compiled_decoding(model, what)  # (transformers deep-copies its config: a function survives)
+        kwargs["compile_config"].backend, kwargs["compile_config"].mode = traced, None  # (a mode is inductor's)
+        return kwargs
+
+    monkeypatch.setattr(runtime, "compiled_decoding", traced_only)
+    session = open_bundle(packed["llama"].bundle)
+    session.model.generation_config.eos_token_id = None  # a whole continuation to compare
+    eager = session.tokenizer(session.generate(["hello world"], max_new_tokens=4)[0])["input_ids"]
+    torch._dynamo.reset()
+    compiled = session.tokenizer(session.generate(["hello world"], max_new_tokens=4, compiled=True)[0])["input_ids"]
+    assert graphs and max(graphs) > 100  # the decoding steps ran in a traced graph of the whole model
+    assert compiled[:3] == eager[:3] and len(compiled) == len(eager)
+
+
 def test_bench_reports_latency_throughput_load_memory_and_decode_speed(packed):
     result = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--repeats", "3", "--json", "--no-source"])
     assert result.exit_code == 0, result.output

@@ -459,6 +459,37 @@ def test_int8_decoding_steps_run_in_the_fused_kernel():
     assert calls == [(1, 1, 64), (1, FUSED_MAX_ROWS, 64)]  # not the larger input
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_quantized_linears_compile_whole_and_match_eager(dtype):
+    """run/bench --compile: an int8 and an int4 Linear in their fused kernels, as a decoding step
+    calls them (fp32 activations, or bf16 ones after precision:dtype=bf16), compile into one
+    graph (no break, nothing set at the first call that would recompile the next) and give
+    eager's outputs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from edgepack.plugins.quantize import quantize_int4_groups, quantize_int8_rows
+
+    if not fused_kernels_available():
+        pytest.skip("this CPU runs no fused kernels")
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(0)
+    q8, s8 = quantize_int8_rows(torch.randn(64, 64, generator=gen))
+    q4, s4, o4 = quantize_int4_groups(torch.randn(64, 64, generator=gen), 32)
+    int8 = QuantLinear(64, 64, 8, q8, s8, None, torch.randn(64, generator=gen).to(dtype))
+    int4 = QuantLinear(64, 64, 4, q4, s4, o4)
+    assert int8.use_int8_kernel() and int4.use_int4_kernel()
+    model = torch.nn.Sequential(int8, torch.nn.SiLU(), int4).eval()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # tracing is the point, not code generation
+    step = torch.compile(model, fullgraph=True, backend=counter)
+    with torch.inference_mode():
+        for _ in range(3):
+            x = torch.randn(1, 1, 64, generator=gen).to(dtype)
+            assert torch.allclose(step(x).float(), model(x).float(), atol=1e-5, rtol=0)
+    assert counter.frame_count == 1
+
+
 def test_the_fused_int8_kernel_gets_only_rows_and_operands_it_reads_correctly():
     """torch 2.13's ``_weight_int8pack_mm`` on AVX-512 crashes or returns wrong values for
     rows whose width is not a multiple of 16, for a weight not 16-byte aligned (one
