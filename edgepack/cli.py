@@ -266,7 +266,8 @@ def _load_recipe(path: str | None) -> dict[str, Any]:
 @click.option("--out", "-o", default=None, help="Directory to write the bundle into.  [required, or set in the recipe]")
 @click.option("--shard-size", default=None, metavar="SIZE",
               help="Largest weights file: bigger weights are written as shards with an index "
-                   "(model.safetensors.index.json; model.int4.safetensors.index.json for int4's own format), "
+                   "(model.safetensors.index.json; model.int4.safetensors.index.json and the like for plugins' "
+                   "own formats), "
                    "so saving and loading hold one shard at a time.  [default: 1GB]")
 @click.option("--work-memory", default=None, metavar="SIZE",
               help="Memory packing may use here: plans whose packing is estimated to need more are refused "
@@ -749,15 +750,15 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[s
     if not texts:
         raise UsageError("give at least one INPUT text (or pipe lines on standard input)")
     extra: dict[str, Any] = {}
-    if compiled:  # refused from the manifest, before anything loads
+    manifest = _unverified_manifest(bundle)  # only to choose how to run it; loading verifies it
+    if compiled and manifest is not None:  # refused before anything loads
         from edgepack.runtime import compile_refusal
 
-        manifest = _unverified_manifest(bundle)
-        refusal = compile_refusal(manifest) if manifest is not None else None
+        refusal = compile_refusal(manifest)
         if refusal:
             raise UsageError(f"--compile compiles a transformers decoder's decoding steps in this process: "
                              f"{os.path.basename(os.path.normpath(bundle))} cannot, {refusal}")
-    if _is_sharded(bundle):  # every rank through torchrun, the outputs from rank 0
+    if manifest is not None and isinstance(manifest.get("parallel"), dict):  # every rank through torchrun, the outputs from rank 0
         from edgepack.runtime import run_sharded
 
         result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=progress_printer(as_json), keys=keys)
@@ -807,11 +808,6 @@ def _unverified_manifest(bundle: str) -> dict[str, Any] | None:
         return None
     return manifest if isinstance(manifest, dict) else None
 
-
-def _is_sharded(bundle: str) -> bool:
-    """Whether BUNDLE's manifest describes a sharded (multi-device) bundle."""
-    manifest = _unverified_manifest(bundle)
-    return manifest is not None and isinstance(manifest.get("parallel"), dict)
 
 
 @cli.command()

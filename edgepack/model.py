@@ -428,13 +428,16 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
     ``model.int4.safetensors``, each with the same ``metadata``, and an index
     ``model.int4.safetensors.index.json`` naming each tensor's shard, as stock saving does for
     ``model.safetensors``: safetensors serialises a file in memory, so saving holds one shard's
-    bytes at a time. :func:`load_safetensors`, :func:`read_format_metadata` and
-    :func:`shard_files` read either form."""
+    bytes at a time. An earlier save of ``path`` (the file, its index, its shards) is removed
+    first; ``path`` must not be stock saving's ``model.safetensors``. :func:`load_safetensors`,
+    :func:`read_format_metadata` and :func:`shard_files` read either form."""
     from safetensors.torch import save_file
 
     path = Path(path)
     index = path.with_name(path.name + SHARD_INDEX_SUFFIX)
-    for stale in [path, index, *path.parent.glob(f"{glob.escape(_shard_stem(path))}-*-of-*.safetensors")]:
+    shards = [p for p in path.parent.glob(f"{glob.escape(_shard_stem(path))}-*-of-*.safetensors")
+              if _shard_pattern(path).fullmatch(p.name)]
+    for stale in [path, index, *shards]:
         stale.unlink(missing_ok=True)  # an earlier save's, of either form: the new one replaces it
     limit = _SHARD_LIMIT.get() if sharded else None
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
@@ -466,14 +469,20 @@ def _shard_stem(path: Path) -> str:
     return path.name[:-len(".safetensors")] if path.name.endswith(".safetensors") else path.name
 
 
+def _shard_pattern(path: Path) -> re.Pattern[str]:
+    """The names of ``path``'s shards: ``<stem>-NNNNN-of-NNNNN.safetensors``."""
+    return re.compile(re.escape(_shard_stem(path)) + r"-(\d{5})-of-(\d{5})\.safetensors")
+
+
 def shard_map(path: Path) -> dict[str, Path]:
     """For a safetensors file written by :func:`save_safetensors`: ``{tensor: file holding it}``,
     from its index where it was written in shards, else ``{}`` for the single file ``path``.
 
     The index comes from a bundle, so it is checked as untrusted input: a JSON object whose
     ``weight_map`` names, for each tensor, a shard of ``path``'s own name in its own directory
-    (``<stem>-NNNNN-of-NNNNN.safetensors``; nothing elsewhere) that exists. UsageError, naming the
-    file, otherwise, and when neither ``path`` nor its index exists, or both do."""
+    (``<stem>-NNNNN-of-NNNNN.safetensors``, numbered 1 to N of N; nothing elsewhere) that exists
+    and is no link. UsageError, naming the file, otherwise, and when neither ``path`` nor its
+    index exists, or both do, or either is a link."""
     path = Path(path)
     index = path.with_name(path.name + SHARD_INDEX_SUFFIX)
     for link in (path, index):
@@ -492,8 +501,7 @@ def shard_map(path: Path) -> dict[str, Path]:
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise UsageError(f"{index} has no weight_map of tensor names to shard files")
-    stem = _shard_stem(path)
-    pattern = re.compile(re.escape(stem) + r"-(\d{5})-of-(\d{5})\.safetensors")
+    stem, pattern = _shard_stem(path), _shard_pattern(path)
     files: dict[str, Path] = {}
     for tensor, name in weight_map.items():
         match = pattern.fullmatch(name) if isinstance(name, str) else None
@@ -552,8 +560,9 @@ def load_safetensors(path: Path, device: str = "cpu") -> dict[str, Any]:
 
 def stored_layout(path: Path) -> dict[str, Any]:
     """The headers of the safetensors file ``path`` (whole or in shards), merged: name →
-    {dtype, shape, data_offsets within its own file}. Not checked against the index: for
-    reading back what this process saved (a plan step's details at pack time)."""
+    {dtype, shape, data_offsets within its own file}. The shards' contents are not checked
+    against the index (their names are, by :func:`shard_files`): for reading back what this
+    process saved (a plan step's details at pack time)."""
     header: dict[str, Any] = {}
     for file in shard_files(path):
         header.update(safetensors_layout(file)[0])

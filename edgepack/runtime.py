@@ -213,8 +213,9 @@ def _check_compiled(model: Any, what: str = "the bundle's model") -> None:
     """UsageError when transformers decoded eager after all: it skips compiling, with a logged
     warning only, for models and caches it cannot compile."""
     if getattr(model, "_compiled_call", None) is None:
-        raise UsageError(f"--compile: transformers did not compile the decoding of {what} (it runs eager; see its "
-                         "warning above)")
+        raise UsageError(f"--compile: transformers decoded {what} eager: its conditions for compiling were not met "
+                         "(compiling disabled in the generation config, weights offloaded, or a model type it never "
+                         "compiles)")
 
 
 @contextlib.contextmanager
@@ -224,14 +225,20 @@ def _compiling(compiled: bool) -> Iterator[None]:
     if not compiled:
         yield
         return
-    from torch._dynamo.exc import TorchDynamoException
+    from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException, TorchRuntimeError
     from torch._inductor.exc import CppCompileError, InvalidCxxCompiler, LoweringException
 
     try:
         yield
     except (TorchDynamoException, CppCompileError, InvalidCxxCompiler, LoweringException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UsageError(f"--compile: compiling the decoding steps failed ({type(exc).__name__}: {first[:300]}); "
+        if isinstance(exc, TorchRuntimeError):  # the model's own error, met while tracing: eager meets it too
+            raise
+        cause: BaseException = exc
+        while isinstance(cause, BackendCompilerFailed) and getattr(cause, "inner_exception", None) is not None:
+            cause = cause.inner_exception  # the compiler's own error, not dynamo's wrapper ("backend=... raised:")
+        text = str(cause).strip()
+        first = text.splitlines()[0] if text else ""
+        raise UsageError(f"--compile: compiling the decoding steps failed ({type(cause).__name__}: {first[:300]}); "
                          "without --compile the model runs eager") from exc
 
 

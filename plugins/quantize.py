@@ -672,11 +672,13 @@ def _define_modules() -> None:
         def _int8pack_mm(self, rows: Any) -> Any:
             """``rows`` (2-D) times the int8 weight and its scales in torch's fused CPU kernel, in
             bf16 (scales set by :meth:`use_int8_kernel`). A decoding step calls this for every
-            Linear: alignment is checked only of rows it did not copy, and in a compiled graph
-            (``run --compile``), which cannot read a data pointer, bf16 rows are copied."""
+            Linear: alignment is checked only of rows it did not copy. A compiled graph (``run
+            --compile``) cannot read a data pointer: there bf16 rows are made contiguous, and
+            their alignment is that of inductor's buffers (allocator-aligned)."""
             copied = rows.to(torch.bfloat16, memory_format=torch.contiguous_format)  # fresh, aligned, unless bf16
             if copied is rows:
-                copied = rows.clone() if torch.compiler.is_compiling() else _aligned(rows)
+                copied = rows.clone(memory_format=torch.contiguous_format) if torch.compiler.is_compiling() \
+                    else _aligned(rows)
             return torch.ops.aten._weight_int8pack_mm(copied, self.qdata, self._fused_scale)
 
         def use_int8_kernel(self) -> bool:

@@ -237,10 +237,13 @@ def test_a_failed_compile_is_one_sentence_that_names_compile():
     from edgepack.errors import UsageError
     from edgepack.runtime import _compiling
 
-    with pytest.raises(UsageError, match=r"^--compile: compiling the decoding steps failed \(InvalidCxxCompiler: "
-                                         r".*\); without --compile the model runs eager$"):
-        with _compiling(True):
-            raise InvalidCxxCompiler()
+    from torch._inductor.exc import InductorError
+
+    for raised in (InvalidCxxCompiler(), InductorError(InvalidCxxCompiler(), None)):  # as inductor raises it
+        with pytest.raises(UsageError, match=r"^--compile: compiling the decoding steps failed \(InvalidCxxCompiler: "
+                                             r"No working C\+\+ compiler.*\); without --compile the model runs eager$"):
+            with _compiling(True):
+                raise raised
     for compiled in (True, False):  # anything else, or not compiling: errors pass through as they are
         with pytest.raises(RuntimeError, match="^a bug$"):
             with _compiling(compiled):
