@@ -754,11 +754,10 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[s
     if compiled and manifest is not None:  # refused before anything loads
         from edgepack.runtime import compile_refusal
 
-        refusal = compile_refusal(manifest)
+        refusal = compile_refusal(manifest, os.path.basename(os.path.normpath(bundle)))
         if refusal:
-            raise UsageError(f"--compile compiles a transformers decoder's decoding steps in this process: "
-                             f"{os.path.basename(os.path.normpath(bundle))} cannot, {refusal}")
-    if manifest is not None and isinstance(manifest.get("parallel"), dict):  # every rank through torchrun, the outputs from rank 0
+            raise UsageError(refusal)
+    if manifest is not None and isinstance(manifest.get("parallel"), dict):  # every rank through torchrun (rank 0's outputs)
         from edgepack.runtime import run_sharded
 
         result = run_sharded(bundle, texts, max_new_tokens=max_new_tokens, progress=progress_printer(as_json), keys=keys)
@@ -807,7 +806,6 @@ def _unverified_manifest(bundle: str) -> dict[str, Any] | None:
     except EdgepackError:
         return None
     return manifest if isinstance(manifest, dict) else None
-
 
 
 @cli.command()

@@ -177,17 +177,19 @@ class Session:
         return tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def compile_refusal(manifest: dict[str, Any]) -> str | None:
-    """Why ``--compile`` cannot run this bundle, read from its manifest before anything loads;
-    None when it can (a transformers decoder in this process)."""
-    if isinstance(manifest.get("parallel"), dict):
-        return "it is split across devices, one process per rank"
+def compile_refusal(manifest: dict[str, Any], name: str) -> str | None:
+    """Why ``--compile`` cannot run the bundle ``name``, read from its manifest before anything
+    loads (one sentence); None when it can (a transformers decoder in this process)."""
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-    if model.get("program"):
-        return "its model is a compiled program already"
-    if model.get("task", "text-generation") != "text-generation":  # (no task: loading says what is wrong)
-        return "its model is an encoder"
-    return None
+    if isinstance(manifest.get("parallel"), dict):
+        why = "it is split across devices, one process per rank"
+    elif model.get("program"):
+        why = "its model is a compiled program already"
+    elif model.get("task", "text-generation") != "text-generation":  # (no task: loading says what is wrong)
+        why = "its model is an encoder"
+    else:
+        return None
+    return f"--compile compiles a transformers decoder's decoding steps in this process: {name} cannot, {why}"
 
 
 def compiled_decoding(model: Any, what: str = "the bundle's model") -> dict[str, Any]:
@@ -393,10 +395,9 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     from edgepack.probe import touch_weights
 
     path, manifest = read_verified(bundle)
-    refusal = compile_refusal(manifest) if compiled else None
+    refusal = compile_refusal(manifest, path.name) if compiled else None
     if refusal:
-        raise UsageError(f"--compile compiles a transformers decoder's decoding steps in this process: {path.name} "
-                         f"cannot, {refusal}")
+        raise UsageError(refusal)
     if isinstance(manifest.get("parallel"), dict):
         if source is not None:
             raise UsageError("bench --source is not supported for sharded bundles yet")
