@@ -435,8 +435,8 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
 
     path = Path(path)
     index = path.with_name(path.name + SHARD_INDEX_SUFFIX)
-    shards = [p for p in path.parent.glob(f"{glob.escape(_shard_stem(path))}-*-of-*.safetensors")
-              if _shard_pattern(path).fullmatch(p.name)]
+    stem, pattern = _shard_stem(path), _shard_pattern(path)
+    shards = [p for p in path.parent.glob(f"{glob.escape(stem)}-*-of-*.safetensors") if pattern.fullmatch(p.name)]
     for stale in [path, index, *shards]:
         stale.unlink(missing_ok=True)  # an earlier save's, of either form: the new one replaces it
     limit = _SHARD_LIMIT.get() if sharded else None
@@ -453,7 +453,6 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
             held = 0
         groups[-1].append(name)
         held += size
-    stem = _shard_stem(path)
     weight_map = {}
     for number, names in enumerate(groups, 1):
         shard = path.with_name(f"{stem}-{number:05d}-of-{len(groups):05d}.safetensors")

@@ -86,13 +86,14 @@ def _save_model(model: Any, steps: Sequence[tuple[Compressor, dict[str, Any]]], 
     from edgepack.model import normalize_safetensors, shard_limit
 
     loader = None
-    for compressor, options in reversed(steps):
-        with shard_limit(max_shard_bytes or DEFAULT_SHARD_SIZE):  # for save_safetensors(sharded=True)
+    limit = max_shard_bytes or DEFAULT_SHARD_SIZE
+    with shard_limit(limit):  # for save_safetensors(sharded=True)
+        for compressor, options in reversed(steps):
             if compressor.save(model, model_dir, options):
                 loader = compressor.name
                 break
-    else:
-        model.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_bytes or DEFAULT_SHARD_SIZE)
+        else:
+            model.save_pretrained(model_dir, safe_serialization=True, max_shard_size=limit)
     for path in sorted(model_dir.rglob("*.safetensors")):
         if path.is_file() and not path.is_symlink():  # the bundle writer refuses links later
             normalize_safetensors(path)

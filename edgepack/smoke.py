@@ -158,11 +158,8 @@ def smoke_batches(inputs: dict[str, Any], batch_size: int, *, batching: str = BA
     rows = next(iter(inputs.values())).shape[0] if inputs else 0
     if rows == 0:
         return
-    if batching == BATCHING_PADDED:
-        yield from batches(inputs, batch_size)
-        return
     widths = [v.shape[1] for v in inputs.values() if v.dim() >= 2]
-    if not widths:  # nothing has columns to trim
+    if batching == BATCHING_PADDED or not widths:  # (without widths nothing has columns to trim)
         yield from batches(inputs, batch_size)
         return
     head = min(int(batch_size), rows)
