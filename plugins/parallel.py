@@ -822,16 +822,31 @@ def _nn() -> Any:
                          if bias else None)
 
         def forward(self, x):
-            y = F.linear(x, self.weight, self.bias)
-            if not _dist_active(self.world_size):
-                return y
-            ranges = _split(self.size, self.world_size)
-            width = max(e - s for s, e in ranges)
-            if y.shape[-1] < width:
-                y = F.pad(y, (0, width - y.shape[-1]))
-            pieces = [torch.empty_like(y) for _ in ranges]
-            dist.all_gather(pieces, y.contiguous())
-            return torch.cat([p[..., : e - s] for p, (s, e) in zip(pieces, ranges)], dim=-1)
+            return _gather_vocab(F.linear(x, self.weight, self.bias), self.size, self.world_size)
+
+    class VocabParallelQuantHead(torch.nn.Module):
+        """Rows of a quantized output head (``quantize``'s QuantLinear): local logits, then
+        all-gather."""
+
+        def __init__(self, inner, size, world_size):
+            super().__init__()
+            self.inner, self.size, self.world_size = inner, size, world_size
+            self.in_features, self.out_features = inner.in_features, size
+
+        def forward(self, x):
+            return _gather_vocab(self.inner(x), self.size, self.world_size)
+
+    def _gather_vocab(y, size, world_size):
+        """Every rank's slice of the logits (rows of a vocabulary of ``size``), side by side."""
+        if not _dist_active(world_size):
+            return y
+        ranges = _split(size, world_size)
+        width = max(e - s for s, e in ranges)
+        if y.shape[-1] < width:
+            y = F.pad(y, (0, width - y.shape[-1]))
+        pieces = [torch.empty_like(y) for _ in ranges]
+        dist.all_gather(pieces, y.contiguous())
+        return torch.cat([p[..., : e - s] for p, (s, e) in zip(pieces, ranges)], dim=-1)
 
     class Absent(torch.nn.Module):
         """Stands for a module another pipeline rank holds; calling it is a bug."""
@@ -858,6 +873,7 @@ def _nn() -> Any:
     return type("ParallelModules", (), {
         "RowParallelLinear": RowParallelLinear, "RowParallelConv1D": RowParallelConv1D,
         "VocabParallelEmbedding": VocabParallelEmbedding, "VocabParallelHead": VocabParallelHead,
+        "VocabParallelQuantHead": VocabParallelQuantHead,
         "RowParallelQuant": RowParallelQuant, "VocabParallelQuantEmbedding": VocabParallelQuantEmbedding,
         "Absent": Absent, "ZeroPositions": ZeroPositions, "PassThroughEmbeddings": PassThroughEmbeddings,
         "Conv1D": Conv1D,
@@ -1009,7 +1025,7 @@ def _place_quantized(model: Any, meta: Mapping[str, Any], tensors: dict[str, Any
     from edgepack.plugins import quantize
 
     quantize._define_modules()
-    vocab = meta.get("vocab_embedding") or {}
+    vocab, head = meta.get("vocab_embedding") or {}, meta.get("vocab_head") or {}
     for name, info in quantized.items():
         p = f"{name}."
         codes, scale, offset = tensors.pop(p + "qdata"), tensors.pop(p + "scale"), tensors.pop(p + "offset", None)
@@ -1026,6 +1042,8 @@ def _place_quantized(model: Any, meta: Mapping[str, Any], tensors: dict[str, Any
                                           bias, world)
             else:
                 new = quantize.QuantLinear(cols, rows, int(info["bits"]), codes, scale, offset, bias)
+                if head.get("module") == name and world > 1:  # a quantized head (quantize:head=true)
+                    new = nn.VocabParallelQuantHead(new, head["size"], world)
         _replace(model, name, new)
     return set(quantized)
 

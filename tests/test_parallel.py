@@ -381,16 +381,18 @@ def test_four_ranks_match_single_process(minilm, decoders, tmp_path):
 
 @pytest.mark.slow
 def test_quantized_shards_match_the_quantized_model(decoders, tmp_path):
-    """quantize (int8, int4) then parallel: each rank stores only its slice of the codes,
-    scales and offsets, and 2 ranks compute what the one-process quantized model computes."""
+    """quantize (int8, int4, int4 with the head int8) then parallel: each rank stores only its
+    slice of the codes, scales and offsets, and 2 ranks compute what the one-process quantized
+    model computes (a quantized head's logits gathered from its vocabulary slices)."""
     import copy
 
     from edgepack.plugins.quantize import Quantize
 
     jobs, checks = [], []
-    for scheme, mode in (("int8", "tensor"), ("int4", "tensor"), ("int4", "pipeline")):
+    for scheme, mode in (("int8", "tensor"), ("int4", "tensor"), ("int4", "pipeline"), ("int4+head", "tensor")):
         model = copy.deepcopy(decoders["llama"]["model"])
-        options = Quantize().parse_options({"scheme": scheme, "method": "rtn"} if scheme == "int4" else {"scheme": scheme})
+        spec = {"scheme": scheme.split("+")[0], "method": "rtn"} if scheme != "int8" else {"scheme": scheme}
+        options = Quantize().parse_options(spec | ({"head": "true"} if "head" in scheme else {}))
         model = Quantize().apply(model, options, None)
         inputs = decoders["llama"]["inputs"]
         with torch.no_grad():
@@ -398,7 +400,9 @@ def test_quantized_shards_match_the_quantized_model(decoders, tmp_path):
         work = tmp_path / f"{scheme}-{mode}"
         parallel.save_sharded(model, 2, mode, work)
         meta = json.loads((work / "rank-1" / "shard.json").read_text())
-        assert meta["quantized"] and all(i["bits"] == (8 if scheme == "int8" else 4) for i in meta["quantized"].values())
+        assert meta["quantized"] and all(i["bits"] == (8 if scheme == "int8" or name == "lm_head" else 4)
+                                         for name, i in meta["quantized"].items())
+        assert ("lm_head" in meta["quantized"]) == ("head" in scheme)
         if mode == "tensor":  # the down projection's codes are split by input features
             down = meta["quantized"]["model.layers.0.mlp.down_proj"]
             assert down["shape"] == [128, 384 // 2]
