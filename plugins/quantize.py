@@ -782,24 +782,29 @@ def __getattr__(name: str) -> Any:
 # Module selection
 
 
+def _output_head(model: Any) -> Any:
+    """The model's output head (its output embeddings), or None."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 def _targets(model: Any, embeddings: bool, keep: Sequence[str], head: bool = False) -> list[tuple[str, Any]]:
     """(name, module) of every Linear (and Embedding) to quantize, skipping kept ones and, unless
     ``head``, the output head (the layer whose quantization hurts greedy decoding most; with
-    ``head`` it is quantized per channel and decoding runs it in the fused int8 kernel).
-    UsageError when ``head`` is asked of a head tied to the input embedding."""
+    ``head`` it is quantized to int8 per channel, whatever the scheme, and decoding runs it in
+    the fused int8 kernel). UsageError when ``head`` is asked of a head tied to the input
+    embedding."""
     skip = set()
     head_weight = None
-    if hasattr(model, "get_output_embeddings"):
-        output = model.get_output_embeddings()
-        if output is not None:
-            head_weight = getattr(output, "weight", None)
-            tied = head_weight is not None and any(
-                getattr(m, "weight", None) is head_weight for m in model.modules() if m is not output)
-            if head and tied:
-                raise UsageError("quantize:head=true needs an output head of its own, but this model's head "
-                                 "shares its weights with the input embedding (tie_word_embeddings)")
-            if not head:
-                skip.add(id(output))
+    output = _output_head(model)
+    if output is not None:
+        head_weight = getattr(output, "weight", None)
+        tied = head_weight is not None and any(
+            getattr(m, "weight", None) is head_weight for m in model.modules() if m is not output)
+        if head and tied:
+            raise UsageError("quantize:head=true needs an output head of its own, but this model's head "
+                             "shares its weights with the input embedding (tie_word_embeddings)")
+        if not head:
+            skip.add(id(output))
     chosen = []
     for name, module in model.named_modules():
         if any(fragment in name for fragment in keep) or id(module) in skip:
@@ -1075,7 +1080,8 @@ class Quantize(Compressor):
         Option("method", str, ("gptq", "rtn"), None,
                help="int4 rounding: gptq (error-compensating, uses calibration inputs; default) or rtn"),
         Option("head", bool, (), None,
-               help="int8: quantize the output head too, per channel (decoders; default false)"),
+               help="quantize the output head too, int8 per channel whatever the scheme (decoders with a "
+                    "head of their own; not int8-dynamic; default false)"),
         Option("compute", str, ("auto", "input"), None,
                help="matmul dtype: auto = bf16 on CPUs with native bf16 (default), input = the activations' dtype"),
         Option("bits", float, (), None, minimum=4.25, maximum=9.0,
@@ -1098,8 +1104,8 @@ class Quantize(Compressor):
                 return "int8 schemes cannot follow prune:heads (both would own the weight file); use scheme=int4 or mixed"
             if step.plugin == "sparsify":
                 return "quantize cannot follow sparsify: no storage format combines both yet"
-        if _head(options) and options["scheme"] != "int8":
-            return "head=true needs scheme=int8 (the fused decoding kernel is int8 weight-only)"
+        if _head(options) and options["scheme"] == "int8-dynamic":
+            return "head=true needs scheme=int8, int4 or mixed (the head decodes in the int8 weight-only kernel)"
         if options.get("awq") and options["scheme"] not in ("int4", "mixed"):
             return "awq=true scales int4 weights: it needs scheme=int4 or mixed"
         if options.get("bits") is not None and options["scheme"] != "mixed":
@@ -1112,14 +1118,17 @@ class Quantize(Compressor):
         return super().check(options, probe, previous)
 
     def candidates(self, facts: ModelFacts, probe: Probe) -> list[dict[str, Any]]:
-        """int8; int4 at group sizes 32 and 128; int8-dynamic where int8 compute exists."""
+        """int8; int8-dynamic where int8 compute exists; mixed at 7 and 6 bits; int4 at group
+        sizes 32 and 128; for decoders with a head of their own, int8 and int4 g32 with the head
+        quantized too."""
         sets: list[dict[str, Any]] = [{"scheme": "int8"}]
         if "int8" in probe.capabilities:
             sets.append({"scheme": "int8-dynamic"})
         sets += [{"scheme": "mixed", "bits": 7.0}, {"scheme": "mixed", "bits": 6.0},
                  {"scheme": "int4", "group_size": 32}, {"scheme": "int4", "group_size": 128}]
         if facts.is_decoder and facts.parameters_by_kind.get("other", 0) >= facts.vocab_size * facts.hidden_size:
-            sets.append({"scheme": "int8", "head": True})  # an untied head of its own
+            # an untied head of its own
+            sets += [{"scheme": "int8", "head": True}, {"scheme": "int4", "group_size": 32, "head": True}]
         return sets
 
     def _kinds(self, options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -1144,6 +1153,10 @@ class Quantize(Compressor):
             footprint = footprint.with_groups(("embedding",), self.bits_per_weight({"scheme": "int8"}, footprint.row_width),
                                               "int8 embedding rows (ExecuTorch)")
             kinds = tuple(k for k in kinds if k != "embedding")
+        if options["scheme"] == "int4" and _head(options):  # the head (counted as "other") is int8 rows
+            footprint = footprint.with_groups(("other",), self.bits_per_weight({"scheme": "int8"}, footprint.row_width),
+                                              "int8 output head")
+            kinds = tuple(k for k in kinds if k != "other")
         result = footprint.with_groups(kinds, bits, f"{options['scheme']} weights ({bits:.2f} bits)")
         act_bytes = footprint.activation_bits / 8
         if options["scheme"] == "int8-dynamic" and "int8-gemm" in target.capabilities:
@@ -1171,11 +1184,12 @@ class Quantize(Compressor):
 
     def quality_cost(self, options: Mapping[str, Any], facts: ModelFacts) -> float:
         """Priors from MiniLM measurements (1 - mean cosine): int8 6.5e-4, int8-dynamic 3.5e-3,
-        int4 at group 32 about 3e-2, growing with the group size."""
+        int4 at group 32 about 3e-2, growing with the group size; a quantized head adds 1e-2."""
         scheme = options["scheme"]
+        # the head decides greedy tokens: quantizing it ranks each scheme after itself without
+        head = 0.01 if _head(options) else 0.0
         if scheme == "int8":
-            # the head decides greedy tokens: quantizing it is ranked after the rest of int8
-            return 0.0007 + (0.01 if _head(options) else 0.0)
+            return 0.0007 + head
         if scheme == "int8-dynamic":
             return 0.004
         int4 = 0.03 * (_group_size(options) / 32) ** 0.5
@@ -1184,8 +1198,8 @@ class Quantize(Compressor):
             # saved: between int8's and int4's priors, quadratic in the share of bits saved
             full, low = 8.1, _int4_bits(options)
             share = min(1.0, max(0.0, (full - _mixed_bits(options)) / (full - low)))
-            return 0.0007 + (int4 - 0.0007) * share ** 2
-        return int4
+            return 0.0007 + (int4 - 0.0007) * share ** 2 + head
+        return int4 + head
 
     # -- apply, save, restore --------------------------------------------------------------
 
@@ -1273,18 +1287,22 @@ class Quantize(Compressor):
 
     def _apply_int4(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any],
                     context: ApplyContext | None) -> Any:
+        """int4 in groups (GPTQ for Linears with calibration inputs); with ``head=true`` the
+        output head int8 per row. Modules whose width is not a multiple of the group stay as
+        they are."""
         _define_modules()
         group = _group_size(options)
-        chosen = [(n, m) for n, m in chosen if m.weight.shape[1] % group == 0]  # others stay as they are
-        _quantize_modules(model, chosen, {n: 4 for n, _ in chosen}, group, options, context)
-        model._edgepack_int4 = {"group_size": group, "modules": [n for n, _ in chosen]}
+        head = _output_head(model) if _head(options) else None
+        chosen = [(n, m) for n, m in chosen if m is head or m.weight.shape[1] % group == 0]
+        _quantize_modules(model, chosen, {n: 8 if m is head else 4 for n, m in chosen}, group, options, context)
         return model
 
     def _apply_mixed(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any],
                      context: ApplyContext | None) -> Any:
         """Measure each module's sensitivity, allocate int4 to the cheapest bytes until the
         average is at most ``bits``, then quantize: int4 (GPTQ for Linears with calibration
-        inputs) and int8 per row."""
+        inputs) and int8 per row. With ``head=true`` the output head is int8 per row, counted
+        in the average."""
         _define_modules()
         group = _group_size(options)
         target = _mixed_bits(options)
@@ -1292,7 +1310,8 @@ class Quantize(Compressor):
         calibration = list(context.calibration or [])[:SENSITIVITY_BATCHES] if context is not None else []
         if not calibration:
             raise UsageError("quantize:scheme=mixed needs calibration inputs to measure sensitivity")
-        eligible = [(n, m) for n, m in chosen if m.weight.shape[1] % group == 0]
+        head = _output_head(model) if _head(options) else None
+        eligible = [(n, m) for n, m in chosen if m is not head and m.weight.shape[1] % group == 0]
         if context is not None and context.progress:
             context.progress(f"  measuring the sensitivity of {len(eligible)} modules to int4 on "
                              f"{len(calibration)} calibration batch(es)")
@@ -1304,7 +1323,7 @@ class Quantize(Compressor):
                              f"model reaches (modules whose width is not a multiple of group_size={group} stay int8)")
         bits = {n: 4 if n in to_int4 else 8 for n, _ in chosen}
         _quantize_modules(model, chosen, bits, group, options, context)
-        model._edgepack_allocation = {n: {"bits": bits[n], "sensitivity": float(f"{sensitivity.get(n, float('nan')):.4g}")}
+        model._edgepack_allocation = {n: {"bits": bits[n], "sensitivity": float(f"{sensitivity[n]:.4g}") if n in sensitivity else None}
                                       for n, _ in chosen}
         return model
 

@@ -735,7 +735,7 @@ def test_int4_encoder_keeps_the_gemm_path(int4):
 
 def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_path, registry):
     """quantize:head=true (int8): an untied head is quantized per channel, offered to the
-    planner for decoders with a head of their own, refused for tied heads and other schemes."""
+    planner for decoders with a head of their own, refused for tied heads and int8-dynamic."""
     import transformers
 
     from edgepack.model import ModelSource
@@ -746,10 +746,11 @@ def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_pa
     probe = registry.target("cpu").probe()
     quantize = Quantize()
     offered = quantize.candidates(ModelSource.open(llama).facts, probe)
-    assert {"scheme": "int8", "head": True} in offered
-    assert {"scheme": "int8", "head": True} not in quantize.candidates(ModelSource.open(gpt2).facts, probe)
-    with pytest.raises(UsageError, match="head=true needs scheme=int8"):
-        fixed_plan(registry, ["quantize:scheme=int4,head=true"], probe)
+    heads = [{"scheme": "int8", "head": True}, {"scheme": "int4", "group_size": 32, "head": True}]
+    assert all(h in offered for h in heads)
+    assert not any(h in quantize.candidates(ModelSource.open(gpt2).facts, probe) for h in heads)
+    with pytest.raises(UsageError, match="head=true needs scheme=int8, int4 or mixed"):
+        fixed_plan(registry, ["quantize:scheme=int8-dynamic,head=true"], probe)
 
     options = quantize.parse_options({"scheme": "int8", "head": "true"})
     model = transformers.AutoModelForCausalLM.from_pretrained(llama)
@@ -760,6 +761,53 @@ def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_pa
     tied = transformers.AutoModelForCausalLM.from_pretrained(gpt2)
     with pytest.raises(UsageError, match="tie_word_embeddings"):
         quantize.apply(tied, options, None)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "mixed"])
+def test_int4_and_mixed_store_a_quantized_head_as_int8_rows(scheme, tmp_path, registry):
+    """head=true with int4 or mixed: the head is int8 per row in the int4 file (never int4:
+    it decides greedy tokens), the rest as the scheme has it; the bundle restores to the same
+    logits and its head decodes in the fused int8 kernel. The estimate counts the head at
+    int8, below the unquantized head's plan and above int4 everywhere."""
+    import transformers
+
+    from edgepack.interfaces import ApplyContext
+    from edgepack.memory import initial_footprint
+    from edgepack.model import ModelSource
+    from edgepack.testing import build_decoder
+
+    llama = build_decoder("llama", tmp_path / "llama")
+    facts = ModelSource.open(llama).facts
+    quantize = Quantize()
+    probe = registry.target("cpu").probe()
+    spec = {"scheme": scheme, "method": "rtn"} if scheme == "int4" else {"scheme": scheme, "bits": "7.5"}
+    options = quantize.parse_options({**spec, "head": "true"})
+    ids = torch.randint(200, 1000, (8, 16), generator=torch.Generator().manual_seed(0))
+    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama)
+    model = quantize.apply(model, options, ApplyContext(registry.target("cpu"), probe, facts, calibration, None))
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    bits = {m.bits for m in model.model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    assert bits == ({4} if scheme == "int4" else {4, 8})
+    with torch.inference_mode():
+        before = model(input_ids=ids[:2]).logits
+    assert quantize.save(model, tmp_path / "bundle", options)
+    restored = quantize.prepare(quantize.restore(tmp_path / "bundle", options, "cpu"), options, "cpu", probe)
+    assert restored.lm_head.bits == 8
+    if fused_kernels_available():
+        assert restored.lm_head.fused_rows > 0
+    with torch.inference_mode():
+        after = restored(input_ids=ids[:2]).logits
+    assert (before - after).abs().max() < 0.02 * before.abs().max()
+    if scheme == "int4":
+        plain = initial_footprint(facts)
+        with_head = quantize.estimate(plain, options, probe).weights_bytes
+        without = quantize.estimate(plain, quantize.parse_options(spec), probe).weights_bytes
+        int8_head = quantize.estimate(plain, quantize.parse_options({"scheme": "int8", "head": "true"}), probe)
+        head = facts.vocab_size * facts.hidden_size
+        assert with_head == pytest.approx(without - head * (4 - quantize.bits_per_weight({"scheme": "int8"}, facts.hidden_size) / 8),
+                                          rel=1e-3)
+        assert with_head < int8_head.weights_bytes
 
 
 @pytest.mark.parametrize("bits", [8, 4])
