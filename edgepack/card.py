@@ -73,11 +73,22 @@ def _chart_line(chart: bool | str) -> str:
     return f"\n({chart}.)\n" if chart else ""
 
 
+def measured_fidelity(measured: dict[str, Any] | None) -> str:
+    """A candidate's measured fidelity as people read it: the value, ``<= bound`` for one whose
+    measuring stopped once it was proven below the floor, or ``-``."""
+    measured = measured or {}
+    if "fidelity" in measured:
+        return str(measured["fidelity"])
+    if "fidelity_at_most" in measured:
+        return f"<= {measured['fidelity_at_most']} ({measured.get('inputs_run', '?')} inputs run)"
+    return "-"
+
+
 def _candidates_section(manifest: dict[str, Any]) -> str:
     rows = "".join(
         f"| {c['spec']} | {format_size(c['estimated_peak_bytes'])} | "
         f"{format_size((c.get('measured') or {}).get('peak_bytes'))} | "
-        f"{(c.get('measured') or {}).get('fidelity', '-')} | "
+        f"{measured_fidelity(c.get('measured'))} | "
         f"{'chosen' if c.get('chosen') else c.get('rejected_because') or ('fits, ranked lower' if c.get('fits') else '-')} |\n"
         for c in manifest["candidates"]
     )

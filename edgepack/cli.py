@@ -662,6 +662,7 @@ def report(bundles: tuple[str, ...], plot: str | None, as_json: bool) -> None:
       edgepack report dist/all-minilm-l6-v2-0.1.0-cpu dist/all-minilm-l6-v2-0.1.0-executorch
       edgepack report dist/*-cpu --plot report.png
     """
+    from edgepack.card import measured_fidelity
     from edgepack.memory import format_peak, format_size
 
     if plot is not None:
@@ -707,7 +708,7 @@ def report(bundles: tuple[str, ...], plot: str | None, as_json: bool) -> None:
         for c in row["measured"]:
             outcome = "chosen" if c["chosen"] else (c["rejected_because"] or "-")
             click.echo(f"    {c['spec'] or '(unnamed)':<44} est. {format_size(c['estimated_peak_bytes']):>9}  measured "
-                       f"{format_size(c['measured'].get('peak_bytes')):>9}  {c['measured'].get('fidelity')}  {outcome}")
+                       f"{format_size(c['measured'].get('peak_bytes')):>9}  {measured_fidelity(c['measured'])}  {outcome}")
     if plot is not None:
         click.echo(f"chart: {plot}")
 

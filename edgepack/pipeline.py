@@ -490,8 +490,8 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     from edgepack.bundle.writer import BundleWriter, disk_full
     from edgepack.environment import trim_heap
     from edgepack.smoke import (
-        EXPECTED_FILE, INPUTS_FILE, PACK_REPEATS, TOLERANCES_FILE, acceptance_limit, close_call, compare, margin_bytes,
-        measure_in_fresh_process, tolerances,
+        EXPECTED_FILE, INPUTS_FILE, PACK_REPEATS, TOLERANCES_FILE, acceptance_limit, best_possible, close_call, compare,
+        margin_bytes, measure_in_fresh_process, tolerances,
     )
 
     # An absent target (a CUDA bundle built on a CPU box) is measured for fidelity on this
@@ -585,8 +585,11 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                 measure.update(ranks=sharding[0], device=rank_device(tgt, probe))
             try:
                 with session.timed("measure", **about):
-                    measured_result = measure_in_fresh_process(staging, **measure)
-                    if probe.present and close_call(negotiated.bytes_per_device, measured_result):
+                    # a candidate whose first outputs prove it below the floor stops there
+                    measured_result = measure_in_fresh_process(
+                        staging, **measure, floor=floor if sharding is None and floor > 0 else None)
+                    if probe.present and measured_result.stopped_after is None \
+                            and close_call(negotiated.bytes_per_device, measured_result):
                         progress(f"  measured peak {format_size(measured_result.peak_bytes)} is close to the budget: "
                                  f"measuring {PACK_REPEATS - 1} more times")
                         measured_result = measured_result.with_more(measure_in_fresh_process(
@@ -595,7 +598,18 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                 candidate.rejected_because = str(exc)
                 continue
             peak = measured_result.peak_bytes if probe.present else None
-            fidelity = compare(expected, measured_result.outputs, facts.task)
+            done = measured_result.stopped_after
+            fidelity = compare({k: v[:done] for k, v in expected.items()}, measured_result.outputs, facts.task)
+            if done is not None:  # proven below the floor on the first inputs: the rest were not run
+                total = next(iter(expected.values())).shape[0]
+                at_most = best_possible(fidelity.value, done, total)
+                candidate.measured = {"peak_bytes": peak, "fidelity_at_most": round(at_most, 6), "inputs_run": done}
+                progress(f"  measured peak {format_size(peak)} (predicted {format_size(candidate.estimate.peak_bytes)}), "
+                         f"{fidelity.metric} {fidelity.value:.5f} on the first {done} of {total} smoke inputs: "
+                         f"at most {at_most:.5f} on all, below the floor {floor}")
+                candidate.rejected_because = (f"{fidelity.metric} at most {at_most:.5f} (the first {done} of {total} "
+                                              f"smoke inputs scored {fidelity.value:.5f}), below the floor {floor}")
+                continue
             candidate.measured = {"peak_bytes": peak, "fidelity": round(fidelity.value, 6),
                                   "worst": round(fidelity.worst, 6)}
             if probe.present and len(measured_result.peaks) > 1:

@@ -5,7 +5,8 @@ so nothing next to the bundle or the caller can shadow a library) that imports t
 and calls :func:`main` with the path of a JSON spec. The child warms the runtime up, loads and
 runs the bundle once more under the target's memory meter, writes the smoke outputs where the
 spec says (a spec without an ``outputs`` path wants the peak alone) and prints one JSON line:
-``{"peak_bytes", "scope", "seconds", "threads"}``.
+``{"peak_bytes", "scope", "seconds", "threads"}``, with ``stopped_after`` (the inputs run) when
+the spec's ``floor`` ended the run early (:class:`edgepack.smoke.FloorWatch`).
 
 Kept apart from :mod:`edgepack.smoke` because it imports :mod:`edgepack.runtime`, which
 imports :mod:`edgepack.smoke` (no import cycle).
@@ -119,7 +120,7 @@ def main(spec_path: str) -> None:
     from edgepack.interfaces import PlanStep
     from edgepack.model import allow_code_of, code_kwargs
     from edgepack.runtime import load_model_dir
-    from edgepack.smoke import INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, run_outputs
+    from edgepack.smoke import EXPECTED_FILE, INPUTS_FILE, LOGITS_GENERATE, TRIMMED_SCOPE, FloorWatch, run_outputs
 
     spec = json.loads(Path(spec_path).read_text())
     threads = fix_threads(spec.get("threads") or 1)
@@ -146,6 +147,9 @@ def main(spec_path: str) -> None:
     del first
     trim_heap()
     batching, trimmed, inputs = smoke_plan(spec, inputs, spec["batch_size"])
+    watch = None  # pack's candidates: stop once the outputs prove the fidelity below the floor
+    if spec.get("floor") is not None and spec.get("outputs"):
+        watch = FloorWatch(load_file(bundle_dir / EXPECTED_FILE), spec["task"], spec["floor"])
     meter = target.memory_meter()
     peaks: list[int] = []
     started = time.perf_counter()
@@ -154,13 +158,17 @@ def main(spec_path: str) -> None:
     touch_weights(model)
     outputs = run_outputs(model, inputs, spec["task"], spec["batch_size"], spec["new_tokens"],
                           device=target.device_type, logits_from=spec.get("logits_from", LOGITS_GENERATE),
-                          batching=batching, after_first=(lambda: peaks.append(meter.peak_bytes())) if trimmed else None)
+                          batching=batching, after_first=(lambda: peaks.append(meter.peak_bytes())) if trimmed else None,
+                          stop=watch)
     peak = peaks[0] if peaks else meter.peak_bytes()
     seconds = time.perf_counter() - started
     if spec.get("outputs"):
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
     scope = f"{meter.scope}{TRIMMED_SCOPE if trimmed else ''}; {threads} intra-op thread{'s' if threads != 1 else ''}"
-    print(json.dumps({"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}))
+    report = {"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}
+    if watch is not None and watch.done < watch.total:
+        report["stopped_after"] = watch.done
+    print(json.dumps(report))
 
 
 def rank_main(spec_path: str) -> None:

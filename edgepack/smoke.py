@@ -197,11 +197,14 @@ def mean_pool(hidden: Any, attention_mask: Any) -> Any:
 def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
                 new_tokens: int = DEFAULT_NEW_TOKENS, device: str = "cpu",
                 logits_from: str = LOGITS_GENERATE, batching: str = BATCHING_PADDED,
-                after_first: Callable[[], Any] | None = None) -> dict[str, Any]:
+                after_first: Callable[[], Any] | None = None,
+                stop: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Run the model over the smoke inputs in batches and return its outputs (fp32, on CPU).
 
     The batches are :func:`smoke_batches`'s, as ``batching`` says; ``after_first`` is called
     once the first batch has run (the measuring process reads its memory meter there).
+    ``stop`` is given each batch's outputs in turn: when it returns True the run ends there,
+    with the outputs of the rows run so far (:class:`FloorWatch`).
 
     For decoders, ``tokens`` always has exactly ``new_tokens`` columns: generation ends a batch
     early once every row has emitted an end-of-sequence token, and a row that ended holds the
@@ -227,6 +230,8 @@ def run_outputs(model: Any, inputs: dict[str, Any], task: str, batch_size: int,
             if after_first is not None:
                 after_first()
                 after_first = None
+            if stop is not None and stop(parts):
+                break
     return {k: torch.cat(v) for k, v in collected.items()}
 
 
@@ -342,21 +347,55 @@ class Fidelity:
         return {"metric": self.metric, "value": round(self.value, 6), "worst": round(self.worst, 6), **self.extra}
 
 
-def compare(expected: dict[str, Any], actual: dict[str, Any], task: str) -> Fidelity:
-    """Fidelity of ``actual`` outputs to ``expected`` (golden) ones."""
+def sample_scores(expected: dict[str, Any], actual: dict[str, Any], task: str) -> Any:
+    """Each input's score, at most 1, whose mean is the fidelity metric: a decoder's share of
+    greedy tokens equal to the golden ones, an encoder's embedding cosine."""
     import torch
 
     if task == "text-generation":
         want, got = _same_width(expected["tokens"], actual["tokens"])
-        agree = (want == got).float().mean(dim=1)
+        return (want == got).float().mean(dim=1)
+    return torch.nn.functional.cosine_similarity(expected["embeddings"], actual["embeddings"], dim=-1)
+
+
+def compare(expected: dict[str, Any], actual: dict[str, Any], task: str) -> Fidelity:
+    """Fidelity of ``actual`` outputs to ``expected`` (golden) ones."""
+    scores = sample_scores(expected, actual, task)
+    if task == "text-generation":
         logit_err = (expected["logits"] - actual["logits"]).abs().max().item()
         top1 = (expected["logits"].argmax(-1) == actual["logits"].argmax(-1)).float().mean().item()
         return Fidelity(
-            "top1_agreement", agree.mean().item(), agree.min().item(),
+            "top1_agreement", scores.mean().item(), scores.min().item(),
             {"next_token_top1": round(top1, 6), "max_logit_error": round(logit_err, 6)},
         )
-    cos = torch.nn.functional.cosine_similarity(expected["embeddings"], actual["embeddings"], dim=-1)
-    return Fidelity("mean_cosine", cos.mean().item(), cos.min().item(), {})
+    return Fidelity("mean_cosine", scores.mean().item(), scores.min().item(), {})
+
+
+def best_possible(mean: float, done: int, total: int) -> float:
+    """The highest fidelity ``total`` inputs can reach when the first ``done`` scored ``mean``:
+    every other input scoring the most there is, 1."""
+    return (mean * done + (total - done)) / total
+
+
+class FloorWatch:
+    """Tells a smoke run to stop once its fidelity is proven below ``floor``: when even a
+    perfect score on every input not yet run would leave the mean under it. Pack's measuring
+    process runs a candidate with it: a plan that misses the floor is rejected without running
+    all its inputs, with the same decision a full run gives (the scores are the same ones,
+    :func:`sample_scores`, computed by the same process)."""
+
+    def __init__(self, expected: dict[str, Any], task: str, floor: float) -> None:
+        self.expected, self.task, self.floor = expected, task, float(floor)
+        self.total = next(iter(expected.values())).shape[0]
+        self.done, self.sum = 0, 0.0
+
+    def __call__(self, parts: dict[str, Any]) -> bool:
+        """Score one batch's outputs (the next rows); True when the run may stop."""
+        rows = next(iter(parts.values())).shape[0]
+        want = {k: v[self.done:self.done + rows] for k, v in self.expected.items()}
+        self.sum += float(sample_scores(want, parts, self.task).sum())
+        self.done += rows
+        return self.done < self.total and best_possible(self.sum / self.done, self.done, self.total) < self.floor
 
 
 def _same_width(expected: Any, actual: Any) -> tuple[Any, Any]:
@@ -452,6 +491,8 @@ class ProbeResult:
     :param peak_bytes: the peak reported (the largest of ``peaks``).
     :param peaks: every measurement, one per fresh process (``repeats``), in the order run.
     :param threads: the intra-op thread count the measuring process ran on.
+    :param stopped_after: the inputs run when the run stopped once its fidelity was proven
+        below the floor (``outputs`` holds theirs); None for a full run.
     """
 
     peak_bytes: int
@@ -461,6 +502,7 @@ class ProbeResult:
     peaks: list[int] = field(default_factory=list)
     threads: int | None = None
     rank_peaks: list[int] | None = None
+    stopped_after: int | None = None
 
     @property
     def spread_bytes(self) -> int:
@@ -474,7 +516,7 @@ class ProbeResult:
         if ranks is not None and more.rank_peaks is not None:
             ranks = [max(a, b) for a, b in zip(ranks, more.rank_peaks)]
         return ProbeResult(max(peaks), self.scope, self.outputs, self.seconds, peaks=peaks, threads=self.threads,
-                           rank_peaks=ranks)
+                           rank_peaks=ranks, stopped_after=self.stopped_after)
 
 
 def probe_threads() -> int:
@@ -645,7 +687,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                              device: str = "cpu", allow_code: bool = False,
                              program: dict[str, Any] | None = None,
                              logits_from: str = LOGITS_GENERATE, batching: str = BATCHING_PADDED,
-                             peak_only: bool = False) -> ProbeResult:
+                             peak_only: bool = False, floor: float | None = None) -> ProbeResult:
     """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
     ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
 
@@ -664,6 +706,9 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
         batch has run, and a process whose outputs are not wanted runs that batch alone.
     :param peak_only: the outputs are not wanted (``ProbeResult.outputs`` is empty): more
         measurements of a close call. Only the first of ``repeats`` gives outputs in any case.
+    :param floor: a fidelity floor: the run stops once its outputs prove the bundle's fidelity
+        to ``smoke/expected.safetensors`` below it (:class:`FloorWatch`;
+        ``ProbeResult.stopped_after``). Not for sharded bundles, which run every input.
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -704,6 +749,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "outputs": None if attempt or peak_only else str(Path(tmp) / f"outputs-{attempt}.safetensors"),
                 "allow_code": bool(allow_code),
                 "program": program,
+                "floor": floor,
             }
             spec_path = Path(tmp) / f"spec-{attempt}.json"
             spec_path.write_text(json.dumps(spec))
@@ -723,7 +769,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 outputs = load_file(spec["outputs"])
     peaks = [int(r["peak_bytes"]) for r in reports]
     return ProbeResult(max(peaks), reports[0]["scope"], outputs, reports[0]["seconds"],
-                       peaks=peaks, threads=reports[0].get("threads", threads))
+                       peaks=peaks, threads=reports[0].get("threads", threads),
+                       stopped_after=reports[0].get("stopped_after"))
 
 
 def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str, batch_size: int, new_tokens: int,

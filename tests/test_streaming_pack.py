@@ -326,3 +326,68 @@ def test_golden_outputs_run_the_bundles_trimmed_batches_with_the_outputs_of_padd
     assert shapes == [(1, 64)] * 16  # every sample padded, as bundles packed before smoke.batching ran
     assert torch.equal(golden["tokens"], one_by_one["tokens"])
     assert torch.allclose(golden["logits"], one_by_one["logits"], rtol=0, atol=1e-4 * one_by_one["logits"].abs().max())
+
+
+@pytest.mark.parametrize("task", ["text-generation", "feature-extraction"])
+def test_a_candidates_run_stops_only_once_the_floor_is_out_of_reach(task):
+    """FloorWatch (pack's measuring process) stops a smoke run after a batch only when even a
+    perfect score on every input not yet run leaves the mean under the floor: a run it stops
+    always misses the floor in full, and one it never stops is the full run, whatever the
+    scores and the batch sizes."""
+    import torch
+
+    from edgepack.smoke import FloorWatch, best_possible, compare
+
+    gen = torch.Generator().manual_seed(0)
+    total, outcomes = 16, set()
+    for _ in range(200):
+        if task == "text-generation":
+            want = torch.randint(0, 5, (total, 8), generator=gen)
+            keep = torch.rand(total, 8, generator=gen) < torch.rand(total, 1, generator=gen) ** 0.3
+            expected = {"tokens": want, "logits": torch.zeros(total, 3)}
+            actual = {"tokens": torch.where(keep, want, -1), "logits": torch.zeros(total, 3)}
+        else:
+            base = torch.randn(total, 6, generator=gen)
+            expected = {"embeddings": base}
+            actual = {"embeddings": base + torch.rand(total, 1, generator=gen) * torch.randn(total, 6, generator=gen)}
+        full = compare(expected, actual, task).value
+        floor = float(torch.rand((), generator=gen)) * 0.5 + 0.5
+        watch, stopped = FloorWatch(expected, task, floor), False
+        while watch.done < total and not stopped:
+            begin = watch.done
+            end = min(total, begin + int(torch.randint(1, 5, (), generator=gen)))
+            stopped = watch({k: v[begin:end] for k, v in actual.items()})
+            head = compare({k: v[:end] for k, v in expected.items()}, {k: v[:end] for k, v in actual.items()}, task)
+            # the decision is the bound on this prefix's own fidelity, computed apart
+            assert watch.done == end and stopped == (end < total and best_possible(head.value, end, total) < floor)
+        if stopped:
+            assert full < floor  # never wrong: the full run misses the floor too
+        outcomes.add(stopped)
+    assert outcomes == {True, False}  # both cases were met
+
+
+def test_a_candidate_below_the_floor_is_rejected_on_its_first_inputs(tmp_path):
+    """pack's measuring process stops a candidate once its first outputs prove it below the
+    floor: the rejection says how far it got and what it could reach at most; the same plan at
+    a floor it can meet runs every input."""
+    from edgepack.errors import VerificationError
+    from edgepack.pipeline import pack
+
+    model = build_decoder("llama", tmp_path / "model", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                          num_attention_heads=4, num_key_value_heads=2)
+    lines: list[str] = []
+    with pytest.raises(VerificationError, match=r"top1_agreement at most 0\.\d+ \(the first \d+ of \d+ smoke inputs"):
+        pack(model, target="cpu", out=tmp_path / "out", apply=["quantize:scheme=int4,method=rtn,group_size=128"],
+             min_fidelity=0.999, seq_len=16, progress=lines.append)
+    assert any("smoke inputs: at most" in line for line in lines), lines
+    result = pack(model, target="cpu", out=tmp_path / "out", apply=["quantize:scheme=int4,method=rtn,group_size=128"],
+                  min_fidelity=0.0, seq_len=16, progress=lambda message: None)
+    assert result.manifest["candidates"][0]["measured"]["fidelity"] < 0.999
+    assert "inputs_run" not in result.manifest["candidates"][0]["measured"]
+    # how the model card and `report` show each kind of record
+    from edgepack.card import measured_fidelity
+
+    assert measured_fidelity({"peak_bytes": 1, "fidelity_at_most": 0.8, "inputs_run": 5}) == "<= 0.8 (5 inputs run)"
+    assert measured_fidelity(result.manifest["candidates"][0]["measured"]) == str(
+        result.manifest["candidates"][0]["measured"]["fidelity"])
+    assert measured_fidelity(None) == "-"
