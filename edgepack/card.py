@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from edgepack.bundle.manifest import CARD_CHART
 from edgepack.interfaces import PlanStep
 from edgepack.memory import format_peak, format_size, step_footprints
+from edgepack.planner import measured_fidelity
 
 #: What counts as the bundle's stored weights in the card: tensors and compiled programs.
 WEIGHT_SUFFIXES = (".safetensors", ".pte")
@@ -73,17 +74,6 @@ def _chart_line(chart: bool | str) -> str:
     return f"\n({chart}.)\n" if chart else ""
 
 
-def measured_fidelity(measured: dict[str, Any] | None) -> str:
-    """A candidate's measured fidelity as people read it: the value, ``<= bound`` for one whose
-    measuring stopped once it was proven below the floor, or ``-``."""
-    measured = measured or {}
-    if "fidelity" in measured:
-        return str(measured["fidelity"])
-    if "fidelity_at_most" in measured:
-        return f"<= {measured['fidelity_at_most']} ({measured.get('inputs_run', '?')} inputs run)"
-    return "-"
-
-
 def _candidates_section(manifest: dict[str, Any]) -> str:
     rows = "".join(
         f"| {c['spec']} | {format_size(c['estimated_peak_bytes'])} | "
@@ -110,7 +100,7 @@ def _modules_sections(manifest: dict[str, Any]) -> str:
                    + (f"; {step['details']['bits']} bits per weight on average" if "bits" in step["details"] else "")
                    + ". The ten most sensitive (output error with that module alone at the lowest format):\n\n"
                    "| module | format | stored | sensitivity |\n|---|---|---|---|\n"
-                   + "".join(f"| {name} | {info['format']} | {format_size(info['bytes'])} | {info.get('sensitivity', '-')} |\n"
+                   + "".join(f"| {name} | {info['format']} | {format_size(info['bytes'])} | {'-' if info.get('sensitivity') is None else info['sensitivity']} |\n"
                              for name, info in ranked[:10]))
     return tables
 

@@ -662,8 +662,8 @@ def report(bundles: tuple[str, ...], plot: str | None, as_json: bool) -> None:
       edgepack report dist/all-minilm-l6-v2-0.1.0-cpu dist/all-minilm-l6-v2-0.1.0-executorch
       edgepack report dist/*-cpu --plot report.png
     """
-    from edgepack.card import measured_fidelity
     from edgepack.memory import format_peak, format_size
+    from edgepack.planner import measured_fidelity
 
     if plot is not None:
         from edgepack.report import require_plotting

@@ -59,6 +59,13 @@ class Point:
     chosen: bool
     measured_peak: int | None = None
     fidelity: float | None = None
+    #: the bound of a candidate whose measuring stopped once it was proven below the floor
+    fidelity_at_most: float | None = None
+
+    @property
+    def measured_fidelity(self) -> float | None:
+        """Where the chart places it: the fidelity measured, or the bound of a stopped run."""
+        return self.fidelity if self.fidelity is not None else self.fidelity_at_most
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Point | None":
@@ -72,7 +79,7 @@ class Point:
         return cls(spec=str(data.get("spec") or "(unnamed)"), estimated_peak=int(peak),
                    quality_cost=_finite(data.get("quality_cost")) or 0.0, fits=bool(data.get("fits")),
                    chosen=bool(data.get("chosen")), measured_peak=None if measured_peak is None else int(measured_peak),
-                   fidelity=_finite(measured.get("fidelity")))
+                   fidelity=_finite(measured.get("fidelity")), fidelity_at_most=_finite(measured.get("fidelity_at_most")))
 
 
 def _finite(value: Any) -> float | None:
@@ -151,9 +158,9 @@ def _draw_plan(ax: Any, chart: Chart, scale: float) -> None:
 def _draw_packed(ax: Any, chart: Chart, scale: float) -> None:
     """Measured peak against measured fidelity for the candidates pack measured (their estimate
     as a hollow marker beside them); the estimate alone, on a band below, for the others."""
-    measured = [p for p in chart.points if p.fidelity is not None]
-    others = [p for p in chart.points if p.fidelity is None]
-    values = [p.fidelity for p in measured] + ([chart.floor] if chart.floor is not None else [])
+    measured = [p for p in chart.points if p.measured_fidelity is not None]
+    others = [p for p in chart.points if p.measured_fidelity is None]
+    values = [p.measured_fidelity for p in measured] + ([chart.floor] if chart.floor is not None else [])
     low, high = min(values, default=0.0), max(values + [1.0])
     pad = max((high - low) * 0.12, 1e-4)
     band = low - 2 * pad  # where the candidates without a fidelity sit
@@ -164,23 +171,25 @@ def _draw_packed(ax: Any, chart: Chart, scale: float) -> None:
 
     for p in measured:
         if p.measured_peak is not None:
-            ax.plot([p.estimated_peak / scale, x_of(p)], [p.fidelity, p.fidelity], color="tab:gray",
+            ax.plot([p.estimated_peak / scale, x_of(p)], [p.measured_fidelity] * 2, color="tab:gray",
                     linewidth=0.8, linestyle=":", zorder=1)
     estimates = [p for p in measured if p.measured_peak is not None]
     if estimates:
-        ax.scatter([p.estimated_peak / scale for p in estimates], [p.fidelity for p in estimates],
+        ax.scatter([p.estimated_peak / scale for p in estimates], [p.measured_fidelity for p in estimates],
                    facecolors="none", edgecolors="tab:gray", s=28, label="estimated peak, before measuring", zorder=2)
     def passes(p: Point) -> bool:
-        return chart.floor is None or p.fidelity >= chart.floor
+        return chart.floor is None or p.measured_fidelity >= chart.floor
 
+    full = [p for p in measured if p.fidelity is not None]
     groups = (
-        ("measured", "tab:blue", "o", [p for p in measured if not p.chosen and passes(p)]),
-        ("measured, below the floor", "tab:orange", "o", [p for p in measured if not p.chosen and not passes(p)]),
-        ("chosen", "tab:red", "*", [p for p in measured if p.chosen]),
+        ("measured", "tab:blue", "o", [p for p in full if not p.chosen and passes(p)]),
+        ("measured, below the floor", "tab:orange", "o", [p for p in full if not p.chosen and not passes(p)]),
+        ("stopped once below the floor: at most", "tab:orange", "v", [p for p in measured if p.fidelity is None]),
+        ("chosen", "tab:red", "*", [p for p in full if p.chosen]),
     )
     for label, color, marker, points in groups:
         if points:
-            ax.scatter([x_of(p) for p in points], [p.fidelity for p in points], c=color, marker=marker,
+            ax.scatter([x_of(p) for p in points], [p.measured_fidelity for p in points], c=color, marker=marker,
                        s=140 if marker == "*" else 32, label=label, gid=CANDIDATE_GID, zorder=3)
     for label, alpha, points in (("not measured, fits by estimate", 0.8, [p for p in others if p.fits]),
                                  ("not measured, over the budget by estimate", 0.35, [p for p in others if not p.fits])):
@@ -192,7 +201,7 @@ def _draw_packed(ax: Any, chart: Chart, scale: float) -> None:
         ticks = [t for t in ax.get_yticks() if low - pad / 2 <= t <= high + pad]
         ax.set_yticks(ticks + [band], labels=[f"{t:g}" for t in ticks] + ["not measured"])
     for p in measured:
-        ax.annotate(p.spec, (x_of(p), p.fidelity), textcoords="offset points", xytext=(6, 4), fontsize=7,
+        ax.annotate(p.spec, (x_of(p), p.measured_fidelity), textcoords="offset points", xytext=(6, 4), fontsize=7,
                     color="tab:red" if p.chosen else "black")
     if chart.floor is not None:
         ax.axhline(chart.floor, color="tab:orange", linestyle="--", linewidth=1, label=f"floor {chart.floor}")

@@ -8,7 +8,7 @@ the plugin that saved the weights.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -138,6 +138,9 @@ class Session:
     model: Any
     tokenizer: Any
     device: str
+    #: the encoder's forward pass compiled (:func:`compiled_forward`), made at the first
+    #: ``embed(compiled=True)`` and kept: a new torch.compile wrapper would compile again
+    compiled_model: Any = field(default=None, repr=False, compare=False)
 
     @property
     def task(self) -> str:
@@ -154,7 +157,9 @@ class Session:
         encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         encoded = {k: v.to(self.device) for k, v in encoded.items()
                    if k in ("input_ids", "attention_mask", "token_type_ids")}
-        model = compiled_forward(self.model) if compiled else self.model
+        if compiled and self.compiled_model is None:
+            self.compiled_model = compiled_forward(self.model)
+        model = self.compiled_model if compiled else self.model
         with torch.inference_mode(), _compiling(compiled):
             hidden = model(**encoded).last_hidden_state
         return mean_pool(hidden, encoded["attention_mask"]).cpu()
@@ -192,15 +197,18 @@ def compile_refusal(manifest: dict[str, Any], name: str) -> str | None:
     return f"--compile compiles a transformers model in this process: {name} cannot, {why}"
 
 
-def compiled_forward(model: Any) -> Any:
+def compiled_forward(model: Any, what: str = "the bundle's model") -> Any:
     """``model`` with its forward pass compiled by ``torch.compile`` (inductor), sharing its
     weights: an encoder's ``run --compile`` and ``bench --compile``. One graph per input shape
     (``dynamic=False``): the first call of a shape compiles (tens of seconds on a CPU, a C++
     compiler needed there), later calls of that shape reuse it. Float operations are fused and
     reordered, so outputs differ from eager ones in the last bits. Nothing of it is stored in a
-    bundle: ``verify`` and the smoke tests run eager."""
+    bundle: ``verify`` and the smoke tests run eager. UsageError, naming ``what``, for a model
+    that is not a torch module (a compiled program)."""
     import torch
 
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--compile compiles a transformers model; {what} is not one (a compiled program already)")
     return torch.compile(model, dynamic=False)
 
 
@@ -388,7 +396,8 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     compiling cost each (the batch latencies stay eager; the prefill is eager too, into a
     static cache, so ``prefill_ms`` differs from an eager run's). An encoder's timed batches
     run compiled with ``compiled`` (:func:`compiled_forward`), the source's too, with
-    ``compile_s`` for each (its first compiled batch less a later one's time).
+    ``compile_s`` for each (its first compiled batch less a later one's time); their
+    ``peak_bytes`` stay those of the eager batch under the meter.
 
     :param source: the source model directory. Without it, the manifest's source path is used
         when it still holds the weights the bundle was packed from (same sha256), unless
@@ -466,7 +475,7 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
         progress("compiling each model's forward pass at the batch's shape (tens of seconds per model)")
         with torch.inference_mode(), _compiling(True):
             for name, model in models.items():
-                runners[name] = compiled_forward(model)
+                runners[name] = compiled_forward(model, "the bundle's model" if name == "bundle" else f"--source {source}")
                 first = _timed(lambda: runners[name](**batch), session.device)
                 compile_s[name] = round(max(0.0, first - _timed(lambda: runners[name](**batch), session.device)), 2)
     times: dict[str, list[float]] = {name: [] for name in models}

@@ -319,15 +319,15 @@ def encoders(args: argparse.Namespace) -> None:
         runners["onnxruntime fp32"] = ort_runner(work / "fp32.onnx")
         runners["onnxruntime int8 (quantize_dynamic)"] = ort_runner(work / "int8.onnx")
 
-    reference = runners["fp32 source"](held)
-    cosine = {name: torch.nn.functional.cosine_similarity(run(held), reference).mean().item()
-              for name, run in runners.items()}
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for name, run in runners.items():  # warm-up (compiled variants compile here)
+    for name, run in runners.items():  # warm-up (compiled variants compile here, at the batch's shape)
         start = time.perf_counter()
         run(batch)
         if name.endswith("compiled"):
             print(f"{name}: compiling (and a first batch) took {time.perf_counter() - start:.1f} s")
+    reference = runners["fp32 source"](held)
+    cosine = {name: torch.nn.functional.cosine_similarity(run(held), reference).mean().item()
+              for name, run in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, run in runners.items():
             start = time.perf_counter()

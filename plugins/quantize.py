@@ -796,6 +796,8 @@ def _targets(model: Any, embeddings: bool, keep: Sequence[str], head: bool = Fal
     skip = set()
     head_weight = None
     output = _output_head(model)
+    if head and output is None:
+        raise UsageError("quantize:head=true quantizes a decoder's output head, but this model has none")
     if output is not None:
         head_weight = getattr(output, "weight", None)
         tied = head_weight is not None and any(
@@ -1320,7 +1322,8 @@ class Quantize(Compressor):
         to_int4, reached = allocate(chosen, [n for n, _ in eligible], sensitivity, target, low)
         if reached > target:
             raise UsageError(f"quantize:scheme=mixed,bits={target}: {reached:.2f} bits per weight is the least this "
-                             f"model reaches (modules whose width is not a multiple of group_size={group} stay int8)")
+                             f"model reaches (modules whose width is not a multiple of group_size={group} stay int8"
+                             + (", and so does the output head with head=true)" if head is not None else ")"))
         bits = {n: 4 if n in to_int4 else 8 for n, _ in chosen}
         _quantize_modules(model, chosen, bits, group, options, context)
         model._edgepack_allocation = {n: {"bits": bits[n], "sensitivity": float(f"{sensitivity[n]:.4g}") if n in sensitivity else None}

@@ -161,9 +161,14 @@ def two_four_mask(weight: Any) -> Any:
 
 def _define_modules() -> None:
     """Define SparseLinear on first use (subclassing nn.Module needs torch)."""
-    global SparseLinear
+    global SparseLinear, torch, nn
     if "SparseLinear" in globals():
         return
+    import torch as real_torch
+
+    # torch is loaded now: the lazy proxies (kept so that registering the plugin imports no
+    # torch) cannot be traced by torch.compile (run/bench --compile)
+    torch, nn = real_torch, real_torch.nn
 
     class SparseLinear(nn.Module):
         """A Linear whose weight stays compressed (bitmask + nonzero values); expanded per call.

@@ -733,9 +733,10 @@ def test_int4_encoder_keeps_the_gemm_path(int4):
     assert linears and all(m.int4_group is None for m in linears)
 
 
-def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_path, registry):
+def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_path, registry, model_dir):
     """quantize:head=true (int8): an untied head is quantized per channel, offered to the
-    planner for decoders with a head of their own, refused for tied heads and int8-dynamic."""
+    planner for decoders with a head of their own, refused for tied heads, models without a
+    head (encoders) and int8-dynamic."""
     import transformers
 
     from edgepack.model import ModelSource
@@ -761,6 +762,8 @@ def test_the_output_head_can_be_quantized_and_decodes_in_the_fused_kernel(tmp_pa
     tied = transformers.AutoModelForCausalLM.from_pretrained(gpt2)
     with pytest.raises(UsageError, match="tie_word_embeddings"):
         quantize.apply(tied, options, None)
+    with pytest.raises(UsageError, match="output head, but this model has none"):
+        quantize.apply(transformers.AutoModel.from_pretrained(model_dir), options, None)
 
 
 @pytest.mark.parametrize("scheme", ["int4", "mixed"])

@@ -71,6 +71,23 @@ def test_bundle_chart_has_one_marker_per_candidate(recorded):
     assert any(tuple(l.get_ydata()) == (0.99, 0.99) for l in lines)  # the floor
 
 
+def test_a_candidate_stopped_below_the_floor_is_drawn_and_printed_at_its_bound(tmp_path):
+    """A candidate whose measuring stopped once it was proven below the floor (``fidelity_at_most``):
+    charted at its measured peak and its bound, marked apart from the fully measured ones;
+    ``report`` prints the bound."""
+    stopped = {"spec": "quantize:scheme=int4,head=True", "estimated_peak_bytes": 380, "quality_cost": 0.04,
+               "fits": True, "measured": {"peak_bytes": 390, "fidelity_at_most": 0.97, "inputs_run": 5},
+               "rejected_because": "mean_cosine at most 0.97000 (...), below the floor 0.99"}
+    bundle = make_bundle(tmp_path / "dist" / NAME, mutate=lambda m: m.update(candidates=[stopped] + CANDIDATES))
+    (ax,) = figure([Chart.from_manifest(json.loads((bundle / "manifest.json").read_text()))]).axes
+    marked = [c for c in ax.collections if c.get_gid() == CANDIDATE_GID and c.get_label().startswith("stopped")]
+    assert len(marked) == 1 and [tuple(xy) for xy in marked[0].get_offsets()] == [(390, 0.97)]
+    assert len(_candidate_points(ax)) == len(CANDIDATES) + 1
+    text = _runner().invoke(cli, ["report", str(bundle)])
+    assert text.exit_code == 0, text.output
+    assert "<= 0.97 (5 inputs run)" in text.stdout and "3 measured" in text.stdout
+
+
 def test_plan_chart_places_estimates_and_marks_the_first_plan():
     candidates = [dict(c, chosen=(c["spec"] == "quantize:scheme=int8")) for c in CANDIDATES]
     (ax,) = figure([Chart.from_plan([{k: v for k, v in c.items() if k != "measured"} for c in candidates],
