@@ -157,7 +157,8 @@ def _draw_plan(ax: Any, chart: Chart, scale: float) -> None:
 
 def _draw_packed(ax: Any, chart: Chart, scale: float) -> None:
     """Measured peak against measured fidelity for the candidates pack measured (their estimate
-    as a hollow marker beside them); the estimate alone, on a band below, for the others."""
+    as a hollow marker beside them; one whose measuring stopped once it was proven below the
+    floor at its bound, a downward triangle); the estimate alone, on a band below, for the others."""
     measured = [p for p in chart.points if p.measured_fidelity is not None]
     others = [p for p in chart.points if p.measured_fidelity is None]
     values = [p.measured_fidelity for p in measured] + ([chart.floor] if chart.floor is not None else [])

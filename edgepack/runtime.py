@@ -157,7 +157,7 @@ class Session:
         encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         encoded = {k: v.to(self.device) for k, v in encoded.items()
                    if k in ("input_ids", "attention_mask", "token_type_ids")}
-        if compiled and self.compiled_model is None:
+        if compiled and getattr(self.compiled_model, "_orig_mod", None) is not self.model:
             self.compiled_model = compiled_forward(self.model)
         model = self.compiled_model if compiled else self.model
         with torch.inference_mode(), _compiling(compiled):
@@ -223,7 +223,7 @@ def compiled_decoding(model: Any, what: str = "the bundle's model") -> dict[str,
     UsageError, naming ``what``, for a model that cannot decode so."""
     if not getattr(model, "can_generate", lambda: False)():  # (an ExecuTorch program has no such method)
         raise UsageError(f"--compile compiles a transformers decoder's decoding steps; {what} is not one "
-                         "(an encoder, or a compiled program already)")
+                         "(a compiled program already)")
     import transformers
 
     config = transformers.CompileConfig()
@@ -472,10 +472,11 @@ def benchmark(bundle: str | Path, *, repeats: int = 10, source: str | Path | Non
     models = {"bundle": session.model} | ({"source": reference} if reference is not None else {})
     runners, compile_s = dict(models), {}
     if compiled and not decode:  # an encoder's batches, compiled (a decoder's decoding is, below)
+        runners = {name: compiled_forward(model, "the bundle's model" if name == "bundle" else f"--source {source}")
+                   for name, model in models.items()}  # (each refused, if it is, before anything compiles)
         progress("compiling each model's forward pass at the batch's shape (tens of seconds per model)")
         with torch.inference_mode(), _compiling(True):
-            for name, model in models.items():
-                runners[name] = compiled_forward(model, "the bundle's model" if name == "bundle" else f"--source {source}")
+            for name in models:
                 first = _timed(lambda: runners[name](**batch), session.device)
                 compile_s[name] = round(max(0.0, first - _timed(lambda: runners[name](**batch), session.device)), 2)
     times: dict[str, list[float]] = {name: [] for name in models}

@@ -792,7 +792,7 @@ def _targets(model: Any, embeddings: bool, keep: Sequence[str], head: bool = Fal
     ``head``, the output head (the layer whose quantization hurts greedy decoding most; with
     ``head`` it is quantized to int8 per channel, whatever the scheme, and decoding runs it in
     the fused int8 kernel). UsageError when ``head`` is asked of a head tied to the input
-    embedding."""
+    embedding, or of a model without an output head (an encoder)."""
     skip = set()
     head_weight = None
     output = _output_head(model)

@@ -244,7 +244,10 @@ def test_run_and_bench_compile_an_encoders_forward_pass(packed, monkeypatch):
     from torch._dynamo.testing import CompileCounter
 
     from edgepack import runtime
+    from edgepack.errors import UsageError
 
+    with pytest.raises(UsageError, match=r"^--compile compiles a transformers model; --source x is not one"):
+        runtime.compiled_forward(object(), "--source x")  # a compiled program: refused before compiling
     counter = CompileCounter()
     monkeypatch.setattr(runtime, "compiled_forward", lambda model, what="": torch.compile(model, dynamic=False, backend=counter))
     outputs = {}
