@@ -5,7 +5,7 @@ progress lines are wanted."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 _STARTED = time.monotonic()
 
@@ -89,3 +89,49 @@ def release_large_blocks(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+#: madvise's advice to drop a range's pages from this process (Linux, sys/mman.h)
+_MADV_DONTNEED = 4
+
+
+def drop_file_pages(tensor: Any) -> bool:
+    """Take the pages wholly inside a no-longer-used CPU tensor's bytes out of this process's
+    resident memory, when that tensor lies in a memory-mapped file (a safetensors weight, which
+    edgepack loads mapped): ``madvise(MADV_DONTNEED)``. The pages stay in the page cache (a later
+    read of them would fault them in again from the file), but a weight replaced by a copy in
+    another layout (int4 repacked for the CPU kernel) then stops counting twice. Pages shared
+    with the tensors beside it are kept. Returns whether anything was dropped: nothing for an
+    anonymous allocation (it is freed when its last reference goes), off Linux or glibc."""
+    import ctypes
+    import mmap
+    import sys
+
+    if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first or not _in_file_mapping(start, end):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
+
+
+def _in_file_mapping(start: int, end: int) -> bool:
+    """Whether ``[start, end)`` lies in one private mapping of a regular file (/proc/self/maps)."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= start and end <= high:
+            path = fields[5] if len(fields) == 6 else ""
+            return fields[1][3] == "p" and path.startswith("/") and not path.endswith("(deleted)")
+    return False

@@ -705,9 +705,16 @@ def _define_modules() -> None:
             group = self.in_features // self.scale.shape[-1]
             if group not in INT4_KERNEL_GROUPS or self.out_features % 16 or self.in_features % 2:
                 return False
-            packed, scale_zero = pack_int4_for_cpu(self.qdata, self.scale, self.offset)
+            from edgepack.environment import drop_file_pages
+
+            stored = (self.qdata, self.scale, self.offset)
+            packed, scale_zero = pack_int4_for_cpu(*stored)
             self.qdata, self.scale, self.offset = packed, scale_zero, None
             self.int4_group = group
+            # the stored codes and scales, memory-mapped from the bundle, are read once here and
+            # not again: else they would stay resident beside their repacked copy (twice the weights)
+            for tensor in stored:
+                drop_file_pages(tensor)
             return True
 
         def _forward_int4(self, x: Any) -> Any:

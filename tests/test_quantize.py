@@ -725,6 +725,36 @@ def test_int4_decoder_bundle_decodes_in_the_fused_kernel_and_loads_without_it(tm
     assert (a - b).abs().max() < 0.02 * b.abs().max()
 
 
+def test_a_repacked_weight_leaves_resident_memory_once_copied(tmp_path):
+    """int4 Linears repacked for the fused kernel at load drop the memory-mapped stored codes
+    from the process's resident memory (``drop_file_pages``), so the weights do not count twice:
+    a mapped tensor's own pages leave (a later read faults them in again from the file, the same
+    bytes), its neighbours' stay, and an anonymous tensor is left alone."""
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from edgepack.environment import drop_file_pages
+
+    if sys.platform != "linux":
+        pytest.skip("madvise and /proc/self: Linux")
+
+    def rss_file_kb() -> int:
+        return int(next(l for l in open("/proc/self/status") if l.startswith("RssFile")).split()[1])
+
+    data = torch.randint(0, 255, (16 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    save_file({"codes": data, "beside": torch.ones(10)}, tmp_path / "w.safetensors")
+    loaded = load_file(tmp_path / "w.safetensors")
+    before = rss_file_kb()
+    assert int(loaded["codes"].sum()) == int(data.sum())  # read: mapped in
+    read = rss_file_kb()
+    assert read - before > 12 * 1024
+    assert drop_file_pages(loaded["codes"])
+    assert rss_file_kb() < read - 12 * 1024
+    assert torch.equal(loaded["codes"], data) and int(loaded["beside"].sum()) == 10
+    assert not drop_file_pages(data.clone())
+
+
 def test_int4_encoder_keeps_the_gemm_path(int4):
     """Encoders run large batches, where dequantize-then-GEMM beats the fused int4 kernel
     (``python examples/benchmark_speed.py --kernels``): their int4 Linears are not repacked."""
