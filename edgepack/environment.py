@@ -91,47 +91,36 @@ def release_large_blocks(threshold: int = 1 << 20) -> bool:
         return False
 
 
-#: madvise's advice to drop a range's pages from this process (Linux, sys/mman.h)
-_MADV_DONTNEED = 4
+#: madvise's advice to reclaim a range's pages now (Linux 5.4+, sys/mman.h): clean file pages
+#: leave the process (read again from the file if touched), written ones are paged out, never lost
+_MADV_PAGEOUT = 21
 
 
 def drop_file_pages(tensor: Any) -> bool:
     """Take the pages wholly inside a no-longer-used CPU tensor's bytes out of this process's
-    resident memory, when that tensor lies in a memory-mapped file (a safetensors weight, which
-    edgepack loads mapped): ``madvise(MADV_DONTNEED)``. The pages stay in the page cache (a later
-    read of them would fault them in again from the file), but a weight replaced by a copy in
-    another layout (int4 repacked for the CPU kernel) then stops counting twice. Pages shared
-    with the tensors beside it are kept. Returns whether anything was dropped: nothing for an
-    anonymous allocation (it is freed when its last reference goes), off Linux or glibc."""
+    resident memory (``madvise(MADV_PAGEOUT)``): for a tensor in a memory-mapped file (a
+    safetensors weight, which edgepack loads mapped), its pages leave the process at once and
+    a later read would fault them in again from the file, so a weight replaced by a copy in
+    another layout (int4 repacked for the CPU kernel) stops counting twice. Nothing is lost
+    whatever the memory is (pages written since they were mapped, or anonymous ones, are paged
+    out to swap, or stay where there is none). Pages shared with the tensors beside it are kept.
+    Returns whether the kernel took the advice: False off Linux, on kernels before 5.4, for a
+    tensor not on the CPU, not contiguous or within one page."""
     import ctypes
     import mmap
     import sys
 
-    if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.numel() == 0:
+    if tensor is None or sys.platform != "linux" or tensor.device.type != "cpu" or tensor.numel() == 0 \
+            or not tensor.is_contiguous():
         return False
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last <= first or not _in_file_mapping(start, end):
+    if last <= first:
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
-
-
-def _in_file_mapping(start: int, end: int) -> bool:
-    """Whether ``[start, end)`` lies in one private mapping of a regular file (/proc/self/maps)."""
-    try:
-        lines = open("/proc/self/maps").read().splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        low, high = (int(x, 16) for x in fields[0].split("-"))
-        if low <= start and end <= high:
-            path = fields[5] if len(fields) == 6 else ""
-            return fields[1][3] == "p" and path.startswith("/") and not path.endswith("(deleted)")
-    return False
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT) == 0
