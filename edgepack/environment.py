@@ -4,6 +4,7 @@ progress lines are wanted."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
@@ -56,17 +57,29 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    """glibc (its ``madvise`` typed for pointers and sizes), loaded once; None off glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def trim_heap() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc's ``malloc_trim``), so
     that memory freed before a measurement is not silently reused inside it, and a long pack
     does not keep the high-water mark of every candidate. Does nothing off glibc."""
-    import ctypes
     import gc
 
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+        _libc().malloc_trim(0)
+    except AttributeError:
         pass  # not glibc: a measurement can only over-count
 
 
@@ -82,12 +95,10 @@ def release_large_blocks(threshold: int = 1 << 20) -> bool:
     model's size (measured: 1.2 GB of freed heap after int8 of a 0.4 B decoder). Packing sets
     this; a bundle's measured runtime does not (it is measured as users run it). Returns False
     off glibc."""
-    import ctypes
-
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        libc = _libc()
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
 
 
@@ -116,11 +127,7 @@ def drop_file_pages(tensor: Any) -> bool:
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last <= first:
+    libc = _libc()
+    if last <= first or libc is None:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT) == 0
