@@ -499,6 +499,7 @@ class ApplyContext:
 
     :param calibration: a list of model input dicts (tensors) for importance or statistics.
     :param progress: ``progress(message)`` prints one line for the user.
+    :param later: the plan's steps after this one, in order.
     """
 
     target: Target
@@ -506,6 +507,7 @@ class ApplyContext:
     facts: ModelFacts
     calibration: list[dict[str, Any]]
     progress: Callable[[str], None] = lambda message: None
+    later: tuple[PlanStep, ...] = ()
 
 
 class Compressor(abc.ABC):
@@ -584,6 +586,14 @@ class Compressor(abc.ABC):
         copies of the largest weight (one weight's temporaries at a time)."""
         largest = max((o * i for o, i in facts.linear_shapes), default=facts.hidden_size * facts.vocab_size)
         return 3 * 4 * max(largest, facts.hidden_size * facts.vocab_size)
+
+    def pack_held_bytes(self, footprint: Footprint, options: Mapping[str, Any], later: Sequence[PlanStep]) -> int:
+        """Of the model :meth:`apply` returns (``footprint``, from :meth:`estimate`), the bytes the
+        pack process holds as its own memory while the ``later`` steps run; the planner counts
+        them in the cost of packing a plan. The default: all its weights. A step that leaves
+        weights in the memory-mapped source for the next step to convert one at a time (the
+        precision plugin before quantize) holds less."""
+        return footprint.weights_bytes
 
     def details(self, model_dir: Path, options: Mapping[str, Any]) -> dict[str, Any] | None:
         """What :meth:`apply` decided beyond the options, read back from the saved ``model_dir``

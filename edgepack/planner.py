@@ -426,9 +426,11 @@ def pack_cost(candidate: Candidate, facts: ModelFacts, workload: Workload, probe
     ranks = int(split[0].get("ranks") or max(1, len(probe.devices))) if split else 1
     footprints = step_footprints(facts, steps, probe)  # the source's, then each step's
     weights_after = [f.weights_bytes for f in footprints]
+    plan = [PlanStep(c.name, c.version, o) for c, o in steps]
     held = 0  # the first step is given the memory-mapped source: nothing of the pack's own
     apply = 0
-    for (compressor, options), after in zip(steps, weights_after[1:]):
+    for index, ((compressor, options), footprint) in enumerate(zip(steps, footprints[1:])):
+        after = compressor.pack_held_bytes(footprint, options, plan[index + 1:])
         apply = max(apply, held + after + compressor.pack_scratch_bytes(facts, options))
         held = after
     # safetensors serialises a file in memory: one shard with stock saving; a plugin that saves

@@ -3,6 +3,10 @@
 Modules the model class declares must stay in fp32 (transformers' ``_keep_in_fp32_modules``,
 for example T5's ``wo`` projections, which overflow in fp16) are left in fp32, and stock
 ``from_pretrained`` honours the same list when it loads the bundle.
+
+Before ``quantize`` (other than ``scheme=mixed``) the Linear weights are not cast here: they stay
+the memory-mapped source's, marked, and quantize casts each just before it quantizes it
+(:func:`cast_deferred`), so packing never holds the whole model in 16 bits.
 """
 
 from __future__ import annotations
@@ -58,18 +62,51 @@ class Precision(Compressor):
         overflow in other models, so it ranks a little behind bf16."""
         return 0.0002 if options["dtype"] == "bf16" else 0.0003
 
+    def pack_held_bytes(self, footprint: Footprint, options: Mapping[str, Any], later: Sequence[PlanStep]) -> int:
+        """Before ``quantize`` the Linear weights stay the memory-mapped source's until quantize
+        casts each (see :meth:`apply`): the pack holds the rest only."""
+        if _defers(later):
+            return sum(g.bytes for g in footprint.weights if g.kind != "linear")
+        return footprint.weights_bytes
+
     def apply(self, model: Any, options: Mapping[str, Any], context: ApplyContext) -> Any:
-        """Cast the model, keeping ``_keep_in_fp32_modules`` in fp32."""
+        """Cast the model, keeping ``_keep_in_fp32_modules`` in fp32. When the next step is
+        ``quantize``, the weights of Linear layers are only marked (:func:`cast_deferred`):
+        quantize casts each just before it quantizes it and the rest when it is done, so the
+        model never exists whole in 16 bits beside its source; the result is the same."""
         import torch
+
+        from edgepack.model import module_kind
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[options["dtype"]]
         keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-        model.to(dtype)
-        if keep:
-            for name, module in model.named_modules():
-                if any(part in keep for part in name.split(".")):
-                    module.to(torch.float32)
+        deferring = _defers(getattr(context, "later", ()))
+        for name, module in model.named_modules():
+            kept = bool(keep) and any(part in keep for part in name.split("."))
+            lazy = module.weight if deferring and not kept and module_kind(module) == "linear" else None
+            to = torch.float32 if kept else dtype
+            module._apply(lambda t: t if t is lazy or not t.is_floating_point() else t.to(to), recurse=False)
+            if lazy is not None:
+                module._edgepack_cast_to = dtype
         return model
+
+
+def _defers(later: Sequence[PlanStep]) -> bool:
+    """Whether precision leaves the Linear weights to the next step: ``quantize`` casts them,
+    except ``scheme=mixed``, which first runs the whole model to measure each module's
+    sensitivity (every weight cast at once)."""
+    return bool(later) and later[0].plugin == "quantize" and later[0].options.get("scheme") != "mixed"
+
+
+def cast_deferred(root: Any, skip: Sequence[Any] = ()) -> None:
+    """Cast the weights precision left to this step (see :meth:`Precision.apply`) of every
+    module inside ``root`` but those inside ``skip``. A step that runs after precision calls it
+    for each module before it reads its weight or runs it, and for the whole model when done."""
+    skipped = {id(m) for s in skip for m in s.modules()}
+    for module in root.modules():
+        dtype = None if id(module) in skipped else module.__dict__.pop("_edgepack_cast_to", None)
+        if dtype is not None:
+            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
 @edgepack.hookimpl

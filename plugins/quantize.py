@@ -62,7 +62,7 @@ import dataclasses
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import edgepack
 from edgepack.errors import UsageError
@@ -100,6 +100,7 @@ INT4_FORMAT = "edgepack.int4/1"
 
 from edgepack.lazy import LazyModule
 from edgepack.model import float_dtype_name, replace_module, unique_tensors
+from edgepack.plugins.precision import cast_deferred
 
 # Imported on first use: registering the plugin must not import torch (fast --help).
 torch = LazyModule("torch")
@@ -420,6 +421,7 @@ def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: 
                     captured.append((args, kwargs, None))
                     raise _Stop
 
+                cast_deferred(model, skip=layers)  # what runs before the first layer
                 handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
                 try:
                     for batch in calibration:
@@ -432,6 +434,7 @@ def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: 
                     handle.remove()
                 start = time.perf_counter()
                 for index, (layer, group) in enumerate(zip(layers, groups)):
+                    cast_deferred(layer)
                     # statistics, and the inputs of the next layer (before this one is quantized)
                     with _InputStatistics(group) as statistics:
                         for i, (args, kwargs, mask) in enumerate(captured):
@@ -448,6 +451,7 @@ def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: 
                         progress(f"  GPTQ: layer {index + 1} of {len(layers)} ({done:.0f} s, about {left:.0f} s left)")
                 del captured
             if rest:
+                cast_deferred(model)  # the whole model runs
                 yield input_hessians(model, rest, calibration)
     finally:
         if config is not None and use_cache is not None:
@@ -830,6 +834,7 @@ def _quantize_module(model: Any, name: str, module: Any, bits: int, group: int, 
                      gptq: bool = True, awq: bool = False) -> None:
     """Replace ``module`` by its int4 or int8 form. With the layer's Hessian, an int4 Linear is
     GPTQ-rounded (``gptq``) and, with ``awq``, its columns scaled by :func:`awq_scales` first."""
+    cast_deferred(module)
     weight = module.weight
     offset = input_scale = None
     if bits == 4:
@@ -880,6 +885,42 @@ def _quantize_modules(model: Any, chosen: list[tuple[str, Any]], bits: Mapping[s
     for name, module in chosen:
         if name not in done:
             _quantize_module(model, name, module, bits[name], group)
+
+
+def _flatten_without_copies(quantizer: Any) -> None:
+    """Make ``save_pretrained`` of a torchao-quantized model write the quantized tensors' own
+    data. Stock saving flattens them with torchao's ``flatten_tensor_state_dict``, which
+    clones every one: for a moment the whole quantized model twice (0.8 GB more of a 0.9 B
+    decoder's int8). Here each tensor is flattened alone and its parts are the tensor's own
+    (a clone stays where a part is not found by name, or shares memory with one before it,
+    which safetensors refuses); the file is the same."""
+    try:
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    except ImportError:  # an older torchao: stock saving as it is
+        return
+
+    def get_state_dict_and_metadata(model: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        data: dict[str, Any] = {}
+        metadata: dict[str, str] = {}
+        names: list[str] = []
+        seen: set[int] = set()
+        for name, tensor in model.state_dict().items():
+            flat, meta = flatten_tensor_state_dict({name: tensor})
+            names += json.loads(meta.pop("tensor_names"))
+            metadata.update(meta)
+            prefix = "{}._{}_".format(*name.rsplit(".", 1)) if "." in name else None
+            for key, value in flat.items():
+                own = getattr(tensor, key[len(prefix):], None) if prefix and key.startswith(prefix) else None
+                if isinstance(own, torch.Tensor) and own.dtype == value.dtype and own.shape == value.shape \
+                        and own.is_contiguous() and own.data_ptr() not in seen:
+                    value = own.detach()
+                if isinstance(value, torch.Tensor) and value.numel():
+                    seen.add(value.data_ptr())
+                data[key] = value
+        metadata["tensor_names"] = json.dumps(names)
+        return data, metadata
+
+    quantizer.get_state_dict_and_metadata = get_state_dict_and_metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1238,14 +1279,21 @@ class Quantize(Compressor):
         chosen = _targets(model, _embeddings(options), keep, head=_head(options))
         if not chosen:
             raise UsageError("quantize found no Linear or Embedding modules to quantize (check keep=)")
+        # a precision step just before left the Linear weights to cast (cast_deferred): each is
+        # cast as it is quantized, or before it runs, and the rest at the end
         probe = getattr(context, "probe", None)
         if probe is not None and "executorch" in probe.capabilities:  # a program: what its backend runs
-            return self._apply_program(model, chosen, options)
-        if options["scheme"] == "int4":
-            return self._apply_int4(model, chosen, options, context)
-        if options["scheme"] == "mixed":
-            return self._apply_mixed(model, chosen, options, context)
-        return self._apply_torchao(model, chosen, options)
+            cast_deferred(model)
+            model = self._apply_program(model, chosen, options)
+        elif options["scheme"] == "int4":
+            model = self._apply_int4(model, chosen, options, context)
+        elif options["scheme"] == "mixed":
+            cast_deferred(model)  # its sensitivities run the whole model
+            model = self._apply_mixed(model, chosen, options, context)
+        else:
+            model = self._apply_torchao(model, chosen, options)
+        cast_deferred(model)  # the modules left unquantized (kept, or the output head)
+        return model
 
     def _apply_torchao(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any]) -> Any:
         from torchao.quantization import (
@@ -1255,16 +1303,26 @@ class Quantize(Compressor):
         from transformers.quantizers.auto import AutoHfQuantizer
 
         ids = {id(m) for _, m in chosen}
+
+        def chosen_as(kind: type) -> Callable[[Any, str], bool]:
+            def chosen(module: Any, fqn: str) -> bool:  # torchao quantizes the module right after
+                if id(module) in ids and isinstance(module, kind):
+                    cast_deferred(module)
+                    return True
+                return False
+            return chosen
+
         # set_inductor_config=False: quantizing must not change torch.compile's global settings
         weight_only = Int8WeightOnlyConfig(set_inductor_config=False)
         linear_cfg = (Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
                       if options["scheme"] == "int8-dynamic" else weight_only)
-        quantize_(model, linear_cfg, filter_fn=lambda m, fqn: id(m) in ids and isinstance(m, nn.Linear))
-        quantize_(model, weight_only, filter_fn=lambda m, fqn: id(m) in ids and isinstance(m, nn.Embedding))
+        quantize_(model, linear_cfg, filter_fn=chosen_as(nn.Linear))
+        quantize_(model, weight_only, filter_fn=chosen_as(nn.Embedding))
         # Stock save_pretrained serialises torchao tensors only with a quantizer attached.
         qconfig = TorchAoConfig(linear_cfg, include_input_output_embeddings=_embeddings(options) or _head(options))
         model.config.quantization_config = qconfig
         model.hf_quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
+        _flatten_without_copies(model.hf_quantizer)
         return model
 
     def _apply_program(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any]) -> Any:

@@ -3,6 +3,7 @@ this module), the quantization arithmetic on random tensors, and the plans it re
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import unittest.mock
 
@@ -923,3 +924,85 @@ def test_the_estimate_counts_a_slice_of_a_large_weight_on_cpu_only():
 
     later = dataclasses.replace(on_cpu, weight_scratch=per_element + 4)
     assert activation_bytes(facts, workload, later) == activation_bytes(facts, workload, dataclasses.replace(later, scratch_chunks=None))
+
+
+@pytest.mark.parametrize("kind,spec", [
+    ("llama", {"scheme": "int8"}),
+    ("llama", {"scheme": "int8-dynamic"}),
+    ("llama", {"scheme": "int4", "head": "true"}),  # GPTQ layer by layer, the head int8
+    ("llama", {"scheme": "int4", "method": "rtn"}),  # one Linear at a time
+    ("gpt2", {"scheme": "int8"}),  # Conv1D layers, which quantize leaves: cast at its end
+])
+def test_precision_before_quantize_leaves_it_the_linear_weights_to_cast_with_the_same_result(kind, spec, tmp_path,
+                                                                                             registry):
+    """precision followed by quantize casts everything but the Linear weights, which stay the
+    memory-mapped source's until quantize casts each (so the model never exists whole in
+    bf16 beside its source); the quantized model is the one precision-then-quantize makes."""
+    from edgepack.interfaces import ApplyContext
+    from edgepack.model import ModelSource
+    from edgepack.plugins.precision import Precision
+    from edgepack.testing import build_decoder
+
+    path = build_decoder(kind, tmp_path / kind)
+    source = ModelSource.open(path)
+    probe = registry.target("cpu").probe()
+    precision, quantize = Precision(), Quantize()
+    cast, options = precision.parse_options({"dtype": "bf16"}), quantize.parse_options(spec)
+    ids = torch.randint(200, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    context = ApplyContext(registry.target("cpu"), probe, source.facts,
+                           [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    later = dataclasses.replace(context, later=(PlanStep("quantize", quantize.version, options),))
+
+    results = []
+    for precision_context in (context, later):
+        model = precision.apply(source.load(), cast, precision_context)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+        if precision_context is later:  # the Linear weights are the source's still, marked; everything else is cast
+            assert all(m.weight.dtype == torch.float32 and "_edgepack_cast_to" in m.__dict__
+                       for m in linears if m.weight is not model.get_input_embeddings().weight)
+            assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+        else:
+            assert {m.weight.dtype for m in linears} == {torch.bfloat16}
+        model = quantize.apply(model, options, context)
+        assert not any("_edgepack_cast_to" in m.__dict__ for m in model.modules())
+        results.append(model.state_dict())
+    eager, deferred = results
+    assert eager.keys() == deferred.keys()
+    for key in eager:
+        a, b = eager[key], deferred[key]
+        a, b = (t.dequantize() if hasattr(t, "dequantize") and type(t) is not torch.Tensor else t for t in (a, b))
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_saves_its_quantized_tensors_without_copying_them_and_the_same_file(tied, tmp_path, registry):
+    """Stock saving of torchao tensors clones every one (the whole quantized model twice for a
+    moment); quantize's flattening hands safetensors the tensors' own data instead, and the
+    files are the same bytes as stock saving's, with a tied head too."""
+    import hashlib
+
+    from edgepack.interfaces import ApplyContext
+    from edgepack.model import ModelSource, normalize_safetensors
+    from edgepack.testing import build_decoder
+
+    source = ModelSource.open(build_decoder("llama", tmp_path / "llama", tie_word_embeddings=tied))
+    quantize = Quantize()
+    options = quantize.parse_options({"scheme": "int8", "embeddings": "true"})
+    model = quantize.apply(source.load(), options, ApplyContext(registry.target("cpu"), registry.target("cpu").probe(),
+                                                                source.facts, []))
+    data, _ = model.hf_quantizer.get_state_dict_and_metadata(model)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert data["model.layers.0.self_attn.q_proj._weight_qdata"].data_ptr() == weight.qdata.data_ptr()
+    assert data["model.layers.0.self_attn.q_proj._weight_scale"].data_ptr() == weight.scale.data_ptr()
+    if tied:  # an embedding tied to the head stays as it is (see _targets): one plain tensor, saved once
+        assert "model.embed_tokens.weight" in data and "model.embed_tokens._weight_qdata" not in data
+
+    files = {}
+    for how in ("edgepack", "stock"):
+        if how == "stock":
+            del model.hf_quantizer.get_state_dict_and_metadata  # torchao's flattening, which clones
+        model.save_pretrained(tmp_path / how, safe_serialization=True)
+        for path in (tmp_path / how).glob("*.safetensors"):
+            normalize_safetensors(path)
+        files[how] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / how).iterdir()}
+    assert files["edgepack"] == files["stock"]
