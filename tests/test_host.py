@@ -38,6 +38,26 @@ def _plugin(**hooks):
     return P()
 
 
+def test_a_distributions_metadata_is_read_once_however_many_plugins_it_offers(monkeypatch):
+    """Each read of a distribution's metadata parses its whole METADATA file (edgepack's holds
+    the README): once per distribution, not per entry point and field, as every command pays it."""
+    import importlib.metadata
+
+    reads: list[str] = []
+    read_text = importlib.metadata.PathDistribution.read_text
+
+    def counting(self, filename):
+        text = read_text(self, filename)
+        if filename in ("METADATA", "PKG-INFO") and text is not None:
+            reads.append(str(self._path))
+        return text
+
+    monkeypatch.setattr(importlib.metadata.PathDistribution, "read_text", counting)
+    pm = make_plugin_manager()
+    ours = [name for name, (dist, _) in pm.installed_by.items() if dist == "edgepack"]
+    assert len(ours) >= 5  # the built-in plugins and targets, from one distribution
+    assert reads and max(reads.count(path) for path in reads) == 1, reads
+
 # ---------------------------------------------------------------------------------------------
 # registration through a fresh plugin manager
 
