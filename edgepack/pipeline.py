@@ -530,10 +530,10 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             try:
                 with session.timed("apply", **about):
                     plan = candidate.plan
-                    for index, (compressor, options) in enumerate(candidate.steps):
+                    for position, (compressor, options) in enumerate(candidate.steps):
                         stage = f"plugin {compressor.name!r} ({registry.compressors[compressor.name].distribution})"
                         progress(f"  {compressor.name}: {', '.join(f'{k}={format_option_value(v)}' for k, v in options.items()) or 'defaults'}")
-                        model = compressor.apply(model, options, dataclasses.replace(context, later=tuple(plan[index + 1:])))
+                        model = compressor.apply(model, options, dataclasses.replace(context, later=tuple(plan[position + 1:])))
                 stage = "saving"
                 program = None
                 with session.timed("save", **about):

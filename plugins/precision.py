@@ -5,8 +5,9 @@ for example T5's ``wo`` projections, which overflow in fp16) are left in fp32, a
 ``from_pretrained`` honours the same list when it loads the bundle.
 
 Before ``quantize`` (other than ``scheme=mixed``) the Linear weights are not cast here: they stay
-the memory-mapped source's, marked, and quantize casts each just before it quantizes it
-(:func:`cast_deferred`), so packing never holds the whole model in 16 bits.
+the memory-mapped source's, marked, and quantize casts each just before it quantizes it (or a
+layer when it first runs it, :func:`cast_deferred`), so packing does not hold the whole model in
+16 bits beside its source.
 """
 
 from __future__ import annotations
@@ -84,10 +85,13 @@ class Precision(Compressor):
         for name, module in model.named_modules():
             kept = bool(keep) and any(part in keep for part in name.split("."))
             lazy = module.weight if deferring and not kept and module_kind(module) == "linear" else None
-            to = torch.float32 if kept else dtype
-            module._apply(lambda t: t if t is lazy or not t.is_floating_point() else t.to(to), recurse=False)
-            if lazy is not None:
-                module._edgepack_cast_to = dtype
+            # kept modules back in fp32, as ``model.to(dtype)`` then ``module.float()`` left them
+            cast = (lambda t: t.to(dtype).float()) if kept else (lambda t: t.to(dtype))
+            module._apply(lambda t: t if t is lazy or not t.is_floating_point() else cast(t), recurse=False)
+            if lazy is not None:  # cast when quantize reaches it, or when it first runs
+                module.__dict__["_edgepack_cast_to"] = dtype
+                module.__dict__["_edgepack_cast_hook"] = module.register_forward_pre_hook(
+                    lambda m, args: cast_deferred(m))
         return model
 
 
@@ -98,15 +102,19 @@ def _defers(later: Sequence[PlanStep]) -> bool:
     return bool(later) and later[0].plugin == "quantize" and later[0].options.get("scheme") != "mixed"
 
 
-def cast_deferred(root: Any, skip: Sequence[Any] = ()) -> None:
-    """Cast the weights precision left to this step (see :meth:`Precision.apply`) of every
-    module inside ``root`` but those inside ``skip``. A step that runs after precision calls it
-    for each module before it reads its weight or runs it, and for the whole model when done."""
-    skipped = {id(m) for s in skip for m in s.modules()}
+def cast_deferred(root: Any) -> None:
+    """Cast the weights precision left to the next step (see :meth:`Precision.apply`) of every
+    module inside ``root``. That step calls it for a module before it reads the module's weight,
+    and for the whole model when it is done; a module that runs first casts itself (a forward
+    pre-hook, removed here)."""
+    import torch
+
     for module in root.modules():
-        dtype = None if id(module) in skipped else module.__dict__.pop("_edgepack_cast_to", None)
+        dtype = module.__dict__.pop("_edgepack_cast_to", None)
         if dtype is not None:
-            module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+            module.__dict__.pop("_edgepack_cast_hook").remove()
+            with torch.inference_mode(False):  # plain tensors, as precision's own casts
+                module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
 
 
 @edgepack.hookimpl

@@ -421,7 +421,6 @@ def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: 
                     captured.append((args, kwargs, None))
                     raise _Stop
 
-                cast_deferred(model, skip=layers)  # what runs before the first layer
                 handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
                 try:
                     for batch in calibration:
@@ -434,7 +433,6 @@ def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: 
                     handle.remove()
                 start = time.perf_counter()
                 for index, (layer, group) in enumerate(zip(layers, groups)):
-                    cast_deferred(layer)
                     # statistics, and the inputs of the next layer (before this one is quantized)
                     with _InputStatistics(group) as statistics:
                         for i, (args, kwargs, mask) in enumerate(captured):
@@ -451,7 +449,6 @@ def layerwise_hessians(model: Any, modules: list[tuple[str, Any]], calibration: 
                         progress(f"  GPTQ: layer {index + 1} of {len(layers)} ({done:.0f} s, about {left:.0f} s left)")
                 del captured
             if rest:
-                cast_deferred(model)  # the whole model runs
                 yield input_hessians(model, rest, calibration)
     finally:
         if config is not None and use_cache is not None:
@@ -903,7 +900,7 @@ def _flatten_without_copies(quantizer: Any) -> None:
         data: dict[str, Any] = {}
         metadata: dict[str, str] = {}
         names: list[str] = []
-        seen: set[int] = set()
+        seen: set[int] = set()  # storages already handed over
         for name, tensor in model.state_dict().items():
             flat, meta = flatten_tensor_state_dict({name: tensor})
             names += json.loads(meta.pop("tensor_names"))
@@ -912,10 +909,10 @@ def _flatten_without_copies(quantizer: Any) -> None:
             for key, value in flat.items():
                 own = getattr(tensor, key[len(prefix):], None) if prefix and key.startswith(prefix) else None
                 if isinstance(own, torch.Tensor) and own.dtype == value.dtype and own.shape == value.shape \
-                        and own.is_contiguous() and own.data_ptr() not in seen:
+                        and own.is_contiguous() and own.untyped_storage().data_ptr() not in seen:
                     value = own.detach()
                 if isinstance(value, torch.Tensor) and value.numel():
-                    seen.add(value.data_ptr())
+                    seen.add(value.untyped_storage().data_ptr())
                 data[key] = value
         metadata["tensor_names"] = json.dumps(names)
         return data, metadata
@@ -1280,20 +1277,19 @@ class Quantize(Compressor):
         if not chosen:
             raise UsageError("quantize found no Linear or Embedding modules to quantize (check keep=)")
         # a precision step just before left the Linear weights to cast (cast_deferred): each is
-        # cast as it is quantized, or before it runs, and the rest at the end
+        # cast as it is quantized (or as it first runs), and those left unquantized at the end
         probe = getattr(context, "probe", None)
-        if probe is not None and "executorch" in probe.capabilities:  # a program: what its backend runs
+        try:
+            if probe is not None and "executorch" in probe.capabilities:  # a program: what its backend runs
+                cast_deferred(model)  # before torchao's program configs see the weights
+                return self._apply_program(model, chosen, options)
+            if options["scheme"] == "int4":
+                return self._apply_int4(model, chosen, options, context)
+            if options["scheme"] == "mixed":
+                return self._apply_mixed(model, chosen, options, context)
+            return self._apply_torchao(model, chosen, options)
+        finally:
             cast_deferred(model)
-            model = self._apply_program(model, chosen, options)
-        elif options["scheme"] == "int4":
-            model = self._apply_int4(model, chosen, options, context)
-        elif options["scheme"] == "mixed":
-            cast_deferred(model)  # its sensitivities run the whole model
-            model = self._apply_mixed(model, chosen, options, context)
-        else:
-            model = self._apply_torchao(model, chosen, options)
-        cast_deferred(model)  # the modules left unquantized (kept, or the output head)
-        return model
 
     def _apply_torchao(self, model: Any, chosen: list[tuple[str, Any]], options: Mapping[str, Any]) -> Any:
         from torchao.quantization import (

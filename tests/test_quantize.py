@@ -1006,3 +1006,38 @@ def test_int8_saves_its_quantized_tensors_without_copying_them_and_the_same_file
             normalize_safetensors(path)
         files[how] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / how).iterdir()}
     assert files["edgepack"] == files["stock"]
+
+
+@pytest.mark.parametrize("deferring", [False, True])
+def test_precision_rounds_the_modules_it_keeps_in_fp32_as_before(deferring, tmp_path, registry):
+    """Modules the model keeps in fp32 (``_keep_in_fp32_modules``) hold their weights rounded
+    through the 16-bit dtype, as ``model.to(bf16)`` then ``module.float()`` left them (a
+    rebuilt bundle keeps its bytes), whether or not the Linear weights wait for quantize."""
+    from edgepack.interfaces import ApplyContext, PlanStep
+    from edgepack.model import ModelSource
+    from edgepack.plugins.precision import Precision, cast_deferred
+    from edgepack.testing import build_decoder
+
+    source = ModelSource.open(build_decoder("llama", tmp_path / "llama"))
+    reference = source.load()
+    reference._keep_in_fp32_modules = ["mlp"]
+    reference.to(torch.bfloat16)
+    for name, module in reference.named_modules():
+        if "mlp" in name.split("."):
+            module.to(torch.float32)
+
+    model = source.load()
+    model._keep_in_fp32_modules = ["mlp"]
+    later = (PlanStep("quantize", "1", {"scheme": "int8"}),) if deferring else ()
+    model = Precision().apply(model, {"dtype": "bf16"}, ApplyContext(None, registry.target("cpu").probe(), source.facts,
+                                                                      [], later=later))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.dtype == (torch.float32 if deferring else torch.bfloat16)
+    with torch.inference_mode():  # a deferred Linear casts itself when it first runs
+        q_proj(torch.randn(1, q_proj.in_features, dtype=torch.bfloat16))
+    assert q_proj.weight.dtype == torch.bfloat16 and not q_proj._forward_pre_hooks
+    assert not q_proj.weight.is_inference()
+    cast_deferred(model)
+    expected = reference.state_dict()
+    for key, tensor in model.state_dict().items():
+        assert tensor.dtype == expected[key].dtype and torch.equal(tensor, expected[key]), key

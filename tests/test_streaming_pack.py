@@ -133,6 +133,28 @@ def test_work_memory_keeps_the_candidates_whose_packing_fits(big):
     assert "more than --work-memory" in costlier.rejected_because
 
 
+def test_precision_before_quantize_costs_its_16_bit_copy_of_all_but_the_linear_weights(big):
+    """precision leaves the Linear weights to quantize (cast one at a time as it quantizes
+    them): packing precision bf16 + int8 is estimated to cost int8's packing and a 16-bit copy
+    of the other weights at most, not one of the whole model."""
+    from edgepack.host import load_registry
+    from edgepack.interfaces import Workload
+    from edgepack.model import ModelSource
+    from edgepack.planner import DEFAULT_SHARD_SIZE, build_candidate, fixed_plan, negotiate, packable
+
+    registry = load_registry()
+    facts = ModelSource.open(big).facts
+    probe = registry.target("cpu").planning_probe()
+    budget = negotiate(None, registry.target("cpu"), probe)
+    workload = Workload(1, 128, 136)
+    int8, both = (build_candidate(fixed_plan(registry, spec, probe), facts, workload, probe, budget)
+                  for spec in (["quantize:scheme=int8"], ["precision:dtype=bf16", "quantize:scheme=int8"]))
+    packable([int8, both], facts, workload, probe, work_memory=None, max_shard_bytes=DEFAULT_SHARD_SIZE)
+    others_bf16 = 2 * (facts.num_parameters - facts.parameters_by_kind["linear"])
+    assert others_bf16 < 2 * facts.parameters_by_kind["linear"]  # the test tells the two apart
+    assert both.pack_cost.apply_bytes <= int8.pack_cost.apply_bytes + others_bf16
+
+
 def test_plan_shows_what_packing_needs_and_marks_what_work_memory_refuses(big):
     """plan decides --work-memory as pack does, before any weight is loaded."""
     from click.testing import CliRunner
