@@ -27,23 +27,29 @@ PROGRESS_LINE = re.compile(r"^\[\d+:\d\d\.\d\] ")
 
 
 # ---------------------------------------------------------------------------------------------
-# Extended checks: long end-to-end runs that repeat what faster tests already cover (every
-# built-in through pack, verify and load again). ``pytest --extended`` runs them; the default
-# run, which CI makes, keeps within its time.
+# Two tiers beyond the default run, which keeps within about 10 minutes on 2 cores:
+# ``slow`` tests are long end-to-end runs (an ExecuTorch export, ranks launched through torchrun,
+# several fresh measuring processes) that ``pytest --slow`` adds and CI runs after the default
+# tier (``pytest --slow -m slow``); ``extended`` tests repeat what faster tests already cover
+# (every built-in through pack, verify and load again) and run only with ``pytest --extended``.
 
 
 def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="also run the tests marked slow (long end-to-end checks; CI runs them)")
     parser.addoption("--extended", action="store_true", default=False,
-                     help="also run the tests marked extended (long end-to-end checks)")
+                     help="also run the tests marked extended (long end-to-end checks that faster tests cover)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--extended"):
-        return
-    skip = pytest.mark.skip(reason="extended check: run with pytest --extended")
-    for item in items:
-        if "extended" in item.keywords:
-            item.add_marker(skip)
+    for mark, why in (("slow", "slow end-to-end check: run with pytest --slow (CI does)"),
+                      ("extended", "extended check: run with pytest --extended")):
+        if config.getoption(f"--{mark}"):
+            continue
+        skip = pytest.mark.skip(reason=why)
+        for item in items:
+            if mark in item.keywords:
+                item.add_marker(skip)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,7 +99,6 @@ def test_probe_command_defaults_to_this_edgepack():
     assert command[-1] == "spec.json"
 
 
-@pytest.mark.slow
 def test_verify_from_inside_a_bundle_imports_nothing_from_it(bundle_copy):
     """``cd bundle && edgepack verify .``, where the bundle lists planted modules among its
     files (so it passes the integrity check). (PYTHONPATH is the parent's to trust; the child
@@ -128,7 +127,6 @@ def test_verify_from_inside_a_bundle_imports_nothing_from_it(bundle_copy):
     assert report["fidelity"]["value"] >= manifest["fidelity"]["floor"]
 
 
-@pytest.mark.slow
 def test_probe_from_a_planted_directory_measures(packed, tmp_path, monkeypatch):
     """pack's path: the probe called in-process from a directory holding planted modules."""
     from edgepack.runtime import plan_steps
