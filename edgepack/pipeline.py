@@ -491,7 +491,7 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
     from edgepack.environment import trim_heap
     from edgepack.smoke import (
         EXPECTED_FILE, INPUTS_FILE, PACK_REPEATS, TOLERANCES_FILE, acceptance_limit, best_possible, close_call, compare,
-        margin_bytes, measure_in_fresh_process, tolerances,
+        concurrent_repeats, margin_bytes, measure_in_fresh_process, tolerances,
     )
 
     # An absent target (a CUDA bundle built on a CPU box) is measured for fidelity on this
@@ -594,7 +594,8 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
                         progress(f"  measured peak {format_size(measured_result.peak_bytes)} is close to the budget: "
                                  f"measuring {PACK_REPEATS - 1} more times")
                         measured_result = measured_result.with_more(measure_in_fresh_process(
-                            staging, repeats=PACK_REPEATS - 1, peak_only=True, **measure))
+                            staging, repeats=PACK_REPEATS - 1, peak_only=True, **measure,
+                            at_once=concurrent_repeats(measured_result, PACK_REPEATS - 1, tgt.device_type)))
             except VerificationError as exc:
                 candidate.rejected_because = str(exc)
                 continue

@@ -5,7 +5,8 @@ so nothing next to the bundle or the caller can shadow a library) that imports t
 and calls :func:`main` with the path of a JSON spec. The child warms the runtime up, loads and
 runs the bundle once more under the target's memory meter, writes the smoke outputs where the
 spec says (a spec without an ``outputs`` path wants the peak alone) and prints one JSON line:
-``{"peak_bytes", "scope", "seconds", "threads"}``, with ``stopped_after`` (the inputs run) when
+``{"peak_bytes", "scope", "seconds", "threads"}`` and, on Linux, ``host_peak_bytes`` (the
+process's own resident high-water mark in main memory, whatever the target), with ``stopped_after`` (the inputs run) when
 the spec's ``floor`` ended the run early (:class:`edgepack.smoke.FloorWatch`).
 
 Kept apart from :mod:`edgepack.smoke` because it imports :mod:`edgepack.runtime`, which
@@ -109,6 +110,7 @@ def main(spec_path: str) -> None:
     import time
 
     from edgepack.environment import quiet_libraries, trim_heap
+    from edgepack.memory import process_status_bytes
 
     quiet_libraries()
 
@@ -166,6 +168,9 @@ def main(spec_path: str) -> None:
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
     scope = f"{meter.scope}{TRIMMED_SCOPE if trimmed else ''}; {threads} intra-op thread{'s' if threads != 1 else ''}"
     report = {"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}
+    host_peak = process_status_bytes("VmHWM")  # the whole process's, since the meter started
+    if host_peak is not None:
+        report["host_peak_bytes"] = host_peak
     if watch is not None and watch.done < watch.total:
         report["stopped_after"] = watch.done
     print(json.dumps(report))

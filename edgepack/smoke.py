@@ -503,6 +503,9 @@ class ProbeResult:
     threads: int | None = None
     rank_peaks: list[int] | None = None
     stopped_after: int | None = None
+    #: the largest of the measuring processes' own resident high-water marks in main memory
+    #: (what one more such process needs there); None where it cannot be read
+    host_peak_bytes: int | None = None
 
     @property
     def spread_bytes(self) -> int:
@@ -515,8 +518,10 @@ class ProbeResult:
         ranks = self.rank_peaks
         if ranks is not None and more.rank_peaks is not None:
             ranks = [max(a, b) for a, b in zip(ranks, more.rank_peaks)]
+        hosts = [b for b in (self.host_peak_bytes, more.host_peak_bytes) if b is not None]
         return ProbeResult(max(peaks), self.scope, self.outputs, self.seconds, peaks=peaks, threads=self.threads,
-                           rank_peaks=ranks, stopped_after=self.stopped_after)
+                           rank_peaks=ranks, stopped_after=self.stopped_after,
+                           host_peak_bytes=max(hosts) if hosts else None)
 
 
 def probe_threads() -> int:
@@ -625,30 +630,61 @@ def run_isolated(command: list[str], *, timeout: float, env: dict[str, str] | No
 
     Raises VerificationError when it runs longer than ``timeout`` seconds, after killing its
     whole process group (the child and anything it started)."""
+    return run_isolated_together([command], timeout=timeout, env=env)[0]
+
+
+def run_isolated_together(commands: list[list[str]], *, timeout: float,
+                          env: dict[str, str] | None = None) -> list[Any]:
+    """:func:`run_isolated` for several commands running at the same time, each in its own
+    process group, sharing one empty working directory; their CompletedProcess in order. Their
+    output goes to files, not pipes, so no child waits on a full pipe while another is awaited.
+
+    Raises VerificationError when they have not all ended ``timeout`` seconds after the start,
+    after killing every group still running; any other exception here (an interrupt) kills them
+    all too, so nothing is left running."""
     import subprocess
     import sys
     import tempfile
+    import time
 
     from edgepack.errors import VerificationError
 
-    with tempfile.TemporaryDirectory(prefix="edgepack-probe-cwd-") as empty:
-        proc = subprocess.Popen(_dying_with_parent(command), cwd=empty, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=not sys.platform.startswith("linux"))
+    with tempfile.TemporaryDirectory(prefix="edgepack-probe-cwd-") as empty, \
+            tempfile.TemporaryDirectory(prefix="edgepack-probe-out-") as logs:
+        procs: list[Any] = []
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            for index, command in enumerate(commands):
+                with open(Path(logs) / f"{index}.out", "wb") as out, open(Path(logs) / f"{index}.err", "wb") as err:
+                    procs.append(subprocess.Popen(
+                        _dying_with_parent(command), cwd=empty, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                        stderr=err, start_new_session=not sys.platform.startswith("linux")))
+            deadline = time.monotonic() + timeout
+            for proc in procs:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
+            _kill_running(procs)
             raise VerificationError(
                 f"the measuring process timed out after {timeout:g} s and was killed "
                 f"(set {TIMEOUT_ENV} to allow longer)"
             ) from None
         except BaseException:  # interrupted: leave nothing running
-            _kill_group(proc)
-            proc.wait()
+            _kill_running(procs)
             raise
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+        def read(index: int, stream: str) -> str:
+            return (Path(logs) / f"{index}.{stream}").read_bytes().decode(errors="replace")
+
+        return [subprocess.CompletedProcess(command, proc.returncode, read(i, "out"), read(i, "err"))
+                for i, (command, proc) in enumerate(zip(commands, procs))]
+
+
+def _kill_running(procs: list[Any]) -> None:
+    """Kill the process group of each of ``procs`` not yet reaped, then reap them."""
+    for proc in procs:
+        if proc.returncode is None:
+            _kill_group(proc)
+    for proc in procs:
+        proc.wait()
 
 
 def _kill_group(proc: Any) -> None:
@@ -687,7 +723,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                              device: str = "cpu", allow_code: bool = False,
                              program: dict[str, Any] | None = None,
                              logits_from: str = LOGITS_GENERATE, batching: str = BATCHING_PADDED,
-                             peak_only: bool = False, floor: float | None = None) -> ProbeResult:
+                             peak_only: bool = False, floor: float | None = None, at_once: int = 1) -> ProbeResult:
     """Load ``bundle_dir/model`` in a fresh, isolated Python process, run
     ``smoke/inputs.safetensors``, and return the target meter's peak with the outputs.
 
@@ -709,6 +745,9 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     :param floor: a fidelity floor: the run stops once its outputs prove the bundle's fidelity
         to ``smoke/expected.safetensors`` below it (:class:`FloorWatch`;
         ``ProbeResult.stopped_after``). Not for sharded bundles, which run every input.
+    :param at_once: how many of the ``repeats`` processes may run at the same time (a peak
+        measured in one process does not depend on another's; their speed does, so not for
+        timings). Not for sharded bundles, whose ranks run one launch at a time.
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -733,6 +772,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     reports: list[dict[str, Any]] = []
     outputs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgepack-probe-") as tmp:
+        specs: list[Path] = []
         for attempt in range(max(1, int(repeats))):
             spec = {
                 "bundle_dir": str(Path(bundle_dir).resolve()),
@@ -751,26 +791,30 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "program": program,
                 "floor": floor,
             }
-            spec_path = Path(tmp) / f"spec-{attempt}.json"
-            spec_path.write_text(json.dumps(spec))
-            proc = run_isolated(probe_command(spec_path), timeout=limit, env=env)
-            if proc.returncode != 0:
-                raise VerificationError(
-                    f"the bundle could not be loaded and run in a fresh process: {failure_reason(proc)}"
-                )
-            try:
-                reports.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            except (IndexError, ValueError):
-                raise VerificationError(
-                    "the bundle could not be loaded and run in a fresh process: the measuring process "
-                    "printed no report"
-                ) from None
-            if spec["outputs"] is not None:
-                outputs = load_file(spec["outputs"])
+            specs.append(Path(tmp) / f"spec-{attempt}.json")
+            specs[-1].write_text(json.dumps(spec))
+        step = max(1, int(at_once))
+        for first in range(0, len(specs), step):
+            for proc in run_isolated_together([probe_command(p) for p in specs[first:first + step]],
+                                              timeout=limit, env=env):
+                if proc.returncode != 0:
+                    raise VerificationError(
+                        f"the bundle could not be loaded and run in a fresh process: {failure_reason(proc)}"
+                    )
+                try:
+                    reports.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                except (IndexError, ValueError):
+                    raise VerificationError(
+                        "the bundle could not be loaded and run in a fresh process: the measuring process "
+                        "printed no report"
+                    ) from None
+        if not peak_only:
+            outputs = load_file(Path(tmp) / "outputs-0.safetensors")
     peaks = [int(r["peak_bytes"]) for r in reports]
+    hosts = [int(r["host_peak_bytes"]) for r in reports if "host_peak_bytes" in r]
     return ProbeResult(max(peaks), reports[0]["scope"], outputs, reports[0]["seconds"],
                        peaks=peaks, threads=reports[0].get("threads", threads),
-                       stopped_after=reports[0].get("stopped_after"))
+                       stopped_after=reports[0].get("stopped_after"), host_peak_bytes=max(hosts) if hosts else None)
 
 
 def _measure_ranks(bundle_dir: Path, *, task: str, steps: list[Any], target: str, batch_size: int, new_tokens: int,
@@ -839,6 +883,27 @@ def close_call(budget_bytes: int, result: ProbeResult) -> bool:
     return len(result.peaks or [result.peak_bytes]) < PACK_REPEATS and (
         result.peak_bytes + 3 * margin_bytes(result) > int(budget_bytes)
     )
+
+
+def concurrent_repeats(result: ProbeResult, repeats: int, device_type: str) -> int:
+    """How many of ``repeats`` more measuring processes like ``result``'s may run at the same
+    time: on a CPU target as many as this machine's usable cores and half its available main
+    memory take, each needing the resident memory ``result``'s process reached
+    (``host_peak_bytes``); one at a time on an accelerator (they would share the device) or
+    where that memory is unknown. A peak measured in one process does not depend on the
+    others, so this only shortens the wait."""
+    import os
+
+    from edgepack.memory import main_memory
+
+    if device_type != "cpu" or not result.host_peak_bytes or repeats <= 1:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    fit = main_memory()[1] // 2 // int(result.host_peak_bytes)
+    return int(max(1, min(repeats, cores, fit)))
 
 
 #: Calibration texts for compressors that score importance or gather statistics; kept apart

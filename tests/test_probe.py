@@ -178,31 +178,59 @@ def test_timeout_from_the_environment(monkeypatch):
         probe_timeout()
 
 
-def test_timeout_kills_the_whole_process_group(tmp_path):
-    from edgepack.smoke import run_isolated
-
-    pid_file = tmp_path / "grandchild.pid"
+def _hanging_with_a_grandchild(pid_file: Path) -> list[str]:
+    """A command that starts a grandchild (its pid written to ``pid_file``) and sleeps."""
     code = textwrap.dedent(f"""
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
         open({str(pid_file)!r}, "w").write(str(child.pid))
         time.sleep(120)
     """)
-    with pytest.raises(VerificationError, match=r"timed out after 2 s"):
-        run_isolated([sys.executable, "-c", code], timeout=2)
-    grandchild = int(pid_file.read_text())
+    return [sys.executable, "-c", code]
+
+
+def _assert_gone(pid: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            state = Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
-            break  # gone
+            return  # gone
         if state in ("Z", "X"):
-            break  # killed, not yet reaped by its new parent
+            return  # killed, not yet reaped by its new parent
         time.sleep(0.1)
-    else:
-        os.kill(grandchild, signal.SIGKILL)
-        pytest.fail("the measuring process's child outlived the timeout")
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the measuring process's child outlived the timeout")
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    from edgepack.smoke import run_isolated
+
+    pid_file = tmp_path / "grandchild.pid"
+    with pytest.raises(VerificationError, match=r"timed out after 2 s"):
+        run_isolated(_hanging_with_a_grandchild(pid_file), timeout=2)
+    _assert_gone(int(pid_file.read_text()))
+
+
+def test_commands_run_together_return_in_order_and_a_timeout_kills_every_group(tmp_path):
+    from edgepack.smoke import run_isolated_together
+
+    # each waits until all three have started: run one after another, they would time out
+    code = textwrap.dedent(f"""
+        import pathlib, sys, time
+        here = pathlib.Path({str(tmp_path)!r})
+        (here / (sys.argv[1] + ".started")).touch()
+        while len(list(here.glob("*.started"))) < 3:
+            time.sleep(0.05)
+        print("out", sys.argv[1]); print("err", sys.argv[1], file=sys.stderr); sys.exit(int(sys.argv[1]))
+    """)
+    procs = run_isolated_together([[sys.executable, "-c", code, str(n)] for n in range(3)], timeout=60)
+    assert [(p.returncode, p.stdout, p.stderr) for p in procs] == [(n, f"out {n}\n", f"err {n}\n") for n in range(3)]
+
+    pid_file = tmp_path / "grandchild.pid"
+    with pytest.raises(VerificationError, match=r"timed out after 2 s"):
+        run_isolated_together([[sys.executable, "-c", "pass"], _hanging_with_a_grandchild(pid_file)], timeout=2)
+    _assert_gone(int(pid_file.read_text()))
 
 
 def test_failure_reason_names_the_signal():
@@ -342,17 +370,38 @@ def test_repeated_measurements_report_the_largest(packed, monkeypatch):
         if spec["outputs"]:
             open(spec["outputs"], "wb").write(struct.pack("<Q", len(header)) + header)
         print(json.dumps({"peak_bytes": [100, 300, 200][n], "scope": "fake", "seconds": 0.1,
-                          "threads": spec["threads"]}))
+                          "threads": spec["threads"], "host_peak_bytes": [7, 9, 8][n]}))
     """)
     monkeypatch.setattr(smoke, "probe_command", lambda spec_path, root=None: [sys.executable, "-c", fake_child, str(spec_path)])
     manifest = packed.manifest
-    result = smoke.measure_in_fresh_process(packed.bundle, task=manifest["model"]["task"],
-                                            steps=plan_steps(manifest), loader=None, target="cpu",
-                                            batch_size=1, repeats=3, threads=2)
-    assert result.peaks == [100, 300, 200]
-    assert result.peak_bytes == 300
-    assert result.spread_bytes == 200
-    assert result.threads == 2
+    for at_once in (1, 2, 3):  # run one at a time, two then one, or all three together
+        result = smoke.measure_in_fresh_process(packed.bundle, task=manifest["model"]["task"],
+                                                steps=plan_steps(manifest), loader=None, target="cpu",
+                                                batch_size=1, repeats=3, threads=2, at_once=at_once)
+        assert result.peaks == [100, 300, 200]
+        assert result.peak_bytes == 300
+        assert result.spread_bytes == 200
+        assert result.threads == 2
+        assert result.host_peak_bytes == 9
+
+
+def test_more_measurements_run_together_where_cores_and_memory_allow(monkeypatch):
+    import edgepack.memory
+    from edgepack.smoke import ProbeResult, concurrent_repeats
+
+    gb = 1 << 30
+    monkeypatch.setattr(edgepack.memory, "main_memory", lambda: (16 * gb, 8 * gb))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+
+    def result(host: int | None) -> ProbeResult:
+        return ProbeResult(1, "scope", {}, 1.0, peaks=[1], host_peak_bytes=host)
+
+    assert concurrent_repeats(result(gb // 2), 2, "cpu") == 2
+    assert concurrent_repeats(result(gb // 2), 8, "cpu") == 4  # no more than the cores
+    assert concurrent_repeats(result(3 * gb), 2, "cpu") == 1  # two would take over half the memory available
+    assert concurrent_repeats(result(gb), 3, "cpu") == 3
+    assert concurrent_repeats(result(None), 2, "cpu") == 1  # what one needs is unknown
+    assert concurrent_repeats(result(gb // 2), 2, "cuda") == 1  # they would share the device
 
 
 def test_acceptance_limit_leaves_a_margin_for_the_spread():
