@@ -87,14 +87,26 @@ def test_exception_inside_writer_leaves_no_bundle_and_no_staging(tmp_path):
             (w.staging / "model").mkdir()
             (w.staging / "model" / "w.bin").write_bytes(b"123")
             raise RuntimeError("disk on fire")
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the writer made it, and takes it away again
 
 
 def test_leaving_without_commit_leaves_nothing(tmp_path):
     out = tmp_path / "dist"
+    out.mkdir()
     with BundleWriter(out, "tiny-0.1.0-cpu") as w:
         (w.staging / "README.md").write_text("x")
-    assert list(out.iterdir()) == []
+    assert list(out.iterdir()) == []  # a directory that was there stays
+
+
+def test_a_failed_write_removes_only_the_empty_directories_it_made(tmp_path):
+    nested = tmp_path / "a" / "b" / "dist"
+    with BundleWriter(nested, "tiny-0.1.0-cpu"):
+        assert nested.is_dir()
+    assert list(tmp_path.iterdir()) == []  # --out a/b/dist: all three were made, all three go
+    bundle = write_bundle(tmp_path / "dist")  # a directory that holds another bundle stays
+    with BundleWriter(tmp_path / "dist" / "more", "other-0.1.0-cpu") as w:
+        (w.staging / "README.md").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == [bundle.name]
 
 
 def test_staging_is_hidden_and_bundle_appears_only_at_commit(tmp_path):

@@ -274,6 +274,9 @@ class BundleWriter:
         self.staging: Path | None = None
         self.committed = False
         self.manifest: dict[str, Any] = {}
+        #: the directories of ``out_dir`` this writer created, deepest first: removed again
+        #: (when still empty) if no bundle is committed
+        self.created: list[Path] = []
 
     def __enter__(self) -> "BundleWriter":
         if self.out_dir.exists() and not self.out_dir.is_dir():
@@ -282,6 +285,7 @@ class BundleWriter:
             self.remove_stale()  # first: a killed fallback swap may put a previous bundle back
         if os.path.lexists(self.final) and not self.overwrite:
             raise UsageError(f"bundle {self.final} already exists; remove it or pass --force")
+        self.created = [p for p in (self.out_dir, *self.out_dir.parents) if not os.path.lexists(p)]
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.staging = Path(tempfile.mkdtemp(prefix=self._hidden_prefix("partial"), dir=self.out_dir))
@@ -477,6 +481,11 @@ class BundleWriter:
         if self.committed or self.staging is None:
             return
         _remove(self.staging)
+        for directory in self.created:  # --out as it was: nothing half-written, not even a folder
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break  # not empty (another bundle, another writer) or gone: leave it and what holds it
         # A UsageError (this writer's own, DiskFull included) already says what happened.
         full = disk_full(exc) if isinstance(exc, Exception) and not isinstance(exc, UsageError) else None
         if full is not None:
