@@ -11,11 +11,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import edgepack
 from edgepack.errors import EdgepackError, NoPlanFits, UsageError, VerificationError
-from edgepack.interfaces import ApplyContext, Compressor, Workload, format_option_value
+from edgepack.interfaces import ApplyContext, Compressor, PlanStep, Workload, format_option_value
 from edgepack.card import step_effects, write_card
 from edgepack.memory import format_size, main_memory, parse_size
 from edgepack.smoke import BATCHING_PADDED, BATCHING_TRIMMED, LOGITS_FORWARD, LOGITS_GENERATE
@@ -448,6 +448,15 @@ def pack_many(model: str | Path, targets: Sequence[PackRequest | dict[str, Any]]
     return outcomes
 
 
+def step_contexts(steps: Sequence[tuple[Compressor, Mapping[str, Any]]],
+                  context: ApplyContext) -> Iterator[tuple[Compressor, Mapping[str, Any], ApplyContext]]:
+    """Each ``(compressor, options)`` step of a plan with the context its ``apply`` gets:
+    ``context`` with ``later`` set to the plan's steps after it."""
+    plan = tuple(PlanStep(c.name, c.version, options) for c, options in steps)
+    for position, (compressor, options) in enumerate(steps):
+        yield compressor, options, dataclasses.replace(context, later=plan[position + 1:])
+
+
 def pack_target(session: SourceSession, request: PackRequest, *, progress: Callable[[str], None] = _progress_default,
                 registry: Any = None) -> PackResult:
     """Pack an opened model for one target: negotiate, plan, apply, measure, write."""
@@ -529,11 +538,10 @@ def pack_target(session: SourceSession, request: PackRequest, *, progress: Calla
             stage = "saving"
             try:
                 with session.timed("apply", **about):
-                    plan = candidate.plan
-                    for position, (compressor, options) in enumerate(candidate.steps):
+                    for compressor, options, step_context in step_contexts(candidate.steps, context):
                         stage = f"plugin {compressor.name!r} ({registry.compressors[compressor.name].distribution})"
                         progress(f"  {compressor.name}: {', '.join(f'{k}={format_option_value(v)}' for k, v in options.items()) or 'defaults'}")
-                        model = compressor.apply(model, options, dataclasses.replace(context, later=tuple(plan[position + 1:])))
+                        model = compressor.apply(model, options, step_context)
                 stage = "saving"
                 program = None
                 with session.timed("save", **about):

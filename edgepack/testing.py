@@ -1021,11 +1021,10 @@ def _model_rules(compressor: Any, steps: list[Any], session: Any, target: Any, p
                  registry: Any, report: ConformanceReport, min_match: float | None) -> dict[str, Any] | None:
     """apply (a model that runs), save (safetensors and JSON only) and restore (the same
     outputs); the applied model's outputs, or None when apply failed."""
-    import dataclasses
     import shutil
 
     from edgepack.interfaces import ApplyContext, PlanStep
-    from edgepack.pipeline import sharded_as
+    from edgepack.pipeline import sharded_as, step_contexts
     from edgepack.runtime import load_model_dir
     from edgepack.smoke import run_outputs
 
@@ -1035,10 +1034,9 @@ def _model_rules(compressor: Any, steps: list[Any], session: Any, target: Any, p
     model = session.original  # a fresh load
     context = ApplyContext(target, probe, facts, session.calibration)
     ours = next(options for c, options in steps if c.name == compressor.name)
-    plan = [PlanStep(c.name, c.version, o) for c, o in steps]
-    for index, (step, options) in enumerate(steps):
+    for step, options, step_context in step_contexts(steps, context):
         try:
-            model = step.apply(model, options, dataclasses.replace(context, later=tuple(plan[index + 1:])))
+            model = step.apply(model, options, step_context)
         except Exception as exc:
             report.add("apply", f"{type(step).__name__}.apply", f"{_why(exc)} on the model {session.source.path.name}")
             report.skip(("save", "restore"), "apply failed")
