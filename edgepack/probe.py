@@ -168,7 +168,7 @@ def main(spec_path: str) -> None:
         save_file({k: v.contiguous() for k, v in outputs.items()}, spec["outputs"])
     scope = f"{meter.scope}{TRIMMED_SCOPE if trimmed else ''}; {threads} intra-op thread{'s' if threads != 1 else ''}"
     report = {"peak_bytes": peak, "scope": scope, "seconds": round(seconds, 3), "threads": threads}
-    host_peak = process_status_bytes("VmHWM")  # the whole process's, since the meter started
+    host_peak = process_status_bytes("VmHWM")  # the whole process's (from the meter's start where it reset it)
     if host_peak is not None:
         report["host_peak_bytes"] = host_peak
     if watch is not None and watch.done < watch.total:

@@ -660,11 +660,12 @@ def run_isolated_together(commands: list[list[str]], *, timeout: float,
                         stderr=err, start_new_session=not sys.platform.startswith("linux")))
             deadline = time.monotonic() + timeout
             for proc in procs:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                _wait_then_end_group(proc, deadline)
         except subprocess.TimeoutExpired:
             _kill_running(procs)
+            what = "the measuring process" if len(procs) == 1 else f"the {len(procs)} measuring processes run at once"
             raise VerificationError(
-                f"the measuring process timed out after {timeout:g} s and was killed "
+                f"{what} timed out after {timeout:g} s and {'was' if len(procs) == 1 else 'were'} killed "
                 f"(set {TIMEOUT_ENV} to allow longer)"
             ) from None
         except BaseException:  # interrupted: leave nothing running
@@ -676,6 +677,30 @@ def run_isolated_together(commands: list[list[str]], *, timeout: float,
 
         return [subprocess.CompletedProcess(command, proc.returncode, read(i, "out"), read(i, "err"))
                 for i, (command, proc) in enumerate(zip(commands, procs))]
+
+
+def _wait_then_end_group(proc: Any, deadline: float) -> None:
+    """Wait until ``proc`` has exited, then kill what is left of its process group (anything it
+    started that outlived it) and reap it; subprocess.TimeoutExpired past ``deadline``
+    (time.monotonic), with ``proc`` still running. The exit is seen without reaping
+    (``waitid``'s WNOWAIT), so the group's id cannot have passed to another process when it is
+    killed. Where there is no ``waitid`` (Windows), it only waits."""
+    import os
+    import subprocess
+    import time
+
+    if not hasattr(os, "waitid"):
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        return
+    pause = 0.001
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, 0)
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, 0.05)
+    _kill_group(proc)
+    proc.wait()
 
 
 def _kill_running(procs: list[Any]) -> None:
@@ -747,7 +772,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
         ``ProbeResult.stopped_after``). Not for sharded bundles, which run every input.
     :param at_once: how many of the ``repeats`` processes may run at the same time (a peak
         measured in one process does not depend on another's; their speed does, so not for
-        timings). Not for sharded bundles, whose ranks run one launch at a time.
+        timings), together within ``timeout`` times their number. Not for sharded bundles,
+        whose ranks run one launch at a time.
     :param ranks: for a sharded bundle, how many ranks it runs on: they are launched through
         torchrun (:mod:`edgepack.launch`) on ``device`` (``cpu``: gloo, ``cuda``: NCCL), each
         measured by its own meter; ``ProbeResult.rank_peaks`` holds each rank's peak.
@@ -795,8 +821,8 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
             specs[-1].write_text(json.dumps(spec))
         step = max(1, int(at_once))
         for first in range(0, len(specs), step):
-            for proc in run_isolated_together([probe_command(p) for p in specs[first:first + step]],
-                                              timeout=limit, env=env):
+            batch = specs[first:first + step]  # each has the time it would have had alone, one after another
+            for proc in run_isolated_together([probe_command(p) for p in batch], timeout=limit * len(batch), env=env):
                 if proc.returncode != 0:
                     raise VerificationError(
                         f"the bundle could not be loaded and run in a fresh process: {failure_reason(proc)}"

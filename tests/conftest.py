@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
             continue
         skip = pytest.mark.skip(reason=why)
         for item in items:
-            if mark in item.keywords:
+            if item.get_closest_marker(mark) is not None:  # the marker, not a test name or parameter id
                 item.add_marker(skip)
 
 

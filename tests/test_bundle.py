@@ -109,6 +109,21 @@ def test_a_failed_write_removes_only_the_empty_directories_it_made(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == [bundle.name]
 
 
+def test_a_writer_that_cannot_start_removes_the_directories_it_made(tmp_path, monkeypatch):
+    import errno
+
+    import edgepack.bundle.writer as writer
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(writer.tempfile, "mkdtemp", refused)
+    with pytest.raises(UsageError, match="is not writable: Permission denied"):
+        with BundleWriter(tmp_path / "a" / "dist", "tiny-0.1.0-cpu"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_staging_is_hidden_and_bundle_appears_only_at_commit(tmp_path):
     out = tmp_path / "dist"
     with BundleWriter(out, "tiny-0.1.0-cpu") as w:

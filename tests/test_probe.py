@@ -225,11 +225,29 @@ def test_commands_run_together_return_in_order_and_a_timeout_kills_every_group(t
         print("out", sys.argv[1]); print("err", sys.argv[1], file=sys.stderr); sys.exit(int(sys.argv[1]))
     """)
     procs = run_isolated_together([[sys.executable, "-c", code, str(n)] for n in range(3)], timeout=60)
-    assert [(p.returncode, p.stdout, p.stderr) for p in procs] == [(n, f"out {n}\n", f"err {n}\n") for n in range(3)]
+    assert [(p.returncode, p.stdout.split(), p.stderr.split()) for p in procs] == [
+        (n, ["out", str(n)], ["err", str(n)]) for n in range(3)]
+
+    pid_files = [tmp_path / "first.pid", tmp_path / "second.pid"]
+    with pytest.raises(VerificationError, match=r"the 3 measuring processes run at once timed out after 4 s"):
+        run_isolated_together([_hanging_with_a_grandchild(pid_files[0]), [sys.executable, "-c", "pass"],
+                               _hanging_with_a_grandchild(pid_files[1])], timeout=4)
+    for pid_file in pid_files:
+        _assert_gone(int(pid_file.read_text()))
+
+
+def test_what_a_command_leaves_running_when_it_exits_is_killed(tmp_path):
+    from edgepack.smoke import run_isolated
 
     pid_file = tmp_path / "grandchild.pid"
-    with pytest.raises(VerificationError, match=r"timed out after 2 s"):
-        run_isolated_together([[sys.executable, "-c", "pass"], _hanging_with_a_grandchild(pid_file)], timeout=2)
+    code = textwrap.dedent(f"""
+        import subprocess, sys
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+    """)
+    start = time.monotonic()
+    assert run_isolated([sys.executable, "-c", code], timeout=60).returncode == 0
+    assert time.monotonic() - start < 60
     _assert_gone(int(pid_file.read_text()))
 
 
@@ -356,15 +374,18 @@ def test_measuring_environment_is_fixed(monkeypatch):
     assert 1 <= probe_threads() <= min(4, os.cpu_count() or 1)
 
 
-def test_repeated_measurements_report_the_largest(packed, monkeypatch):
+def test_repeated_measurements_report_the_largest(packed, monkeypatch, tmp_path):
     """Every fresh process's peak is kept; the verdict uses the largest."""
     import edgepack.smoke as smoke
     from edgepack.runtime import plan_steps
 
     fake_child = textwrap.dedent("""
-        import json, struct, sys
+        import json, pathlib, struct, sys, time
         spec = json.load(open(sys.argv[1]))
         n = int(sys.argv[1].rsplit("-", 1)[1].split(".")[0])
+        started = time.time()
+        time.sleep(1)  # long enough for processes started together to overlap
+        (pathlib.Path(sys.argv[2]) / f"{n}.times").write_text(f"{started} {time.time()}")
         assert (spec["outputs"] is None) == (n > 0)  # only the first process's outputs are read
         header = b"{}      "
         if spec["outputs"]:
@@ -372,12 +393,20 @@ def test_repeated_measurements_report_the_largest(packed, monkeypatch):
         print(json.dumps({"peak_bytes": [100, 300, 200][n], "scope": "fake", "seconds": 0.1,
                           "threads": spec["threads"], "host_peak_bytes": [7, 9, 8][n]}))
     """)
-    monkeypatch.setattr(smoke, "probe_command", lambda spec_path, root=None: [sys.executable, "-c", fake_child, str(spec_path)])
+    times = tmp_path / "times"
+    times.mkdir()
+    monkeypatch.setattr(smoke, "probe_command",
+                        lambda spec_path, root=None: [sys.executable, "-c", fake_child, str(spec_path), str(times)])
     manifest = packed.manifest
-    for at_once in (1, 2, 3):  # run one at a time, two then one, or all three together
+    for at_once in (1, 3):  # one at a time, or all three together
         result = smoke.measure_in_fresh_process(packed.bundle, task=manifest["model"]["task"],
                                                 steps=plan_steps(manifest), loader=None, target="cpu",
                                                 batch_size=1, repeats=3, threads=2, at_once=at_once)
+        spans = [tuple(map(float, (times / f"{n}.times").read_text().split())) for n in range(3)]
+        if at_once == 1:
+            assert all(spans[n][0] >= spans[n - 1][1] for n in (1, 2))  # each started once the one before ended
+        else:
+            assert max(start for start, _ in spans) < min(end for _, end in spans)  # all ran at the same time
         assert result.peaks == [100, 300, 200]
         assert result.peak_bytes == 300
         assert result.spread_bytes == 200

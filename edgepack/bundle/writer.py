@@ -290,6 +290,7 @@ class BundleWriter:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.staging = Path(tempfile.mkdtemp(prefix=self._hidden_prefix("partial"), dir=self.out_dir))
         except OSError as exc:
+            self._remove_created()
             if exc.errno in _FULL:
                 raise DiskFull(f"--out {self.out_dir}: {(exc.strerror or str(exc)).lower()}; "
                                f"bundle {self.final} was not written") from None
@@ -481,15 +482,20 @@ class BundleWriter:
         if self.committed or self.staging is None:
             return
         _remove(self.staging)
-        for directory in self.created:  # --out as it was: nothing half-written, not even a folder
-            try:
-                os.rmdir(directory)
-            except OSError:
-                break  # not empty (another bundle, another writer) or gone: leave it and what holds it
+        self._remove_created()
         # A UsageError (this writer's own, DiskFull included) already says what happened.
         full = disk_full(exc) if isinstance(exc, Exception) and not isinstance(exc, UsageError) else None
         if full is not None:
             raise DiskFull(self._disk_full_message(*full)) from exc
+
+    def _remove_created(self) -> None:
+        """Remove the directories this writer created, deepest first, while they are empty:
+        ``--out`` as it was, nothing half-written, not even a folder."""
+        for directory in self.created:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break  # not empty (another bundle, another writer) or gone: leave it and what holds it
 
     def _disk_full_message(self, code: int, filename: str | None) -> str:
         """One sentence: the disk is full, where, and what became of the bundle."""
