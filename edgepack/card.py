@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 from edgepack.bundle.manifest import CARD_CHART
 from edgepack.interfaces import PlanStep
 from edgepack.memory import format_peak, format_size, step_footprints
-from edgepack.planner import measured_fidelity
+from edgepack.planner import format_measured_fidelity
 
 #: What counts as the bundle's stored weights in the card: tensors and compiled programs.
 WEIGHT_SUFFIXES = (".safetensors", ".pte")
@@ -78,7 +78,7 @@ def _candidates_section(manifest: dict[str, Any]) -> str:
     rows = "".join(
         f"| {c['spec']} | {format_size(c['estimated_peak_bytes'])} | "
         f"{format_size((c.get('measured') or {}).get('peak_bytes'))} | "
-        f"{measured_fidelity(c.get('measured'))} | "
+        f"{format_measured_fidelity(c.get('measured'))} | "
         f"{'chosen' if c.get('chosen') else c.get('rejected_because') or ('fits, ranked lower' if c.get('fits') else '-')} |\n"
         for c in manifest["candidates"]
     )

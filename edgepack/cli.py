@@ -663,7 +663,7 @@ def report(bundles: tuple[str, ...], plot: str | None, as_json: bool) -> None:
       edgepack report dist/*-cpu --plot report.png
     """
     from edgepack.memory import format_peak, format_size
-    from edgepack.planner import measured_fidelity
+    from edgepack.planner import format_measured_fidelity
 
     if plot is not None:
         from edgepack.report import require_plotting
@@ -708,7 +708,7 @@ def report(bundles: tuple[str, ...], plot: str | None, as_json: bool) -> None:
         for c in row["measured"]:
             outcome = "chosen" if c["chosen"] else (c["rejected_because"] or "-")
             click.echo(f"    {c['spec'] or '(unnamed)':<44} est. {format_size(c['estimated_peak_bytes']):>9}  measured "
-                       f"{format_size(c['measured'].get('peak_bytes')):>9}  {measured_fidelity(c['measured'])}  {outcome}")
+                       f"{format_size(c['measured'].get('peak_bytes')):>9}  {format_measured_fidelity(c['measured'])}  {outcome}")
     if plot is not None:
         click.echo(f"chart: {plot}")
 

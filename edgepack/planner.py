@@ -280,7 +280,7 @@ def smallest(candidates: Sequence[Candidate]) -> Candidate:
     return min(candidates, key=peak)
 
 
-def measured_fidelity(measured: dict[str, Any] | None) -> str:
+def format_measured_fidelity(measured: dict[str, Any] | None) -> str:
     """A candidate's measured fidelity as people read it: the value, ``<= bound`` for one whose
     measuring stopped once it was proven below the floor, or ``-``."""
     measured = measured or {}
@@ -297,7 +297,7 @@ def explain(candidates: Sequence[Candidate], budget: Budget) -> str:
     for c in candidates:
         measured = "-"
         if c.measured:
-            measured = f"{format_size(c.measured.get('peak_bytes'))} / {measured_fidelity(c.measured)}"
+            measured = f"{format_size(c.measured.get('peak_bytes'))} / {format_measured_fidelity(c.measured)}"
         fits = "yes" if c.fits and not c.rejected_because else ("no" if not c.fits else "no: --work-memory")
         rows.append((
             c.spec, format_size(c.estimate.peak_bytes), format_size(c.estimate.weights_bytes),

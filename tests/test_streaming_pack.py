@@ -407,9 +407,9 @@ def test_a_candidate_below_the_floor_is_rejected_on_its_first_inputs(tmp_path):
     assert 0.05 <= result.manifest["candidates"][0]["measured"]["fidelity"] < 0.999
     assert "inputs_run" not in result.manifest["candidates"][0]["measured"]
     # how the model card and `report` show each kind of record
-    from edgepack.planner import measured_fidelity
+    from edgepack.planner import format_measured_fidelity
 
-    assert measured_fidelity({"peak_bytes": 1, "fidelity_at_most": 0.8, "inputs_run": 5}) == "<= 0.8 (5 inputs run)"
-    assert measured_fidelity(result.manifest["candidates"][0]["measured"]) == str(
+    assert format_measured_fidelity({"peak_bytes": 1, "fidelity_at_most": 0.8, "inputs_run": 5}) == "<= 0.8 (5 inputs run)"
+    assert format_measured_fidelity(result.manifest["candidates"][0]["measured"]) == str(
         result.manifest["candidates"][0]["measured"]["fidelity"])
-    assert measured_fidelity(None) == "-"
+    assert format_measured_fidelity(None) == "-"
