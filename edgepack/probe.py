@@ -6,8 +6,9 @@ and calls :func:`main` with the path of a JSON spec. The child warms the runtime
 runs the bundle once more under the target's memory meter, writes the smoke outputs where the
 spec says (a spec without an ``outputs`` path wants the peak alone) and prints one JSON line:
 ``{"peak_bytes", "scope", "seconds", "threads"}`` and, on Linux, ``host_peak_bytes`` (the
-process's own resident high-water mark in main memory, whatever the target), with ``stopped_after`` (the inputs run) when
-the spec's ``floor`` ended the run early (:class:`edgepack.smoke.FloorWatch`).
+process's own resident high-water mark in main memory, whatever the target), with
+``stopped_after`` (the inputs run) when the spec's ``floor`` ended the run early
+(:class:`edgepack.smoke.FloorWatch`).
 
 Kept apart from :mod:`edgepack.smoke` because it imports :mod:`edgepack.runtime`, which
 imports :mod:`edgepack.smoke` (no import cycle).

@@ -524,15 +524,19 @@ class ProbeResult:
                            host_peak_bytes=max(hosts) if hosts else None)
 
 
-def probe_threads() -> int:
-    """The thread count measuring processes use on this machine: min(usable cores, 4)."""
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it), at least 1."""
     import os
 
     try:
-        cores = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_PROBE_THREADS))
+        return os.cpu_count() or 1
+
+
+def probe_threads() -> int:
+    """The thread count measuring processes use on this machine: min(usable cores, 4)."""
+    return max(1, min(usable_cores(), MAX_PROBE_THREADS))
 
 
 def probe_timeout(timeout: float | None = None) -> float:
@@ -918,18 +922,12 @@ def concurrent_repeats(result: ProbeResult, repeats: int, device_type: str) -> i
     (``host_peak_bytes``); one at a time on an accelerator (they would share the device) or
     where that memory is unknown. A peak measured in one process does not depend on the
     others, so this only shortens the wait."""
-    import os
-
     from edgepack.memory import main_memory
 
     if device_type != "cpu" or not result.host_peak_bytes or repeats <= 1:
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
     fit = main_memory()[1] // 2 // int(result.host_peak_bytes)
-    return int(max(1, min(repeats, cores, fit)))
+    return int(max(1, min(repeats, usable_cores(), fit)))
 
 
 #: Calibration texts for compressors that score importance or gather statistics; kept apart
