@@ -24,7 +24,7 @@ and, when ``onnxruntime`` and ``onnx`` are installed, the fp32 source exported t
 ONNX Runtime's ``quantize_dynamic`` int8 of it on the same inputs and threads. Median
 latency per batch of interleaved rounds, speed relative to the fp32 source, and the mean
 cosine of mean-pooled embeddings against the source on held-out sentences. ``--compile`` adds
-the fp32, int8 and int8-dynamic models with their forward pass compiled (``edgepack run/bench
+the fp32, int8, int8-dynamic and int4 models with their forward pass compiled (``edgepack run/bench
 --compile`` on an encoder).
 
 ``--kernels`` times one Linear at M rows (1 = a decoding step, 128 = a prefill) for the
@@ -272,7 +272,7 @@ def encoders(args: argparse.Namespace) -> None:
     if args.compile:  # the forward pass compiled (edgepack run/bench --compile on an encoder)
         from edgepack.runtime import compiled_forward
 
-        for name in ("fp32 source", "int8", "int8-dynamic"):
+        for name in ("fp32 source", "int8", "int8-dynamic", "int4 g32 (gptq)"):
             runners[f"{name}, compiled"] = torch_runner(compiled_forward(models[name]))
     if not args.no_dequantize:  # torchao's own int8 x int8 path (torch._int_mm), as bundles ran before
         with unittest.mock.patch("edgepack.plugins.quantize._dynamic_rows", lambda weight: False):
@@ -350,7 +350,7 @@ def main() -> int:
     parser.add_argument("--only", choices=("decoders", "encoders"), help="run one half of the benchmark")
     parser.add_argument("--compile", action="store_true",
                         help="also run compiled (run/bench --compile): decoders' decoding of fp32, bf16, int8 and "
-                             "int4; encoders' forward pass of fp32, int8 and int8-dynamic")
+                             "int4; encoders' forward pass of fp32, int8, int8-dynamic and int4")
     parser.add_argument("--batch", type=int, default=32, help="encoder batch size")
     parser.add_argument("--seq-len", type=int, default=32, help="encoder tokens per sequence")
     parser.add_argument("--variants", help="decoders: only these comma-separated variants beside the fp32 source "
