@@ -26,8 +26,13 @@ from edgepack.interfaces import WEIGHT_KINDS, Footprint, ModelFacts, WeightGroup
 # the runtime warmed up, an fp32 MiniLM measures its weights plus its activations plus ~1 MB.
 WORKSPACE_FIXED_BYTES = 2**20 // 2
 WORKSPACE_WEIGHT_FRACTION = 0.03
-# generate(): logits processors, the cache object and per-step vocabulary-sized scores
-GENERATION_WORKSPACE_BYTES = 4 * 2**20
+# generate()'s loop beyond its logits (counted in the activations' logits phase), refitted under
+# the measuring process's allocator (``python examples/benchmark_memory.py --models
+# llama,qwen2,gpt2``): decoders measure nothing above the other terms.
+GENERATION_WORKSPACE_BYTES = 0
+#: vocabulary-sized fp32 rows per sequence while generate() picks a token: the logits, their fp32
+#: copy and the processed scores
+LOGITS_COPIES = 3
 
 _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
 
@@ -138,9 +143,10 @@ def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint
     layer on top of the residual stream: attention (q/k/v and the attention output, scores and
     their softmax, the scratch of an attention weight) or the MLP (its expanded hidden state
     and activation, the scratch of an FFN weight); decoders also have the logits phase (the
-    last position's fp32 logits). Elements count 4 bytes even
-    in bf16/fp16 models: CPU kernels keep reductions such as softmax and layer norm in fp32,
-    and half-precision MiniLM measures the same activations as fp32.
+    last position's fp32 logits, with generate's copies of them: :data:`LOGITS_COPIES`).
+    Elements count 4 bytes even in bf16/fp16 models: CPU kernels keep reductions such as
+    softmax and layer norm in fp32, and half-precision MiniLM measures the same activations as
+    fp32.
     """
     b, s = workload.batch_size, workload.seq_len
     elem = 4
@@ -169,7 +175,7 @@ def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint
     mlp_phase = mlp + square(ffn, hidden)
     phases = [attention_phase, mlp_phase]
     if facts.is_decoder:
-        phases.append(b * facts.vocab_size * 4)  # compressors leave the output head as it is
+        phases.append(LOGITS_COPIES * b * facts.vocab_size * 4)
     return int(residual + max(phases))
 
 
