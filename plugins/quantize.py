@@ -790,6 +790,13 @@ def __getattr__(name: str) -> Any:
 # Module selection
 
 
+#: Model types whose projections are transformers' ``Conv1D`` (weight stored in x out), not
+#: ``nn.Linear``: quantize replaces Linear modules only, so these keep their projections as they
+#: are (their embeddings, and with ``head=true`` their output head, are quantized). The stored
+#: weights' names and shapes do not tell a Conv1D from a Linear, hence the list.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
 def _output_head(model: Any) -> Any:
     """The model's output head (its output embeddings), or None."""
     return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -1195,6 +1202,8 @@ class Quantize(Compressor):
         """Linear (and embedding) groups at the scheme's bits; kept modules are not modelled."""
         bits = self.bits_per_weight(options, footprint.row_width)
         kinds = self._kinds(options)
+        if footprint.facts is not None and footprint.facts.model_type in CONV1D_MODEL_TYPES:
+            kinds = tuple(k for k in kinds if k != "linear")  # their projections are Conv1D: kept as they are
         if "executorch" in target.capabilities and options["scheme"] == "int4" and "embedding" in kinds:
             # a program's embeddings are int8 rows whatever the Linear layers' scheme (_apply_program)
             footprint = footprint.with_groups(("embedding",), self.bits_per_weight({"scheme": "int8"}, footprint.row_width),

@@ -292,3 +292,22 @@ def test_bench_times_the_source_beside_the_bundle(packed, decoders):
     assert text.exit_code == 0 and "the bundle decodes at" in text.output
     wrong = CliRunner().invoke(cli, ["bench", str(packed["llama"].bundle), "--source", str(decoders["llama"] / "nope")])
     assert wrong.exit_code == 2 and "does not exist" in wrong.output
+
+
+def test_quantize_estimate_leaves_gpt2s_conv1d_projections_as_they_are(decoders):
+    """quantize replaces nn.Linear modules only; GPT-2's projections are transformers' Conv1D, so
+    its estimate must not count them quantized (the planner would promise a saving the bundle
+    does not have: the small gpt2's int8 plans measured 8-21% above their estimates)."""
+    from edgepack.host import load_registry
+    from edgepack.memory import step_footprints
+    from edgepack.planner import fixed_plan
+
+    registry = load_registry()
+    probe = registry.target("cpu").probe()
+    steps = fixed_plan(registry, ["quantize:scheme=int8"], probe)
+    bits = {}
+    for kind in ("gpt2", "llama"):
+        footprint = step_footprints(ModelSource.open(decoders[kind]).facts, steps, probe)[-1]
+        bits[kind] = {g.kind: g.bits for g in footprint.weights}
+    assert bits["gpt2"]["linear"] == 32 and bits["gpt2"]["embedding"] < 9
+    assert bits["llama"]["linear"] < 9
