@@ -288,8 +288,8 @@ class Footprint:
         (a weight dequantized for one call: 4 in fp32); compressors add theirs.
     :param scratch_chunks: weights whose per-call scratch covers a slice of their rows only
         (see :class:`ScratchChunks`); None: every weight's scratch is whole.
-    :param generation_workspace: bytes of a decoder's generation loop (logits processors,
-        per-step scores); None: what transformers' ``generate`` needs
+    :param generation_workspace: bytes of a decoder's generation loop beyond the activations'
+        logits phase; None: what transformers' ``generate`` needs
         (:data:`edgepack.memory.GENERATION_WORKSPACE_BYTES`).
     :param facts: the model's facts, for estimates that depend on its architecture.
     """

@@ -30,9 +30,10 @@ WORKSPACE_WEIGHT_FRACTION = 0.03
 # the measuring process's allocator (``python examples/benchmark_memory.py --models
 # llama,qwen2,gpt2``): decoders measure nothing above the other terms.
 GENERATION_WORKSPACE_BYTES = 0
-#: vocabulary-sized fp32 rows per sequence while generate() picks a token: the logits, their fp32
-#: copy and the processed scores
-LOGITS_COPIES = 3
+#: vocabulary-sized fp32 rows per sequence while generate() picks a greedy token: the last
+#: position's logits and generate's fp32 copy of them (not measured: at the workloads measured
+#: the attention phase is larger)
+LOGITS_COPIES = 2
 
 _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
 

@@ -1454,8 +1454,9 @@ def feasible_modes(facts: Any, world_size: int) -> dict[str, str | None]:
 #: backend); an encoder's single forward adds nothing measurable. Fitted to gloo runs of
 #: MiniLM and a small Llama (``examples/benchmark_parallel.py``).
 TENSOR_GENERATION_COMM_BYTES = 3_800_000
-#: A rank's greedy generation loop (:meth:`RankModel.generate`): leaner than transformers'
-#: ``generate`` (no logits processors or per-step score copies); fitted as above.
+#: A rank's greedy generation loop (:meth:`RankModel.generate`), as a rank measures it; fitted
+#: as above (transformers' ``generate`` in one process measures nothing beyond the activations'
+#: logits phase: :data:`edgepack.memory.GENERATION_WORKSPACE_BYTES`).
 RANK_GENERATION_BYTES = 2_800_000
 
 
