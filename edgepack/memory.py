@@ -144,7 +144,7 @@ def activation_bytes(facts: ModelFacts, workload: Workload, footprint: Footprint
     layer on top of the residual stream: attention (q/k/v and the attention output, scores and
     their softmax, the scratch of an attention weight) or the MLP (its expanded hidden state
     and activation, the scratch of an FFN weight); decoders also have the logits phase (the
-    last position's fp32 logits, with generate's copies of them: :data:`LOGITS_COPIES`).
+    last position's fp32 logits and generate's fp32 copy of them: :data:`LOGITS_COPIES`).
     Elements count 4 bytes even in bf16/fp16 models: CPU kernels keep reductions such as
     softmax and layer norm in fp32, and half-precision MiniLM measures the same activations as
     fp32.
