@@ -802,6 +802,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
     reports: list[dict[str, Any]] = []
     outputs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgepack-probe-") as tmp:
+        outputs_path = Path(tmp) / "outputs.safetensors"  # the first process's; the others measure only
         specs: list[Path] = []
         for attempt in range(max(1, int(repeats))):
             spec = {
@@ -816,7 +817,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                 "logits_from": logits_from,
                 "batching": batching,
                 "threads": threads,
-                "outputs": None if attempt or peak_only else str(Path(tmp) / f"outputs-{attempt}.safetensors"),
+                "outputs": None if attempt or peak_only else str(outputs_path),
                 "allow_code": bool(allow_code),
                 "program": program,
                 "floor": floor,
@@ -839,7 +840,7 @@ def measure_in_fresh_process(bundle_dir: Path, *, task: str, steps: list[Any], l
                         "printed no report"
                     ) from None
         if not peak_only:
-            outputs = load_file(Path(tmp) / "outputs-0.safetensors")
+            outputs = load_file(outputs_path)
     peaks = [int(r["peak_bytes"]) for r in reports]
     hosts = [int(r["host_peak_bytes"]) for r in reports if "host_peak_bytes" in r]
     return ProbeResult(max(peaks), reports[0]["scope"], outputs, reports[0]["seconds"],
